@@ -1,0 +1,30 @@
+# Two commands do all the set-up: `make demo` and `make test` (each creates .venv on first use).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/pmfl: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/pmfl
+	$(BIN)/pmfl simulate heart-disease --out runs/demo
+
+test: $(BIN)/pmfl
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+bench: $(BIN)/pmfl
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,203 @@
+"""The hospital's ClientApp: evaluate the received model, check the budget, train with DP-SGD.
+
+Every train reply carries the site's ledger line for the round. A site that would exceed its
+budget (or its round limit) declines: it sends its reason and ledger line, and no update.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from client.site import SiteData, load_site_data, resolve_site
+from client.state import SiteState
+from client.training import LocalTraining, pick_device, predict, train_round
+from pm_common import protocol as p
+from pm_common.config import SiteSpec, StudyConfig, study_from_dict
+from pm_common.ledger import DECLINED, TRAINED, LedgerEntry
+from pm_common.metrics import binary_metrics, reportable
+from pm_common.models import build_tabular_model
+from pm_common.privacy import check_next_round, cumulative_epsilon, plan_study
+
+log = logging.getLogger("pmfl.client")
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_study(text: str) -> StudyConfig:
+    return study_from_dict(tomllib.loads(text), Path("."))
+
+
+def _study_of(msg: Message) -> StudyConfig:
+    return _parse_study(str(msg.content[p.CONFIG][p.STUDY_TOML]))
+
+
+def _model_from(msg: Message, study: StudyConfig) -> nn.Module:
+    model = build_tabular_model(study.model.name, study.contract.num_inputs, study.model.hidden)
+    model.load_state_dict(msg.content[p.ARRAYS].to_torch_state_dict())
+    return model
+
+
+def _evaluation(model: nn.Module, data: SiteData, study: StudyConfig) -> MetricRecord | None:
+    """Aggregate test metrics of the received model, or None when too few rows to be safe to send."""
+    metrics = binary_metrics(predict(model, data.test_x), data.test_y)
+    return MetricRecord(metrics) if reportable(metrics, study.min_report_count) else None
+
+
+def _reply(
+    msg: Message,
+    site: SiteSpec,
+    entry: LedgerEntry,
+    evaluation: MetricRecord | None,
+    arrays: ArrayRecord | None,
+    num_examples: int,
+    train_loss: float,
+    next_round_fits: bool | None,
+) -> Message:
+    content = RecordDict(
+        {
+            p.TRAIN_METRICS: MetricRecord(
+                {
+                    p.NUM_EXAMPLES: num_examples,
+                    "train-loss": train_loss if math.isfinite(train_loss) else 0.0,
+                }
+            ),
+            p.SITE: ConfigRecord(
+                {
+                    p.SITE_NAME: site.name,
+                    p.STATUS: entry.status,
+                    p.REASON: entry.reason,
+                    p.LEDGER_LINE: entry.to_json(),
+                }
+            ),
+        }
+    )
+    if next_round_fits is not None:
+        content[p.SITE][p.NEXT_ROUND_FITS] = next_round_fits
+    if arrays is not None:
+        content[p.ARRAYS] = arrays
+    if evaluation is not None:
+        content[p.EVAL_METRICS] = evaluation
+    return Message(content, reply_to=msg)
+
+
+def _decline_reason(site: SiteSpec, state: SiteState) -> str:
+    """Why this site will not train another round, or '' if it will (before the budget check)."""
+    trained = sum(1 for line in state.ledger if LedgerEntry.from_json(line).status == TRAINED)
+    limit = site.privacy.max_rounds
+    if limit is not None and trained >= limit:
+        return f"round limit: the site accepts at most {limit} rounds of training for this study"
+    return ""
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    study = _study_of(msg)
+    site, store = resolve_site(context, study.name)
+    config = msg.content[p.CONFIG]
+    server_round = int(config[p.SERVER_ROUND])
+    data = load_site_data(site, study.contract, study.split)
+    model = _model_from(msg, study)
+    evaluation = _evaluation(model, data, study)
+    state = store.load() or SiteState(study=study.name)
+    privacy = site.privacy
+    n_train = len(data.train_y)
+
+    if privacy.dp and state.plan is None:
+        planned = int(config[p.NUM_ROUNDS])
+        if privacy.max_rounds is not None:
+            planned = min(planned, privacy.max_rounds)
+        state.plan = plan_study(
+            epsilon_budget=privacy.epsilon,
+            delta=privacy.delta,
+            num_examples=n_train,
+            batch_size=study.training.batch_size,
+            local_epochs=study.training.local_epochs,
+            planned_rounds=planned,
+            max_grad_norm=study.training.max_grad_norm,
+            accountant=privacy.accountant,
+        )
+    plan = state.plan if privacy.dp else None
+    reason = _decline_reason(site, state)
+    if not reason and plan is not None:
+        decision = check_next_round(plan, state.history)
+        reason = "" if decision.allowed else decision.reason
+
+    base = LedgerEntry(
+        site=site.name,
+        round=server_round,
+        status=TRAINED,
+        noise_multiplier=plan.noise_multiplier if plan else 0.0,
+        sample_rate=plan.sample_rate if plan else 0.0,
+        steps=0,
+        max_grad_norm=plan.max_grad_norm if plan else 0.0,
+        delta=privacy.delta,
+        epsilon=None,
+        epsilon_budget=privacy.epsilon if privacy.dp else None,
+        accountant=privacy.accountant if privacy.dp else "none",
+        dp=privacy.dp,
+    )
+    if reason:
+        epsilon = (
+            cumulative_epsilon(state.history, privacy.delta, privacy.accountant) if plan else None
+        )
+        entry = replace(base, status=DECLINED, epsilon=epsilon, reason=reason)
+        log.warning("site %s declines round %d: %s", site.name, server_round, reason)
+        state.rounds.append(server_round)
+        state.ledger.append(entry.to_json())
+        store.save(state)
+        return _reply(msg, site, entry, evaluation, None, n_train, float("nan"), False)
+
+    strategy_mu = float(config.get(p.PROXIMAL_MU, 0.0))
+    settings = LocalTraining(
+        learning_rate=study.training.learning_rate,
+        batch_size=study.training.batch_size,
+        local_epochs=study.training.local_epochs,
+        momentum=study.training.momentum,
+        proximal_mu=strategy_mu,
+        grad_sample_mode=study.training.grad_sample_mode,
+    )
+    outcome = train_round(
+        model,
+        data.train_x,
+        data.train_y,
+        nn.BCEWithLogitsLoss(),
+        settings,
+        plan=plan,
+        accountant_state=state.accountant,
+        device=pick_device(),
+    )
+    entry = replace(base, steps=outcome.steps, epsilon=outcome.epsilon)
+    state.accountant = outcome.accountant
+    state.rounds.append(server_round)
+    state.ledger.append(entry.to_json())
+    store.save(state)  # spend is recorded before the update leaves the site
+    fits = check_next_round(plan, state.history).allowed if plan else None
+    arrays = ArrayRecord(outcome.state_dict)
+    return _reply(msg, site, entry, evaluation, arrays, n_train, outcome.mean_loss, fits)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received model on the site's own test rows; aggregates only."""
+    study = _study_of(msg)
+    site, _ = resolve_site(context, study.name)
+    data = load_site_data(site, study.contract, study.split)
+    evaluation = _evaluation(_model_from(msg, study), data, study)
+    content = RecordDict(
+        {
+            p.SITE: ConfigRecord({p.SITE_NAME: site.name}),
+            p.TRAIN_METRICS: MetricRecord({p.NUM_EXAMPLES: len(data.test_y)}),
+        }
+    )
+    if evaluation is not None:
+        content[p.EVAL_METRICS] = evaluation
+    return Message(content, reply_to=msg)

@@ -1,0 +1,106 @@
+"""Who this site is and where its data and state live: the hospital's settings, not the server's.
+
+A simulated site is one `[[sites]]` entry of the study the researcher runs (picked by Flower's
+partition id). A deployed site is a directory with its own `site.toml` (`--node-config
+site-dir=...`): its data path, budget and round limit never come from the coordinator.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+
+from client.state import ContextStateStore, DirectoryStateStore, StateStore
+from pm_common.config import PrivacySettings, SiteSpec, SplitConfig, StudyConfigError, load_study
+from pm_common.contract import DataContract
+from pm_common.tabular import load_site_table, split_train_test
+
+STUDY_ENV = "PMFL_STUDY"
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """A site's own train/test split as tensors. It never leaves the site."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def load_site_config(site_dir: Path) -> SiteSpec:
+    """Read a deployed site's `site.toml`: name, data file and the site's own privacy budget."""
+    path = Path(site_dir) / "site.toml"
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise StudyConfigError(
+            f"site config not found: {path} (create it with `pmfl site init`)"
+        ) from exc
+    site = raw.get("site", {})
+    if "name" not in site or "data" not in site:
+        raise StudyConfigError(f"{path}: [site] needs 'name' and 'data'")
+    privacy = raw.get("privacy", {})
+    allowed = set(PrivacySettings.__dataclass_fields__)
+    unknown = set(privacy) - allowed
+    if unknown:
+        raise StudyConfigError(f"{path}: [privacy] unknown keys {sorted(unknown)}")
+    return SiteSpec(
+        name=str(site["name"]),
+        data=(path.parent / site["data"]).resolve(),
+        privacy=PrivacySettings(**privacy),
+        delimiter=str(site.get("delimiter", ",")),
+        encoding=str(site.get("encoding", "utf-8")),
+    )
+
+
+def simulation_study_path(run_config: Mapping[str, object]) -> Path:
+    """The study a simulated federation runs: `flwr run` config first, then the pmfl runner's env."""
+    configured = str(run_config.get("study", "") or os.environ.get(STUDY_ENV, ""))
+    if not configured:
+        raise StudyConfigError(
+            f"no study configured: pass --run-config \"study='STUDY.toml'\" or set {STUDY_ENV}"
+        )
+    return Path(configured)
+
+
+def resolve_site(context: Context, study_name: str) -> tuple[SiteSpec, StateStore]:
+    """This node's site settings and its privacy-state store for `study_name`."""
+    site_dir = context.node_config.get("site-dir")
+    if site_dir:
+        spec = load_site_config(Path(str(site_dir)))
+        return spec, DirectoryStateStore(Path(str(site_dir)) / "state" / study_name)
+    study = _cached_study(simulation_study_path(context.run_config))
+    partition = int(context.node_config.get("partition-id", 0))
+    if partition >= len(study.sites):
+        raise StudyConfigError(
+            f"simulated node {partition} has no [[sites]] entry: the study declares {len(study.sites)} sites"
+        )
+    return study.sites[partition], ContextStateStore(context.state)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_study(path: Path):  # type: ignore[no-untyped-def]
+    return load_study(path)
+
+
+@functools.lru_cache(maxsize=16)
+def load_site_data(spec: SiteSpec, contract: DataContract, split: SplitConfig) -> SiteData:
+    """Validate, encode and split the site's table once per worker process (Flower calls the
+    ClientApp afresh for every message; re-reading the file each round would dominate a round)."""
+    table = load_site_table(spec.data, contract, delimiter=spec.delimiter, encoding=spec.encoding)
+    train, test = split_train_test(table, test_fraction=split.test_fraction, seed=split.seed)
+    return SiteData(
+        torch.from_numpy(train.x),
+        torch.from_numpy(train.y),
+        torch.from_numpy(test.x),
+        torch.from_numpy(test.y),
+    )

@@ -1,0 +1,177 @@
+"""Local training at a site: DP-SGD with Opacus (Poisson sampling), or plain SGD only when asked.
+
+The site's Opacus accountant is loaded from its saved state before training and saved after it:
+it is never reset, so every step the site ever ran composes into the epsilon it reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pm_common.models import plain_state_dict
+from pm_common.privacy import PrivacyPlan
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """Hyperparameters of one round of local training (the study's, not the site's)."""
+
+    learning_rate: float
+    batch_size: int
+    local_epochs: int
+    momentum: float = 0.0
+    proximal_mu: float = 0.0
+    grad_sample_mode: str = "hooks"
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    state_dict: dict[str, torch.Tensor]
+    steps: int
+    mean_loss: float
+    accountant: dict[str, Any]  # updated Opacus accountant state (empty without DP)
+    epsilon: float | None
+
+
+def pick_device() -> torch.device:
+    """A site's GPU when it has one; the CPU otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _proximal_step(
+    model: nn.Module, anchor: Mapping[str, torch.Tensor], lr: float, mu: float
+) -> None:
+    """FedProx's term (mu/2)||w - w_global||^2 as its own gradient step.
+
+    It does not touch the data, so applying it after the private step is post-processing and
+    costs no privacy; folding it into the loss would be silently dropped by per-sample clipping.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.sub_(lr * mu * (param - anchor[name]))
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=generator)
+
+
+def train_round(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    criterion: nn.Module,
+    settings: LocalTraining,
+    *,
+    plan: PrivacyPlan | None,
+    accountant_state: Mapping[str, Any],
+    seed: int | None = None,
+    device: torch.device | None = None,
+) -> RoundOutcome:
+    """Train `model` in place for one round; with a `plan`, as DP-SGD accounted by Opacus.
+
+    `plan=None` is non-private training: only reachable when the site allowed `--no-dp`.
+    Leave `seed` None outside tests: Poisson sampling and noise then draw from OS entropy. A seed
+    anyone could know would make the noise predictable and void the guarantee. (Opacus'
+    `secure_mode` needs torchcsprng, which does not install with torch >= 2.6.)
+    """
+    seed = secrets.randbits(63) if seed is None else seed
+    device = device or pick_device()
+    model = model.to(device).train()
+    x, y = x.to(device), y.to(device)
+    anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=settings.learning_rate, momentum=settings.momentum
+    )
+    loader = _loader(x, y, settings.batch_size, seed)
+    if plan is None:
+        losses = []
+        for _ in range(settings.local_epochs):
+            for xb, yb in loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss = criterion(model(xb), yb)
+                loss.backward()
+                optimizer.step()
+                if settings.proximal_mu:
+                    _proximal_step(model, anchor, settings.learning_rate, settings.proximal_mu)
+                losses.append(loss.item())
+        return RoundOutcome(plain_state_dict(model), len(losses), _mean(losses), {}, None)
+
+    engine = PrivacyEngine(accountant=plan.accountant)
+    engine.accountant = create_accountant(plan.accountant)
+    if accountant_state:
+        engine.accountant.load_state_dict(dict(accountant_state))
+    flwr_level = logging.getLogger("flwr").level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=settings.grad_sample_mode,
+            noise_generator=torch.Generator(device=device).manual_seed(seed),
+        )
+    logging.getLogger("flwr").setLevel(flwr_level)  # Opacus may switch it to DEBUG
+    if settings.grad_sample_mode == "ghost":
+        dp_model, dp_optimizer, dp_criterion, dp_loader = private
+    else:
+        (dp_model, dp_optimizer, dp_loader), dp_criterion = private, criterion
+    if abs(1.0 / len(dp_loader) - plan.sample_rate) > 1e-12:
+        raise RuntimeError(
+            f"sampling rate drifted from the plan: Opacus uses q={1 / len(dp_loader):.6f}, "
+            f"planned q={plan.sample_rate:.6f}; refusing to train with an unplanned rate"
+        )
+    steps_before = _total_steps(engine.accountant.history)
+    losses = []
+    dp_model.train()
+    try:
+        for _ in range(settings.local_epochs):
+            for xb, yb in dp_loader:
+                dp_optimizer.zero_grad(set_to_none=True)
+                loss = dp_criterion(dp_model(xb), yb)
+                loss.backward()
+                dp_optimizer.step()
+                if settings.proximal_mu:
+                    _proximal_step(model, anchor, settings.learning_rate, settings.proximal_mu)
+                if len(xb):
+                    losses.append(float(loss.item()))
+    finally:
+        dp_model.remove_hooks()  # the module can be trained again next round
+    steps = _total_steps(engine.accountant.history) - steps_before
+    return RoundOutcome(
+        plain_state_dict(dp_model),
+        steps,
+        _mean(losses),
+        engine.accountant.state_dict(),
+        float(engine.accountant.get_epsilon(delta=plan.delta)),
+    )
+
+
+def _total_steps(history: list) -> int:
+    return sum(int(n) for _, _, n in history)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    device = device or pick_device()
+    model = model.to(device).train().eval()
+    return model(x.to(device)).cpu()

@@ -1,0 +1,265 @@
+"""The study config (TOML): task, data contract, model, training, strategy and, for simulations, sites.
+
+One file describes a study. `effective` copies with the command line's overrides applied are
+written into every run directory, so a run can be reproduced from its own `config.toml`.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from pm_common.contract import DataContract, contract_from_dict
+from pm_common.privacy import DEFAULT_ACCOUNTANT
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
+
+
+class StudyConfigError(ValueError):
+    """The study config is malformed; says which key and why."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "logreg"
+    hidden: tuple[int, ...] = (32,)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    local_epochs: int = 1
+    batch_size: int = 16  # expected size of a Poisson-sampled batch
+    learning_rate: float = 0.1
+    momentum: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_sample_mode: str = "hooks"
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "fedavg"
+    proximal_mu: float = 0.01  # FedProx
+    server_learning_rate: float = 0.1  # FedAdam / FedYogi / FedAdagrad (eta)
+    server_momentum: float = 0.9  # FedAvgM
+    tau: float = 1e-3  # FedOpt adaptivity
+    min_sites: int = 1  # fewest replying sites a round needs
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """A site's own budget. Simulated sites take these defaults unless their entry overrides them."""
+
+    dp: bool = True
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    max_rounds: int | None = None
+    accountant: str = DEFAULT_ACCOUNTANT
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """A simulated site: its data file and its own privacy settings."""
+
+    name: str
+    data: Path
+    privacy: PrivacySettings
+    delimiter: str = ","
+    encoding: str = "utf-8"
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    test_fraction: float = 1 / 3
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    rounds: int
+    seed: int
+    contract: DataContract
+    model: ModelConfig
+    training: TrainingConfig
+    strategy: StrategyConfig
+    privacy: PrivacySettings
+    split: SplitConfig
+    sites: tuple[SiteSpec, ...]
+    min_report_count: int  # metrics over fewer records than this are not sent
+    raw: Mapping[
+        str, Any
+    ]  # the TOML as loaded, paths resolved: written back as the effective config
+
+    def site(self, name: str) -> SiteSpec:
+        for spec in self.sites:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no site named {name!r} in study {self.name!r}")
+
+
+def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, Mapping):
+        raise StudyConfigError(f"[{key}] must be a table")
+    return value
+
+
+def _build(cls: type, table: Mapping[str, Any], where: str) -> Any:
+    known = cls.__dataclass_fields__
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise StudyConfigError(f"[{where}]: unknown keys {unknown}; allowed: {sorted(known)}")
+    values = dict(table)
+    if "hidden" in values:
+        values["hidden"] = tuple(int(h) for h in values["hidden"])
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise StudyConfigError(f"[{where}]: {exc}") from exc
+
+
+def _privacy(table: Mapping[str, Any], defaults: PrivacySettings, where: str) -> PrivacySettings:
+    merged = {
+        **defaults.__dict__,
+        **{k: v for k, v in table.items() if k in PrivacySettings.__dataclass_fields__},
+    }
+    settings = _build(PrivacySettings, merged, where)
+    if settings.dp and (settings.epsilon <= 0 or not 0 < settings.delta < 1):
+        raise StudyConfigError(f"[{where}]: need epsilon > 0 and 0 < delta < 1")
+    return settings
+
+
+def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    """Make data and contract paths absolute, so the effective config works from any directory."""
+    if isinstance(raw.get("contract"), str):
+        raw["contract"] = str((base_dir / raw["contract"]).resolve())
+    for site in raw.get("sites", []):
+        if isinstance(site, dict) and "data" in site:
+            site["data"] = str((base_dir / site["data"]).resolve())
+
+
+def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
+    raw = copy.deepcopy(dict(data))
+    _resolve_paths(raw, base_dir)
+    study = _table(raw, "study")
+    contract_table: Any = raw.get("contract")
+    if isinstance(contract_table, str):
+        try:
+            with open(contract_table, "rb") as fh:
+                loaded = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise StudyConfigError(f"contract file {contract_table}: {exc}") from exc
+        contract_table = loaded.get("contract", loaded)
+        raw["contract"] = contract_table  # inline it: the effective config stands on its own
+    if not isinstance(contract_table, Mapping):
+        raise StudyConfigError("[contract] is required: a table, or the path of a contract TOML")
+    contract = contract_from_dict(contract_table)
+
+    privacy = _privacy(_table(raw, "privacy"), PrivacySettings(), "privacy")
+    sites = []
+    for i, site in enumerate(raw.get("sites", [])):
+        if "name" not in site or "data" not in site:
+            raise StudyConfigError(f"[[sites]] entry {i + 1}: needs 'name' and 'data'")
+        extra = (
+            set(site)
+            - {"name", "data", "delimiter", "encoding"}
+            - set(PrivacySettings.__dataclass_fields__)
+        )
+        if extra:
+            raise StudyConfigError(f"[[sites]] {site['name']!r}: unknown keys {sorted(extra)}")
+        sites.append(
+            SiteSpec(
+                name=str(site["name"]),
+                data=Path(site["data"]),
+                privacy=_privacy(site, privacy, f"sites.{site['name']}"),
+                delimiter=str(site.get("delimiter", ",")),
+                encoding=str(site.get("encoding", "utf-8")),
+            )
+        )
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise StudyConfigError(f"[[sites]]: site names must be unique, got {names}")
+
+    strategy = _build(StrategyConfig, _table(raw, "strategy"), "strategy")
+    if strategy.name not in STRATEGIES:
+        raise StudyConfigError(
+            f"[strategy] name must be one of {STRATEGIES}, got {strategy.name!r}"
+        )
+    model = _build(ModelConfig, _table(raw, "model"), "model")
+    rounds = int(study.get("rounds", 20))
+    if rounds < 1:
+        raise StudyConfigError("[study] rounds must be at least 1")
+    return StudyConfig(
+        name=str(study.get("name", "study")),
+        rounds=rounds,
+        seed=int(study.get("seed", 0)),
+        contract=contract,
+        model=model,
+        training=_build(TrainingConfig, _table(raw, "training"), "training"),
+        strategy=strategy,
+        privacy=privacy,
+        split=_build(SplitConfig, _table(raw, "split"), "split"),
+        sites=tuple(sites),
+        min_report_count=int(study.get("min_report_count", 10)),
+        raw=raw,
+    )
+
+
+def load_study(path: Path) -> StudyConfig:
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise StudyConfigError(f"study config not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise StudyConfigError(f"{path}: not valid TOML ({exc})") from exc
+    try:
+        return study_from_dict(data, path.parent)
+    except (StudyConfigError, ValueError) as exc:
+        raise StudyConfigError(f"{path}: {exc}") from exc
+
+
+def with_overrides(study: StudyConfig, **overrides: Any) -> StudyConfig:
+    """A copy of the study with command-line overrides (None means: keep the file's value).
+
+    Keys: rounds, seed, strategy, model, epsilon, delta, dp. Privacy overrides apply to every
+    simulated site: in a simulation the researcher plays every hospital.
+    """
+    raw = copy.deepcopy(dict(study.raw))
+    placement = {
+        "rounds": ("study", "rounds"),
+        "seed": ("study", "seed"),
+        "strategy": ("strategy", "name"),
+        "model": ("model", "name"),
+    }
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in placement:
+            table, field_name = placement[key]
+            raw.setdefault(table, {})[field_name] = value
+        elif key in {"epsilon", "delta", "dp"}:
+            raw.setdefault("privacy", {})[key] = value
+            for site in raw.get("sites", []):
+                site.pop(key, None)
+        else:
+            raise StudyConfigError(f"unknown override {key!r}")
+    return study_from_dict(raw, Path("."))
+
+
+def study_text_for_sites(study: StudyConfig) -> str:
+    """The study as sent to sites: contract, model and training; not the simulated sites' files."""
+    return tomli_w.dumps({k: v for k, v in study.raw.items() if k != "sites"})
+
+
+def write_study(study: StudyConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as fh:
+        tomli_w.dump(dict(study.raw), fh)

@@ -1,0 +1,147 @@
+"""The per-site privacy ledger: one JSON line per round, read by auditors' own scripts.
+
+The field names are a contract. `epsilon` is cumulative: the site's whole history composed,
+after this round. (noise_multiplier, sample_rate, steps) are this round's mechanism alone, so an
+auditor can recompute every cumulative epsilon from the lines themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+TRAINED = "trained"
+DECLINED = "declined"
+
+# Site status in privacy/summary.json.
+ACTIVE = "active"
+EXHAUSTED = "budget exhausted"
+STATUS_DECLINED = "declined"
+NO_DP = "no differential privacy"
+
+NO_GUARANTEE = "NO PRIVACY GUARANTEE: this site trained without differential privacy (--no-dp)"
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One round at one site, as the site recorded it."""
+
+    site: str
+    round: int
+    status: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    epsilon: float | None  # cumulative after this round; None when the site ran without DP
+    epsilon_budget: float | None
+    accountant: str
+    dp: bool = True
+    reason: str = ""
+    timestamp: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LedgerEntry:
+        missing = [
+            k
+            for k in (
+                "site",
+                "round",
+                "noise_multiplier",
+                "sample_rate",
+                "steps",
+                "max_grad_norm",
+                "delta",
+                "epsilon",
+                "accountant",
+            )
+            if k not in data
+        ]
+        if missing:
+            raise ValueError(f"ledger entry lacks required fields {missing}: {data}")
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        known.setdefault("status", TRAINED if data["steps"] else DECLINED)
+        known.setdefault("epsilon_budget", None)
+        return cls(**known)
+
+    @classmethod
+    def from_json(cls, line: str) -> LedgerEntry:
+        return cls.from_dict(json.loads(line))
+
+
+def ledger_path(privacy_dir: Path, site: str) -> Path:
+    return privacy_dir / f"ledger-{site}.jsonl"
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line and fsync: a ledger line, once written, survives a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(line.rstrip("\n") + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_ledger(path: Path) -> list[LedgerEntry]:
+    entries = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(LedgerEntry.from_json(line))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{path}:{number}: not a valid ledger entry: {exc}") from exc
+    return entries
+
+
+def site_status(entries: Iterable[LedgerEntry], next_round_fits: bool | None = None) -> str:
+    """Summary status of a site from its ledger (and, if known, whether another round fits)."""
+    entries = list(entries)
+    if not entries:
+        return ACTIVE
+    if not entries[-1].dp:
+        return NO_DP
+    if entries[-1].status == DECLINED:
+        return EXHAUSTED if "budget" in entries[-1].reason else STATUS_DECLINED
+    if next_round_fits is False:
+        return EXHAUSTED
+    return ACTIVE
+
+
+def summarize(entries: list[LedgerEntry], next_round_fits: bool | None = None) -> dict[str, Any]:
+    """One site's line in privacy/summary.json."""
+    last = entries[-1]
+    summary: dict[str, Any] = {
+        "site": last.site,
+        "epsilon": last.epsilon,
+        "delta": last.delta,
+        "epsilon_budget": last.epsilon_budget,
+        "accountant": last.accountant,
+        "rounds_trained": sum(1 for e in entries if e.status == TRAINED),
+        "rounds_declined": sum(1 for e in entries if e.status == DECLINED),
+        "steps": sum(e.steps for e in entries),
+        "status": site_status(entries, next_round_fits),
+        "dp": last.dp,
+    }
+    if not last.dp:
+        summary["warning"] = NO_GUARANTEE
+    elif last.epsilon is not None and last.epsilon_budget is not None:
+        summary["within_budget"] = last.epsilon <= last.epsilon_budget + 1e-9
+    if last.status == DECLINED:
+        summary["reason"] = last.reason
+    return summary
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

@@ -1,0 +1,60 @@
+"""Models every site and the coordinator build identically from the study config.
+
+All are Opacus-compatible: only Linear layers and element-wise activations (no BatchNorm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class LogisticRegression(nn.Module):
+    """One linear layer: FLamby's Fed-Heart-Disease baseline model."""
+
+    def __init__(self, num_inputs: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(num_inputs, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).squeeze(-1)
+
+
+class MLP(nn.Module):
+    """A small multilayer perceptron for tabular risk prediction; returns one logit per row."""
+
+    def __init__(self, num_inputs: int, hidden: Sequence[int] = (32,)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = num_inputs
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+TABULAR_MODELS = ("logreg", "mlp")
+
+
+def build_tabular_model(
+    name: str, num_inputs: int, hidden: Sequence[int] = (32,), seed: int = 0
+) -> nn.Module:
+    """Same name, inputs and seed give the same initial weights at every site and the coordinator."""
+    torch.manual_seed(seed)
+    if name == "logreg":
+        return LogisticRegression(num_inputs)
+    if name == "mlp":
+        return MLP(num_inputs, hidden)
+    raise ValueError(f"unknown tabular model {name!r}; choose one of {TABULAR_MODELS}")
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without Opacus' `_module.` wrapper prefix, detached on the CPU."""
+    module = getattr(model, "_module", model)
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}

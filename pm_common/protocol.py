@@ -1,0 +1,27 @@
+"""Record keys both sides of a study agree on: what the coordinator asks and what a site replies.
+
+Only model arrays and aggregate metrics cross the wire; a site's ledger line travels as text so
+the coordinator stores it byte for byte as the site wrote it.
+"""
+
+from __future__ import annotations
+
+ARRAYS = "arrays"
+CONFIG = "config"
+TRAIN_METRICS = "metrics"  # the one MetricRecord Flower strategies aggregate (holds NUM_EXAMPLES)
+EVAL_METRICS = "evaluation"  # the received global model on the site's test set
+SITE = "site"  # ConfigRecord: SITE_NAME, STATUS, REASON, LEDGER_LINE
+NUM_EXAMPLES = "num-examples"
+
+SITE_NAME = "name"
+STATUS = "status"
+REASON = "reason"
+LEDGER_LINE = "ledger-line"
+EPSILON = "epsilon"
+
+# Keys of the coordinator's train config.
+SERVER_ROUND = "server-round"
+NUM_ROUNDS = "num-rounds"
+STUDY_TOML = "study-toml"  # the study config as text: contract, model and training for the sites
+PROXIMAL_MU = "proximal-mu"
+NEXT_ROUND_FITS = "next-round-fits"  # whether the site's budget allows one more round

@@ -1,0 +1,172 @@
+"""`pmfl`: the command line for researchers, hospitals, coordinators and privacy officers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="pmfl: federated learning for precision medicine with honest per-site DP.",
+)
+console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """Simulate studies, run hospital sites and the coordinator, audit privacy ledgers."""
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value:.{digits}f}"
+    )
+
+
+def _progress_printer(num_rounds: int):  # type: ignore[no-untyped-def]
+    from server.recorder import RoundProgress
+
+    def show(progress: RoundProgress) -> None:
+        parts = [
+            f"[bold]round {progress.round:>3}/{num_rounds}[/]",
+            f"trained {len(progress.trained)}",
+            f"model r{progress.round - 1}: mean site acc {_fmt(progress.mean_site_accuracy)}",
+            f"pooled {_fmt(progress.pooled_accuracy)}",
+            f"max ε {_fmt(progress.max_epsilon, 2)}",
+        ]
+        for site, reason in progress.declined.items():
+            parts.append(f"[yellow]{site} declined[/]")
+            console.log(f"[yellow]{site} declined round {progress.round}: {reason}")
+        for site, reason in progress.rejected.items():
+            console.log(f"[red]{site}'s update rejected in round {progress.round}: {reason}")
+        if progress.failed:
+            parts.append(f"[red]{progress.failed} failed[/]")
+        console.print("  ".join(parts))
+
+    return show
+
+
+def _print_results(out: Path, metrics: dict[str, Any]) -> None:
+    summary = json.loads((out / "privacy" / "summary.json").read_text())
+    final = metrics["rounds"][-1]
+    table = Table(title=f"{metrics['study']}: final model (round {final['round']})")
+    for column in ("site", "test acc", "AUC", "n", "ε (cumulative)", "budget", "δ", "status"):
+        table.add_column(column)
+    for site, info in summary["sites"].items():
+        m = final["sites"].get(site, {})
+        eps = "none (no DP)" if not info["dp"] else _fmt(info["epsilon"], 3)
+        table.add_row(
+            site,
+            _fmt(m.get("accuracy")),
+            _fmt(m.get("auc")),
+            str(int(m["n"])) if m else "-",
+            eps,
+            _fmt(info.get("epsilon_budget"), 2),
+            f"{info['delta']:g}",
+            info["status"],
+        )
+    console.print(table)
+    console.print(
+        f"mean site accuracy (FLamby metric) {_fmt(final['mean_site_accuracy'])}, "
+        f"pooled test accuracy {_fmt(final['pooled_accuracy'])}"
+    )
+    if not summary["dp"]:
+        console.print(
+            "[bold red]NO PRIVACY GUARANTEE: this study ran without differential privacy (--no-dp)."
+        )
+    console.print(f"results: {out}/ (metrics.json, model.pt, config.toml, privacy/)")
+
+
+@app.command()
+def simulate(
+    scenario: Annotated[
+        str | None, typer.Argument(help="built-in scenario, e.g. heart-disease")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="study TOML over your own data")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="run directory")] = Path("runs/latest"),
+    rounds: Annotated[int | None, typer.Option(help="number of rounds")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="every site's epsilon budget")] = None,
+    delta: Annotated[float | None, typer.Option(help="every site's delta")] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="fedavg, fedprox, fedadam, fedyogi, ...")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="logreg or mlp")] = None,
+    seed: Annotated[int | None, typer.Option(help="study seed (initial model)")] = None,
+    no_dp: Annotated[
+        bool, typer.Option("--no-dp", help="train WITHOUT differential privacy")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an earlier run in --out")] = False,
+    verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
+) -> None:
+    """Simulate a federated study locally: one simulated hospital per site, real Flower apps."""
+    from pm_common.config import StudyConfigError, load_study, with_overrides
+    from pm_common.tabular import DataValidationError
+    from simulations.runner import SimulationError
+    from simulations.runner import simulate as run
+    from simulations.scenarios import scenario_path
+
+    if (scenario is None) == (config is None):
+        raise typer.BadParameter(
+            "give a built-in scenario (e.g. heart-disease) or --config STUDY.toml"
+        )
+    try:
+        study = load_study(config if config else scenario_path(str(scenario)))
+        study = with_overrides(
+            study,
+            rounds=rounds,
+            epsilon=epsilon,
+            delta=delta,
+            strategy=strategy,
+            model=model,
+            seed=seed,
+            dp=False if no_dp else None,
+        )
+    except (StudyConfigError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    if no_dp:
+        console.print(
+            "[bold red]--no-dp: sites train WITHOUT differential privacy. "
+            "Nothing in this run carries a privacy guarantee."
+        )
+    console.print(
+        f"[bold]{study.name}[/]: {len(study.sites)} sites, {study.rounds} rounds, "
+        f"{study.strategy.name}, {study.model.name}, "
+        + (
+            "no DP"
+            if no_dp
+            else f"DP-SGD per site (default ε={study.privacy.epsilon:g}, δ={study.privacy.delta:g})"
+        )
+    )
+    try:
+        metrics = run(
+            study,
+            out,
+            progress=_progress_printer(study.rounds),
+            overwrite=overwrite,
+            verbose=verbose,
+        )
+    except (DataValidationError, SimulationError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+    _print_results(out.resolve(), metrics)
+
+
+def main() -> None:
+    app()

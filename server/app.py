@@ -1,0 +1,143 @@
+"""The coordinator's ServerApp: run the study's rounds, keep every site's report, save the model.
+
+The same app runs in the Simulation Engine (`pmfl simulate`, `flwr run .`) and deployed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid, ServerApp
+
+from pm_common import protocol as p
+from pm_common.config import StudyConfig, load_study, study_text_for_sites
+from pm_common.models import build_tabular_model
+from server.recorder import ProgressCallback, RunRecorder
+from server.strategy import SiteReportingStrategy, build_strategy
+
+log = logging.getLogger("pmfl.server")
+STUDY_ENV = "PMFL_STUDY"
+RUN_DIR_ENV = "PMFL_RUN_DIR"
+ROUND_TIMEOUT_ENV = "PMFL_ROUND_TIMEOUT"
+
+app = ServerApp()
+_progress: ProgressCallback | None = None
+
+
+def set_progress_callback(callback: ProgressCallback | None) -> None:
+    """Let a front end (the CLI's live display) follow the rounds of an in-process run."""
+    global _progress
+    _progress = callback
+
+
+def resolve_run(run_config: Mapping[str, object]) -> tuple[Path, Path]:
+    """Study file and run directory: `flwr run --run-config` first, then the pmfl runner's env."""
+    study = str(run_config.get("study", "") or os.environ.get(STUDY_ENV, ""))
+    if not study:
+        raise ValueError(
+            f"no study configured: pass --run-config \"study='STUDY.toml'\" or set {STUDY_ENV}"
+        )
+    run_dir = str(os.environ.get(RUN_DIR_ENV, "") or run_config.get("run-dir", "") or "runs/latest")
+    return Path(study), Path(run_dir)
+
+
+def train_config(study: StudyConfig, study_text: str) -> ConfigRecord:
+    """What every site receives with the model: the study (contract, model, training) and round plan."""
+    return ConfigRecord({p.NUM_ROUNDS: study.rounds, p.STUDY_TOML: study_text})
+
+
+def run_study(grid: Grid, study: StudyConfig, run_dir: Path, round_timeout: float = 3600.0) -> dict:
+    """Run all rounds of `study` over the sites connected to `grid`; returns metrics.json's content."""
+    study_text = study_text_for_sites(study)
+    model = build_tabular_model(
+        study.model.name, study.contract.num_inputs, study.model.hidden, study.seed
+    )
+    meta = {
+        "study": study.name,
+        "model": study.model.name,
+        "num_inputs": study.contract.num_inputs,
+        "hidden": list(study.model.hidden),
+        "inputs": study.contract.encoded_names(),
+    }
+    recorder = RunRecorder(run_dir, study, meta, on_round=_progress)
+    num_sites = len(study.sites) or study.strategy.min_sites
+    strategy = SiteReportingStrategy(
+        build_strategy(study.strategy, num_sites), recorder, min_sites=study.strategy.min_sites
+    )
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round > 0:
+            recorder.checkpoint(server_round, arrays.to_torch_state_dict())
+        return None
+
+    started = time.perf_counter()
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=study.rounds,
+        timeout=round_timeout,
+        train_config=train_config(study, study_text),
+        evaluate_fn=checkpoint,
+    )
+    final = result.arrays if result.arrays else ArrayRecord(model.state_dict())
+    _final_evaluation(grid, final, study, study_text, recorder, round_timeout)
+    metrics = recorder.finish(final.to_torch_state_dict())
+    log.info(
+        "study %s finished in %.1fs; results in %s",
+        study.name,
+        time.perf_counter() - started,
+        run_dir,
+    )
+    return metrics
+
+
+def _final_evaluation(
+    grid: Grid,
+    arrays: ArrayRecord,
+    study: StudyConfig,
+    study_text: str,
+    recorder: RunRecorder,
+    timeout: float,
+) -> None:
+    """Every site evaluates the final model on its own test rows (training rounds carried the rest)."""
+    content = RecordDict(
+        {
+            p.ARRAYS: arrays,
+            p.CONFIG: ConfigRecord({p.SERVER_ROUND: study.rounds, p.STUDY_TOML: study_text}),
+        }
+    )
+    messages = [
+        Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
+        for node in grid.get_node_ids()
+    ]
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            recorder.record_failure(study.rounds, f"final evaluation: {reply.error.reason}")
+            continue
+        site = str(reply.content[p.SITE][p.SITE_NAME])
+        evaluation = reply.content.metric_records.get(p.EVAL_METRICS)
+        if evaluation is not None:
+            recorder.record_evaluation(study.rounds, site, dict(evaluation))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    study_path, run_dir = resolve_run(context.run_config)
+    study = load_study(study_path)
+    torch.manual_seed(study.seed)
+    timeout = float(os.environ.get(ROUND_TIMEOUT_ENV, "3600"))
+    run_study(grid, study, run_dir, timeout)

@@ -1,0 +1,192 @@
+"""The coordinator's run directory: metrics, checkpoints, the final model and the sites' ledgers.
+
+Ledger lines are stored byte for byte as the sites sent them. Files are rewritten after every
+round, so a run that dies leaves everything up to its last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pm_common.config import StudyConfig, write_study
+from pm_common.ledger import LedgerEntry, append_line, ledger_path, read_ledger, summarize
+from pm_common.metrics import mean_over_sites
+
+
+@dataclass
+class SiteRound:
+    """What one site reported in one round."""
+
+    site: str
+    status: str
+    reason: str = ""
+    epsilon: float | None = None
+    rejected: str = ""
+
+
+@dataclass
+class RoundProgress:
+    """What the live display shows after each round."""
+
+    round: int
+    num_rounds: int
+    trained: list[str]
+    declined: dict[str, str]
+    rejected: dict[str, str]
+    failed: int
+    mean_site_accuracy: float | None  # of the model the sites received at the start of the round
+    pooled_accuracy: float | None
+    max_epsilon: float | None
+
+
+ProgressCallback = Callable[[RoundProgress], None]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, allow_nan=False)
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunRecorder:
+    run_dir: Path
+    study: StudyConfig
+    model_meta: dict[str, Any]
+    on_round: ProgressCallback | None = None
+    evaluations: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
+    participation: dict[int, list[SiteRound]] = field(default_factory=dict)
+    failures: dict[int, list[str]] = field(default_factory=dict)
+    next_round_fits: dict[str, bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.privacy_dir.mkdir(parents=True, exist_ok=True)
+        write_study(self.study, self.run_dir / "config.toml")
+
+    @property
+    def privacy_dir(self) -> Path:
+        return self.run_dir / "privacy"
+
+    # -- what the strategy feeds in -------------------------------------------------------
+    def record_evaluation(self, model_round: int, site: str, metrics: dict[str, float]) -> None:
+        self.evaluations.setdefault(model_round, {})[site] = dict(metrics)
+
+    def record_site_round(
+        self, server_round: int, report: SiteRound, ledger_line: str, next_round_fits: bool | None
+    ) -> None:
+        if ledger_line:
+            append_line(ledger_path(self.privacy_dir, report.site), ledger_line)
+        if next_round_fits is not None:
+            self.next_round_fits[report.site] = next_round_fits
+        self.participation.setdefault(server_round, []).append(report)
+
+    def record_failure(self, server_round: int, description: str) -> None:
+        self.failures.setdefault(server_round, []).append(description)
+
+    # -- what the coordinator calls -------------------------------------------------------
+    def checkpoint(self, server_round: int, state_dict: dict[str, torch.Tensor]) -> None:
+        path = self.run_dir / "checkpoints" / f"round-{server_round:04d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({**self.model_meta, "round": server_round, "state_dict": state_dict}, path)
+        self.write_metrics()
+
+    def round_finished(self, server_round: int) -> None:
+        if self.on_round is None:
+            return
+        reports = self.participation.get(server_round, [])
+        summary = self._round_metrics(server_round - 1)
+        epsilons = [r.epsilon for r in reports if r.epsilon is not None]
+        self.on_round(
+            RoundProgress(
+                round=server_round,
+                num_rounds=self.study.rounds,
+                trained=[r.site for r in reports if r.status == "trained" and not r.rejected],
+                declined={r.site: r.reason for r in reports if r.status == "declined"},
+                rejected={r.site: r.rejected for r in reports if r.rejected},
+                failed=len(self.failures.get(server_round, [])),
+                mean_site_accuracy=summary["mean_site_accuracy"],
+                pooled_accuracy=summary["pooled_accuracy"],
+                max_epsilon=max(epsilons) if epsilons else None,
+            )
+        )
+
+    def finish(self, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+        torch.save(
+            {**self.model_meta, "round": self.study.rounds, "state_dict": state_dict},
+            self.run_dir / "model.pt",
+        )
+        metrics = self.write_metrics()
+        self.write_privacy_summary()
+        return metrics
+
+    # -- files ----------------------------------------------------------------------------
+    def _round_metrics(self, model_round: int) -> dict[str, Any]:
+        sites = self.evaluations.get(model_round, {})
+        accuracies = [m["accuracy"] for m in sites.values()]
+        total = sum(m["n"] for m in sites.values())
+        pooled = sum(m["accuracy"] * m["n"] for m in sites.values()) / total if total else None
+        return {
+            "sites": sites,
+            "mean_site_accuracy": mean_over_sites(accuracies),
+            "pooled_accuracy": pooled,
+        }
+
+    def write_metrics(self) -> dict[str, Any]:
+        rounds = []
+        last = max([*self.evaluations, *self.participation, 0])
+        for r in range(last + 1):
+            reports = self.participation.get(r, [])
+            rounds.append(
+                {
+                    "round": r,
+                    **self._round_metrics(r),
+                    "trained": [
+                        s.site for s in reports if s.status == "trained" and not s.rejected
+                    ],
+                    "declined": {s.site: s.reason for s in reports if s.status == "declined"},
+                    "rejected": {s.site: s.rejected for s in reports if s.rejected},
+                    "failures": self.failures.get(r, []),
+                }
+            )
+        metrics = {
+            "study": self.study.name,
+            "strategy": self.study.strategy.name,
+            "model": self.study.model.name,
+            "dp": all(s.privacy.dp for s in self.study.sites)
+            if self.study.sites
+            else self.study.privacy.dp,
+            "note": "round r holds the evaluation of the global model after round r on each site's "
+            "own test rows (round 0: the initial model). mean_site_accuracy is FLamby's metric; "
+            "pooled_accuracy is the accuracy on all sites' test rows together.",
+            "rounds": rounds,
+        }
+        _write_json(self.run_dir / "metrics.json", metrics)
+        return metrics
+
+    def write_privacy_summary(self) -> dict[str, Any]:
+        sites: dict[str, Any] = {}
+        for path in sorted(self.privacy_dir.glob("ledger-*.jsonl")):
+            entries: list[LedgerEntry] = read_ledger(path)
+            if entries:
+                site = entries[-1].site
+                sites[site] = summarize(entries, self.next_round_fits.get(site))
+        summary = {
+            "study": self.study.name,
+            "privacy_unit": "one patient record at one site (sample-level DP-SGD)",
+            "epsilon_is": "cumulative over every round the site ran, composed by the site's accountant",
+            "dp": all(s["dp"] for s in sites.values()) if sites else self.study.privacy.dp,
+            "sites": sites,
+        }
+        _write_json(self.privacy_dir / "summary.json", summary)
+        return summary

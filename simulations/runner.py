@@ -1,0 +1,117 @@
+"""Run a study as a local federation in Flower's Simulation Engine, with the real apps.
+
+The ServerApp and ClientApp are the same objects a deployment runs; this module only prepares
+the run directory, checks every site's data up front and starts the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import torch
+from flwr.simulation import run_simulation
+
+from client.app import app as client_app
+from pm_common.config import StudyConfig, write_study
+from pm_common.tabular import load_site_table
+from server.app import RUN_DIR_ENV, STUDY_ENV, set_progress_callback
+from server.app import app as server_app
+from server.recorder import ProgressCallback
+
+
+class SimulationError(RuntimeError):
+    """The simulated study could not run or did not finish."""
+
+
+def check_sites(study: StudyConfig) -> dict[str, int]:
+    """Validate every simulated site's file against the contract before any process starts.
+
+    Returns the usable row count per site. In a real federation each hospital runs this check on
+    its own data (`pmfl site check`); in a simulation the researcher holds every file.
+    """
+    if not study.sites:
+        raise SimulationError("the study declares no [[sites]] to simulate")
+    return {
+        site.name: len(
+            load_site_table(
+                site.data, study.contract, delimiter=site.delimiter, encoding=site.encoding
+            )
+        )
+        for site in study.sites
+    }
+
+
+def prepare_run_dir(out_dir: Path, overwrite: bool) -> Path:
+    out_dir = Path(out_dir).resolve()
+    previous = [out_dir / "privacy", out_dir / "metrics.json", out_dir / "model.pt"]
+    if any(path.exists() for path in previous) and not overwrite:
+        raise SimulationError(
+            f"{out_dir} already holds a run; choose another --out or pass --overwrite "
+            "(appending to another run's ledgers would corrupt them)"
+        )
+    if overwrite:
+        for ledger in (out_dir / "privacy").glob("*"):
+            if ledger.is_file():
+                ledger.unlink()
+        for checkpoint in (out_dir / "checkpoints").glob("round-*.pt"):
+            checkpoint.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def simulate(
+    study: StudyConfig,
+    out_dir: Path,
+    *,
+    progress: ProgressCallback | None = None,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run `study` with one simulated SuperNode per site; returns the run's metrics.json."""
+    check_sites(study)
+    run_dir = prepare_run_dir(out_dir, overwrite)
+    config_path = run_dir / "config.toml"
+    write_study(study, config_path)
+    os.environ[STUDY_ENV] = str(config_path)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    set_progress_callback(progress)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    gpus = 1.0 / len(study.sites) if torch.cuda.is_available() else 0.0
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=len(study.sites),
+            backend_config={
+                # One CPU per site: Ray then runs min(cores, sites) sites at once, each on one
+                # thread (Ray sets OMP_NUM_THREADS), which is fastest for small per-site models.
+                "client_resources": {"num_cpus": 1, "num_gpus": gpus},
+                "init_args": {"log_to_driver": verbose, "configure_logging": verbose},
+            },
+            verbose_logging=verbose,
+        )
+    finally:
+        set_progress_callback(None)
+    metrics_path = run_dir / "metrics.json"
+    if not (run_dir / "model.pt").exists() or not metrics_path.exists():
+        raise SimulationError(
+            f"the simulated study did not finish; see the log above (run dir {run_dir})"
+        )
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    if not any(r["trained"] or r["declined"] for r in metrics["rounds"]):
+        failures = [f for r in metrics["rounds"] for f in r["failures"]]
+        raise SimulationError(
+            "no site completed a single round; first failure: "
+            + (failures[0] if failures else "unknown")
+        )
+    return metrics
