@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,13 +111,19 @@ def read_table(path: Path, *, delimiter: str = ",", encoding: str = "utf-8") -> 
                 f"{delimiter!r}. Re-export with {delimiter!r} or set the site's 'delimiter'.",
             )
     try:
-        return pd.read_csv(
-            io.StringIO(text),
-            sep=delimiter,
-            dtype=str,
-            keep_default_na=False,
-            skipinitialspace=True,
-        )
+        with warnings.catch_warnings():
+            # pandas would otherwise read rows with extra fields by silently shifting columns
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(
+                io.StringIO(text),
+                sep=delimiter,
+                dtype=str,
+                keep_default_na=False,
+                skipinitialspace=True,
+                index_col=False,
+            )
+    except pd.errors.ParserWarning as exc:
+        raise _file_error(path, "malformed CSV: some rows have more fields than the header") from exc
     except pd.errors.ParserError as exc:
         raise _file_error(path, f"malformed CSV: {exc}") from exc
 
