@@ -25,7 +25,9 @@ HEART = scenario_path("heart-disease")
 TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
 
 
-def heart_study(tmp_path: Path, sites: list[dict[str, Any]] | None = None, **sections: Any) -> tuple[Path, StudyConfig]:
+def heart_study(
+    tmp_path: Path, sites: list[dict[str, Any]] | None = None, **sections: Any
+) -> tuple[Path, StudyConfig]:
     """The built-in study with `sections` merged in (e.g. study={"rounds": 3}); written to tmp_path."""
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in load_study(HEART).raw.items()}
     for name, values in sections.items():
@@ -42,14 +44,18 @@ def train_message(study: StudyConfig, server_round: int, arrays: ArrayRecord | N
     if arrays is None:
         model = build_tabular_model(study.model.name, study.contract.num_inputs, study.model.hidden)
         arrays = ArrayRecord(model.state_dict())
-    content = RecordDict({
-        p.ARRAYS: arrays,
-        p.CONFIG: ConfigRecord({
-            p.SERVER_ROUND: server_round,
-            p.NUM_ROUNDS: study.rounds,
-            p.STUDY_TOML: study_text_for_sites(study),
-        }),
-    })
+    content = RecordDict(
+        {
+            p.ARRAYS: arrays,
+            p.CONFIG: ConfigRecord(
+                {
+                    p.SERVER_ROUND: server_round,
+                    p.NUM_ROUNDS: study.rounds,
+                    p.STUDY_TOML: study_text_for_sites(study),
+                }
+            ),
+        }
+    )
     return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
 
 
@@ -57,8 +63,13 @@ def site_context(study_path: Path, partition: int = 0, site_dir: Path | None = N
     node_config: dict[str, Any] = {"partition-id": partition, "num-partitions": 4}
     if site_dir is not None:
         node_config = {"site-dir": str(site_dir)}
-    return Context(run_id=1, node_id=partition + 1, node_config=node_config, state=RecordDict(),
-                   run_config={"study": str(study_path)})
+    return Context(
+        run_id=1,
+        node_id=partition + 1,
+        node_config=node_config,
+        state=RecordDict(),
+        run_config={"study": str(study_path)},
+    )
 
 
 @pytest.fixture

@@ -30,7 +30,8 @@ def test_site_trains_sends_plain_keys_and_its_ledger_line(tmp_path: Path, heart_
     assert site[p.SITE_NAME] == "cleveland" and site[p.STATUS] == "trained"
     assert entry["steps"] == 13 and entry["sample_rate"] == pytest.approx(1 / 13)
     assert entry["epsilon"] == pytest.approx(
-        cumulative_epsilon([(entry["noise_multiplier"], entry["sample_rate"], 13)], entry["delta"]))
+        cumulative_epsilon([(entry["noise_multiplier"], entry["sample_rate"], 13)], entry["delta"])
+    )
     evaluation = reply.content[p.EVAL_METRICS]
     assert evaluation["n"] == 102 and 0 <= evaluation["accuracy"] <= 1 and "auc" in evaluation
 
@@ -79,9 +80,10 @@ def test_deployed_site_keeps_state_in_its_directory(tmp_path: Path, heart_sites:
     site_dir.mkdir()
     (site_dir / "site.toml").write_text(
         f'[site]\nname = "hungary"\ndata = "{heart_sites[1]["data"]}"\n'
-        "[privacy]\nepsilon = 2.0\ndelta = 1e-5\n")
+        "[privacy]\nepsilon = 2.0\ndelta = 1e-5\n"
+    )
     for server_round in (1, 2):  # a new Context each time: nothing survives but the directory
-        _, site, entry = _run_round(study, site_context(path, site_dir=site_dir), server_round)
+        _, _, entry = _run_round(study, site_context(path, site_dir=site_dir), server_round)
     ledger = (site_dir / "state" / study.name / "ledger.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in ledger] == [1, 2]
     assert entry["epsilon_budget"] == 2.0 and entry["epsilon"] > json.loads(ledger[0])["epsilon"]

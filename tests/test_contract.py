@@ -16,7 +16,9 @@ from tests.conftest import HEART
 CONTRACT = load_study(HEART).contract
 CLEVELAND = HEART.parent.parent.parent / "pm_common/datasets/heart_disease/cleveland.csv"
 HEADER = "id,age,sex,dataset,cp,trestbps,chol,fbs,restecg,thalch,exang,oldpeak,slope,ca,thal,num"
-GOOD_ROW = "1,63,Male,Cleveland,typical angina,145,233,TRUE,lv hypertrophy,150,FALSE,2.3,downsloping,0,fixed defect,0"
+GOOD_ROW = (
+    "1,63,Male,Cleveland,typical angina,145,233,TRUE,lv hypertrophy,150,FALSE,2.3,downsloping,0,fixed defect,0"
+)
 
 
 def write(tmp_path: Path, text: str, name: str = "site.csv", encoding: str = "utf-8") -> Path:

@@ -28,8 +28,15 @@ def dp_accounting_rdp(history: list[tuple[float, float, int]], delta: float) -> 
 
 @pytest.mark.parametrize(("epsilon", "n", "rounds"), [(1.0, 82, 20), (3.0, 202, 20), (8.0, 133, 5)])
 def test_plan_spends_at_most_the_budget_over_the_planned_rounds(epsilon: float, n: int, rounds: int) -> None:
-    plan = plan_study(epsilon_budget=epsilon, delta=1e-5, num_examples=n, batch_size=16,
-                      local_epochs=1, planned_rounds=rounds, max_grad_norm=1.0)
+    plan = plan_study(
+        epsilon_budget=epsilon,
+        delta=1e-5,
+        num_examples=n,
+        batch_size=16,
+        local_epochs=1,
+        planned_rounds=rounds,
+        max_grad_norm=1.0,
+    )
     history = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)] * rounds
     spent = cumulative_epsilon(history, 1e-5)
     assert epsilon * 0.97 <= spent <= epsilon  # uses the budget, never exceeds it
@@ -58,8 +65,16 @@ def _train_rounds(store: DirectoryStateStore, rounds: range, plan) -> SiteState:
     state = store.load() or SiteState(study="s", plan=plan)
     for r in rounds:
         model = build_tabular_model("logreg", 8)
-        out = train_round(model, x, y, nn.BCEWithLogitsLoss(), LocalTraining(0.1, 16, 1),
-                          plan=state.plan, accountant_state=state.accountant, seed=r)
+        out = train_round(
+            model,
+            x,
+            y,
+            nn.BCEWithLogitsLoss(),
+            LocalTraining(0.1, 16, 1),
+            plan=state.plan,
+            accountant_state=state.accountant,
+            seed=r,
+        )
         state.accountant = out.accountant
         state.rounds.append(r)
         state.ledger.append(json.dumps({"round": r, "steps": out.steps, "epsilon": out.epsilon}))
@@ -68,8 +83,15 @@ def _train_rounds(store: DirectoryStateStore, rounds: range, plan) -> SiteState:
 
 
 def test_accountant_survives_a_restart_and_composes_like_one_run(tmp_path: Path) -> None:
-    plan = plan_study(epsilon_budget=3.0, delta=1e-5, num_examples=60, batch_size=16,
-                      local_epochs=1, planned_rounds=6, max_grad_norm=1.0)
+    plan = plan_study(
+        epsilon_budget=3.0,
+        delta=1e-5,
+        num_examples=60,
+        batch_size=16,
+        local_epochs=1,
+        planned_rounds=6,
+        max_grad_norm=1.0,
+    )
     uninterrupted = _train_rounds(DirectoryStateStore(tmp_path / "a"), range(1, 7), plan)
     _train_rounds(DirectoryStateStore(tmp_path / "b"), range(1, 4), plan)
     # "restart": a fresh store object that only knows the directory, as after a process restart
@@ -79,8 +101,9 @@ def test_accountant_survives_a_restart_and_composes_like_one_run(tmp_path: Path)
     assert total_steps == 6 * plan.steps_per_round
     eps = cumulative_epsilon(restarted.history, 1e-5)
     assert eps == pytest.approx(cumulative_epsilon(uninterrupted.history, 1e-5))
-    assert eps == pytest.approx(dp_accounting_rdp([(plan.noise_multiplier, plan.sample_rate, total_steps)], 1e-5),
-                                rel=1e-2)
+    assert eps == pytest.approx(
+        dp_accounting_rdp([(plan.noise_multiplier, plan.sample_rate, total_steps)], 1e-5), rel=1e-2
+    )
     ledger_lines = (tmp_path / "b" / "ledger.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in ledger_lines] == [1, 2, 3, 4, 5, 6]
 
@@ -89,8 +112,9 @@ def test_ledger_round_trips_and_summarises(tmp_path: Path) -> None:
     path = tmp_path / "ledger-a.jsonl"
     entries = [
         LedgerEntry("a", 1, "trained", 1.1, 0.1, 10, 1.0, 1e-5, 0.8, 3.0, "rdp"),
-        LedgerEntry("a", 2, "declined", 1.1, 0.1, 0, 1.0, 1e-5, 0.8, 3.0, "rdp",
-                    reason="privacy budget: over"),
+        LedgerEntry(
+            "a", 2, "declined", 1.1, 0.1, 0, 1.0, 1e-5, 0.8, 3.0, "rdp", reason="privacy budget: over"
+        ),
     ]
     for entry in entries:
         append_line(path, entry.to_json())
@@ -99,5 +123,5 @@ def test_ledger_round_trips_and_summarises(tmp_path: Path) -> None:
     assert summary["status"] == "budget exhausted" and summary["epsilon"] == 0.8
     assert summary["rounds_trained"] == 1 and summary["within_budget"]
     path.write_text(path.read_text() + "{not json\n")
-    with pytest.raises(ValueError, match="ledger-a.jsonl:3"):
+    with pytest.raises(ValueError, match=r"ledger-a\.jsonl:3"):
         read_ledger(path)

@@ -28,9 +28,14 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 def test_run_directory_holds_every_artifact(finished_run: tuple[Path, dict]) -> None:
-    out, metrics = finished_run
-    for name in ("metrics.json", "model.pt", "config.toml", "privacy/summary.json",
-                 "checkpoints/round-0003.pt"):
+    out, _ = finished_run
+    for name in (
+        "metrics.json",
+        "model.pt",
+        "config.toml",
+        "privacy/summary.json",
+        "checkpoints/round-0003.pt",
+    ):
         assert (out / name).exists(), name
     assert load_study(out / "config.toml").rounds == 3
     saved = torch.load(out / "model.pt")
@@ -51,7 +56,8 @@ def test_metrics_per_round_and_site(finished_run: tuple[Path, dict]) -> None:
     pooled = sum(s["accuracy"] * s["n"] for s in final["sites"].values()) / total
     assert final["pooled_accuracy"] == pytest.approx(pooled)
     assert metrics["rounds"][3]["declined"] == {
-        "switzerland": "round limit: the site accepts at most 2 rounds of training for this study"}
+        "switzerland": "round limit: the site accepts at most 2 rounds of training for this study"
+    }
     assert sorted(metrics["rounds"][3]["trained"]) == ["cleveland", "hungary", "va_long_beach"]
 
 
