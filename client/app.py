@@ -7,10 +7,11 @@ budget (or its round limit) declines: it sends its reason and ledger line, and n
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import tomllib
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -18,7 +19,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from client.site import SiteData, load_site_data, resolve_site
-from client.state import SiteState
+from client.state import SiteState, StateStore
 from client.training import LocalTraining, pick_device, predict, train_round
 from pm_common import protocol as p
 from pm_common.config import SiteSpec, StudyConfig, study_from_dict
@@ -26,6 +27,7 @@ from pm_common.ledger import DECLINED, TRAINED, LedgerEntry
 from pm_common.metrics import binary_metrics, reportable
 from pm_common.models import build_tabular_model
 from pm_common.privacy import check_next_round, cumulative_epsilon, plan_study
+from pm_common.signing import chain_head, public_key_pem, sign_entry
 
 log = logging.getLogger("pmfl.client")
 app = ClientApp()
@@ -52,38 +54,44 @@ def _evaluation(model: nn.Module, data: SiteData, study: StudyConfig) -> MetricR
     return MetricRecord(metrics) if reportable(metrics, study.min_report_count) else None
 
 
-def _reply(
+def _record_and_reply(
     msg: Message,
     site: SiteSpec,
+    store: StateStore,
+    state: SiteState,
     entry: LedgerEntry,
     evaluation: MetricRecord | None,
-    arrays: ArrayRecord | None,
+    update: ArrayRecord | None,
     num_examples: int,
     train_loss: float,
     next_round_fits: bool | None,
 ) -> Message:
-    content = RecordDict(
-        {
-            p.TRAIN_METRICS: MetricRecord(
-                {
-                    p.NUM_EXAMPLES: num_examples,
-                    "train-loss": train_loss if math.isfinite(train_loss) else 0.0,
-                }
-            ),
-            p.SITE: ConfigRecord(
-                {
-                    p.SITE_NAME: site.name,
-                    p.STATUS: entry.status,
-                    p.REASON: entry.reason,
-                    p.LEDGER_LINE: entry.to_json(),
-                }
-            ),
-        }
-    )
+    """Sign the round's ledger line onto the site's hash chain, save the state, then reply.
+
+    Saving comes first: if the reply is lost, the spend is still on the site's books.
+    """
+    key = store.signing_key()
+    signed = sign_entry(asdict(entry), chain_head([json.loads(line) for line in state.ledger]), key)
+    line = json.dumps(signed, sort_keys=True, allow_nan=False)
+    state.rounds.append(entry.round)
+    state.ledger.append(line)
+    store.save(state)
+    site_record = ConfigRecord({
+        p.SITE_NAME: site.name,
+        p.STATUS: entry.status,
+        p.REASON: entry.reason,
+        p.LEDGER_LINE: line,
+        p.LEDGER_PUBLIC_KEY: public_key_pem(key.public_key()).decode(),
+    })
     if next_round_fits is not None:
-        content[p.SITE][p.NEXT_ROUND_FITS] = next_round_fits
-    if arrays is not None:
-        content[p.ARRAYS] = arrays
+        site_record[p.NEXT_ROUND_FITS] = next_round_fits
+    loss = train_loss if math.isfinite(train_loss) else 0.0
+    content = RecordDict({
+        p.TRAIN_METRICS: MetricRecord({p.NUM_EXAMPLES: num_examples, "train-loss": loss}),
+        p.SITE: site_record,
+    })
+    if update is not None:
+        content[p.ARRAYS] = update
     if evaluation is not None:
         content[p.EVAL_METRICS] = evaluation
     return Message(content, reply_to=msg)
@@ -151,10 +159,9 @@ def train(msg: Message, context: Context) -> Message:
         )
         entry = replace(base, status=DECLINED, epsilon=epsilon, reason=reason)
         log.warning("site %s declines round %d: %s", site.name, server_round, reason)
-        state.rounds.append(server_round)
-        state.ledger.append(entry.to_json())
-        store.save(state)
-        return _reply(msg, site, entry, evaluation, None, n_train, float("nan"), False)
+        return _record_and_reply(
+            msg, site, store, state, entry, evaluation, None, n_train, float("nan"), next_round_fits=False
+        )
 
     strategy_mu = float(config.get(p.PROXIMAL_MU, 0.0))
     settings = LocalTraining(
@@ -177,12 +184,11 @@ def train(msg: Message, context: Context) -> Message:
     )
     entry = replace(base, steps=outcome.steps, epsilon=outcome.epsilon)
     state.accountant = outcome.accountant
-    state.rounds.append(server_round)
-    state.ledger.append(entry.to_json())
-    store.save(state)  # spend is recorded before the update leaves the site
     fits = check_next_round(plan, state.history).allowed if plan else None
-    arrays = ArrayRecord(outcome.state_dict)
-    return _reply(msg, site, entry, evaluation, arrays, n_train, outcome.mean_loss, fits)
+    update = ArrayRecord(outcome.state_dict)
+    return _record_and_reply(
+        msg, site, store, state, entry, evaluation, update, n_train, outcome.mean_loss, next_round_fits=fits
+    )
 
 
 @app.evaluate()

@@ -77,7 +77,8 @@ def resolve_site(context: Context, study_name: str) -> tuple[SiteSpec, StateStor
     site_dir = context.node_config.get("site-dir")
     if site_dir:
         spec = load_site_config(Path(str(site_dir)))
-        return spec, DirectoryStateStore(Path(str(site_dir)) / "state" / study_name)
+        root = Path(str(site_dir))
+        return spec, DirectoryStateStore(root / "state" / study_name, root / "keys")
     study = _cached_study(simulation_study_path(context.run_config))
     partition = int(context.node_config.get("partition-id", 0))
     if partition >= len(study.sites):

@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from flwr.app import ConfigRecord, RecordDict
 
 from pm_common.ledger import append_line
 from pm_common.privacy import PrivacyPlan
+from pm_common.signing import generate_signing_key, load_or_create_signing_key, private_key_pem
 
 
 @dataclass
@@ -64,6 +67,10 @@ class StateStore(Protocol):
 
     def save(self, state: SiteState) -> None: ...
 
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The site's Ed25519 ledger key: created once, the same for every line it signs."""
+        ...
+
 
 class ContextStateStore:
     """Simulation: the state rides in Flower's Context.state, which persists per node across rounds."""
@@ -80,12 +87,23 @@ class ContextStateStore:
     def save(self, state: SiteState) -> None:
         self._state[self.KEY] = ConfigRecord({"json": state.to_json()})
 
+    def signing_key(self) -> Ed25519PrivateKey:
+        record = self._state.config_records.get("pmfl-ledger-key")
+        if record is None:
+            record = ConfigRecord({"pem": private_key_pem(generate_signing_key()).decode()})
+            self._state["pmfl-ledger-key"] = record
+        key = load_pem_private_key(str(record["pem"]).encode(), password=None)
+        assert isinstance(key, Ed25519PrivateKey)
+        return key
+
 
 class DirectoryStateStore:
-    """Deployment: `state.json` (atomic replace) and `ledger.jsonl` (append + fsync) in the site dir."""
+    """Deployment: `state.json` (atomic replace) and `ledger.jsonl` (append + fsync) in the site dir;
+    the ledger key in `key_dir` (`ledger_ed25519.pem`, never sent, and `ledger_ed25519.pub`)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, key_dir: Path) -> None:
         self.directory = Path(directory)
+        self.key_dir = Path(key_dir)
         self.state_path = self.directory / "state.json"
         self.ledger_path = self.directory / "ledger.jsonl"
 
@@ -108,3 +126,7 @@ class DirectoryStateStore:
             written = sum(1 for line in self.ledger_path.open(encoding="utf-8") if line.strip())
         for line in state.ledger[written:]:
             append_line(self.ledger_path, line)
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        pem, pub = self.key_dir / "ledger_ed25519.pem", self.key_dir / "ledger_ed25519.pub"
+        return load_or_create_signing_key(pem, pub)

@@ -7,6 +7,7 @@ reported epsilon cumulative: nothing here ever accounts a round on its own.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -25,11 +26,15 @@ def cumulative_epsilon(
     history: Sequence[Sequence[float]], delta: float, accountant: str = DEFAULT_ACCOUNTANT
 ) -> float:
     """Epsilon of everything in `history`, composed, at `delta`."""
-    steps = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
-    if not steps:
-        return 0.0
+    steps = tuple((float(s), float(q), int(n)) for s, q, n in history if int(n) > 0)
+    return _epsilon(steps, float(delta), accountant) if steps else 0.0
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(history: tuple[MechanismStep, ...], delta: float, accountant: str) -> float:
+    """Cached: a site asks for the same history's epsilon when it checks and when it reports."""
     acc = create_accountant(accountant)
-    acc.history = steps
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
 
 

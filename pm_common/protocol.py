@@ -16,7 +16,8 @@ NUM_EXAMPLES = "num-examples"
 SITE_NAME = "name"
 STATUS = "status"
 REASON = "reason"
-LEDGER_LINE = "ledger-line"
+LEDGER_LINE = "ledger-line"  # the site's signed, hash-chained ledger line for the round
+LEDGER_PUBLIC_KEY = "ledger-public-key"  # PEM of the key that verifies the site's ledger
 EPSILON = "epsilon"
 
 # Keys of the coordinator's train config.

@@ -168,5 +168,40 @@ def simulate(
     _print_results(out.resolve(), metrics)
 
 
+@app.command()
+def audit(
+    path: Annotated[Path, typer.Argument(help="a run directory (or a hospital's site directory)")],
+) -> None:
+    """Verify every ledger's signatures and hash chain, recompute each site's epsilon independently
+    (Google's dp-accounting, RDP and PLD) and check it against the site's budget.
+
+    Writes audit/audit.json and audit/report.html. Exit 0: verified and compliant; 1: a violation;
+    2: something could not be verified.
+    """
+    from pm_common.audit import NOTE, run_audit
+
+    result = run_audit(path)
+    colour = {0: "green", 1: "red"}.get(result.exit_code, "yellow")
+    console.print(f"[bold {colour}]{result.verdict}")
+    for finding in result.findings:
+        if finding.severity != NOTE:
+            console.print(f"  [{finding.severity}] {finding.message}")
+    table = Table(title="Per-site privacy (cumulative over all rounds)")
+    for column in ("site", "reported ε", "recomputed ε (RDP)", "tight ε (PLD)", "budget", "δ", "verdict"):
+        table.add_column(column)
+    for s in result.sites:
+        delta = "-" if s.delta is None else f"{s.delta:g}"
+        table.add_row(s.site, _fmt(s.reported_epsilon), _fmt(s.rdp_epsilon), _fmt(s.pld_epsilon),
+                      _fmt(s.epsilon_budget, 2), delta, s.verdict)
+    if result.sites:
+        console.print(table)
+    console.print(f"report: {path / 'audit' / 'report.html'}  json: {path / 'audit' / 'audit.json'}")
+    raise typer.Exit(result.exit_code)
+
+
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ import torch
 from pm_common.config import StudyConfig, write_study
 from pm_common.ledger import LedgerEntry, append_line, ledger_path, read_ledger, summarize
 from pm_common.metrics import mean_over_sites
+from pm_common.signing import chain_head, public_key_fingerprint, public_key_from_pem, read_raw_ledger
 
 
 @dataclass
@@ -90,6 +91,17 @@ class RunRecorder:
         if next_round_fits is not None:
             self.next_round_fits[report.site] = next_round_fits
         self.participation.setdefault(server_round, []).append(report)
+
+    def record_site_key(self, server_round: int, site: str, pem: str) -> None:
+        """Keep each site's ledger key as first seen: the study record auditors verify against."""
+        path = self.privacy_dir / "keys" / f"{site}.pub"
+        if not path.exists():
+            public_key_from_pem(pem.encode(), f"{site}'s ledger key")  # refuse garbage early
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(pem, encoding="utf-8")
+        elif path.read_text(encoding="utf-8") != pem:
+            self.record_failure(server_round, f"{site} sent a different ledger key than at its first round; "
+                                "keeping the first (the audit will flag lines signed by another key)")
 
     def record_failure(self, server_round: int, description: str) -> None:
         self.failures.setdefault(server_round, []).append(description)
@@ -181,6 +193,11 @@ class RunRecorder:
             if entries:
                 site = entries[-1].site
                 sites[site] = summarize(entries, self.next_round_fits.get(site))
+                sites[site]["chain_head"] = chain_head(read_raw_ledger(path))
+                key = self.privacy_dir / "keys" / f"{site}.pub"
+                if key.exists():
+                    sites[site]["key_fingerprint"] = public_key_fingerprint(
+                        public_key_from_pem(key.read_bytes(), str(key)))
         summary = {
             "study": self.study.name,
             "privacy_unit": "one patient record at one site (sample-level DP-SGD)",

@@ -37,6 +37,16 @@ def build_strategy(config: StrategyConfig, num_sites: int) -> FedAvg:
         "min_evaluate_nodes": 0,
         "min_available_nodes": num_sites,
     }
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.ERROR)  # silence "federated evaluation will be skipped": it is not
+    try:
+        return _construct(config, common)
+    finally:
+        flwr_logger.setLevel(level)
+
+
+def _construct(config: StrategyConfig, common: dict) -> FedAvg:
     if config.name == "fedavg":
         return FedAvg(**common)
     if config.name == "fedprox":
@@ -133,6 +143,9 @@ class SiteReportingStrategy(Strategy):
                 update = RecordDict({p.ARRAYS: arrays, p.TRAIN_METRICS: content[p.TRAIN_METRICS]})
         elif report.status == DECLINED:
             log.info("round %d: %s declined: %s", server_round, site, report.reason)
+        public_key = site_record.get(p.LEDGER_PUBLIC_KEY)
+        if public_key:
+            self.recorder.record_site_key(server_round, site, str(public_key))
         fits = site_record.get(p.NEXT_ROUND_FITS)
         self.recorder.record_site_round(
             server_round, report, ledger_line, None if fits is None else bool(fits)
