@@ -1,0 +1,98 @@
+"""Wall time of the default study (4 sites x 20 rounds, DP) and its per-round overhead.
+
+1. `pmfl simulate heart-disease` as a user runs it, timed end to end (imports, Ray, all rounds).
+2. The same study in-process, with the time of each round taken from the live-progress hook.
+3. The same local work without Flower: each site's evaluation and DP training for every round,
+   one site after another, through the same functions the ClientApp calls.
+Per-round overhead = median round wall time - pure compute per round / parallel workers
+(min(cores, sites) sites train at once in the Simulation Engine).
+
+    python -m benchmarks.study_time
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks.common import median, print_table, write_results
+from client.site import load_site_data
+from client.training import LocalTraining, predict, train_round
+from pm_common.config import load_study
+from pm_common.metrics import binary_metrics
+from pm_common.models import build_tabular_model
+from pm_common.privacy import plan_study
+from simulations.runner import simulate
+from simulations.scenarios import scenario_path
+
+
+def cli_wall_time(out: Path) -> float:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pmfl.cli", "simulate", "heart-disease", "--out", str(out)],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def round_times(out: Path) -> list[float]:
+    stamps: list[float] = []
+    study = load_study(scenario_path("heart-disease"))
+    simulate(study, out, progress=lambda _: stamps.append(time.perf_counter()))
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def pure_compute_per_round() -> list[float]:
+    """The sites' own work per round (evaluate + DP train), sequential, without Flower or Ray."""
+    torch.set_num_threads(1)
+    study = load_study(scenario_path("heart-disease"))
+    t = study.training
+    sites = [(site, load_site_data(site, study.contract, study.split)) for site in study.sites]
+    plans = [
+        plan_study(epsilon_budget=3.0, delta=1e-5, num_examples=len(d.train_y), batch_size=t.batch_size,
+                   local_epochs=t.local_epochs, planned_rounds=study.rounds, max_grad_norm=t.max_grad_norm)
+        for _, d in sites
+    ]
+    accountants: list[dict] = [{} for _ in sites]
+    model = build_tabular_model(study.model.name, study.contract.num_inputs)
+    per_round = []
+    for _ in range(study.rounds):
+        start = time.perf_counter()
+        for i, (_, data) in enumerate(sites):
+            local = build_tabular_model(study.model.name, study.contract.num_inputs)
+            local.load_state_dict(model.state_dict())
+            binary_metrics(predict(local, data.test_x), data.test_y)
+            out = train_round(local, data.train_x, data.train_y, nn.BCEWithLogitsLoss(),
+                              LocalTraining(t.learning_rate, t.batch_size, t.local_epochs),
+                              plan=plans[i], accountant_state=accountants[i])
+            accountants[i] = out.accountant
+        per_round.append(time.perf_counter() - start)
+    return per_round
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        wall = cli_wall_time(Path(tmp) / "cli")
+        rounds = round_times(Path(tmp) / "inproc")
+    compute = pure_compute_per_round()
+    workers = min(os.cpu_count() or 1, 4)
+    overhead = median(rounds) - median(compute) / workers
+    rows = [["pmfl simulate heart-disease (CLI, end to end)", wall],
+            ["median round wall time", median(rounds)],
+            ["median pure compute per round (4 sites sequential)", median(compute)],
+            [f"per-round overhead (round wall - compute/{workers})", overhead],
+            ["startup + final evaluation (wall - 20 rounds)", wall - sum(rounds) - median(rounds)]]
+    print_table("Default study: 4 sites x 20 rounds, DP-SGD (seconds)", ["measure", "s"], rows)
+    write_results("study_time", {"cli_wall_s": wall, "round_wall_s": rounds, "compute_per_round_s": compute,
+                                 "parallel_workers": workers, "per_round_overhead_s": overhead})
+
+
+if __name__ == "__main__":
+    main()
