@@ -6,51 +6,44 @@ budget (or its round limit) declines: it sends its reason and ledger line, and n
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
-import tomllib
 from dataclasses import asdict, replace
-from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from client.site import SiteData, load_site_data, resolve_site
+from client.site import load_site_data, parse_study_text, resolve_site
 from client.state import SiteState, StateStore
 from client.training import LocalTraining, pick_device, predict, train_round
 from pm_common import protocol as p
-from pm_common.config import SiteSpec, StudyConfig, study_from_dict
+from pm_common.config import SiteSpec, StudyConfig
 from pm_common.ledger import DECLINED, TRAINED, LedgerEntry
-from pm_common.metrics import binary_metrics, reportable
-from pm_common.models import build_tabular_model
+from pm_common.metrics import reportable
 from pm_common.privacy import check_next_round, cumulative_epsilon, plan_study
 from pm_common.signing import chain_head, public_key_pem, sign_entry
+from pm_common.tasks import SiteTensors, task_of
 
 log = logging.getLogger("pmfl.client")
 app = ClientApp()
 
 
-@functools.lru_cache(maxsize=4)
-def _parse_study(text: str) -> StudyConfig:
-    return study_from_dict(tomllib.loads(text), Path("."))
-
-
-def _study_of(msg: Message) -> StudyConfig:
-    return _parse_study(str(msg.content[p.CONFIG][p.STUDY_TOML]))
+def _study_of(msg: Message) -> tuple[StudyConfig, str]:
+    text = str(msg.content[p.CONFIG][p.STUDY_TOML])
+    return parse_study_text(text), text
 
 
 def _model_from(msg: Message, study: StudyConfig) -> nn.Module:
-    model = build_tabular_model(study.model.name, study.contract.num_inputs, study.model.hidden)
+    model = task_of(study).build_model(study)
     model.load_state_dict(msg.content[p.ARRAYS].to_torch_state_dict())
     return model
 
 
-def _evaluation(model: nn.Module, data: SiteData, study: StudyConfig) -> MetricRecord | None:
+def _evaluation(model: nn.Module, data: SiteTensors, study: StudyConfig) -> MetricRecord | None:
     """Aggregate test metrics of the received model, or None when too few rows to be safe to send."""
-    metrics = binary_metrics(predict(model, data.test_x), data.test_y)
+    metrics = task_of(study).metrics(predict(model, data.test_x), data.test_y)
     return MetricRecord(metrics) if reportable(metrics, study.min_report_count) else None
 
 
@@ -108,11 +101,11 @@ def _decline_reason(site: SiteSpec, state: SiteState) -> str:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    study = _study_of(msg)
+    study, study_text = _study_of(msg)
     site, store = resolve_site(context, study.name)
     config = msg.content[p.CONFIG]
     server_round = int(config[p.SERVER_ROUND])
-    data = load_site_data(site, study.contract, study.split)
+    data = load_site_data(site, study_text)
     model = _model_from(msg, study)
     evaluation = _evaluation(model, data, study)
     state = store.load() or SiteState(study=study.name)
@@ -171,12 +164,13 @@ def train(msg: Message, context: Context) -> Message:
         momentum=study.training.momentum,
         proximal_mu=strategy_mu,
         grad_sample_mode=study.training.grad_sample_mode,
+        max_physical_batch_size=study.training.max_physical_batch_size,
     )
     outcome = train_round(
         model,
         data.train_x,
         data.train_y,
-        nn.BCEWithLogitsLoss(),
+        task_of(study).criterion(),
         settings,
         plan=plan,
         accountant_state=state.accountant,
@@ -194,9 +188,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on the site's own test rows; aggregates only."""
-    study = _study_of(msg)
+    study, study_text = _study_of(msg)
     site, _ = resolve_site(context, study.name)
-    data = load_site_data(site, study.contract, study.split)
+    data = load_site_data(site, study_text)
     evaluation = _evaluation(_model_from(msg, study), data, study)
     content = RecordDict(
         {

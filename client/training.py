@@ -6,6 +6,7 @@ it is never reset, so every step the site ever ran composes into the epsilon it 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import warnings
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -33,6 +35,7 @@ class LocalTraining:
     momentum: float = 0.0
     proximal_mu: float = 0.0
     grad_sample_mode: str = "hooks"
+    max_physical_batch_size: int = 0  # > 0: split Poisson batches to fit device memory
 
 
 @dataclass(frozen=True)
@@ -140,16 +143,24 @@ def train_round(
     losses = []
     dp_model.train()
     try:
-        for _ in range(settings.local_epochs):
-            for xb, yb in dp_loader:
-                dp_optimizer.zero_grad(set_to_none=True)
-                loss = dp_criterion(dp_model(xb), yb)
-                loss.backward()
-                dp_optimizer.step()
-                if settings.proximal_mu:
-                    _proximal_step(model, anchor, settings.learning_rate, settings.proximal_mu)
-                if len(xb):
-                    losses.append(float(loss.item()))
+        with contextlib.ExitStack() as stack:
+            batches = dp_loader
+            if settings.max_physical_batch_size:
+                # A large logical (Poisson) batch in memory-sized pieces; the optimizer steps,
+                # and the accountant counts, once per logical batch.
+                batches = stack.enter_context(BatchMemoryManager(
+                    data_loader=dp_loader, max_physical_batch_size=settings.max_physical_batch_size,
+                    optimizer=dp_optimizer))
+            for _ in range(settings.local_epochs):
+                for xb, yb in batches:
+                    dp_optimizer.zero_grad(set_to_none=True)
+                    loss = dp_criterion(dp_model(xb), yb)
+                    loss.backward()
+                    dp_optimizer.step()
+                    if settings.proximal_mu and not dp_optimizer._is_last_step_skipped:
+                        _proximal_step(model, anchor, settings.learning_rate, settings.proximal_mu)
+                    if len(xb):
+                        losses.append(float(loss.item()))
     finally:
         dp_model.remove_hooks()  # the module can be trained again next round
     steps = _total_steps(engine.accountant.history) - steps_before

@@ -11,14 +11,18 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
 from pm_common.contract import DataContract, contract_from_dict
+
+if TYPE_CHECKING:
+    from pm_common.imaging import ImageSpec
 from pm_common.privacy import DEFAULT_ACCOUNTANT
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
+ROBUST_STRATEGIES = ("trimmed-mean", "median", "krum")  # Byzantine-robust: see docs/robustness.md
 
 
 class StudyConfigError(ValueError):
@@ -39,6 +43,7 @@ class TrainingConfig:
     momentum: float = 0.0
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "hooks"
+    max_physical_batch_size: int = 0  # > 0: Opacus' BatchMemoryManager splits larger Poisson batches
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,10 @@ class StrategyConfig:
     server_momentum: float = 0.9  # FedAvgM
     tau: float = 1e-3  # FedOpt adaptivity
     min_sites: int = 1  # fewest replying sites a round needs
+    max_update_norm: float | None = None  # reject updates (site model - model sent) of larger L2 norm
+    trim_fraction: float = 0.25  # trimmed-mean: share cut at each end per coordinate (4 sites: 1 each)
+    krum_malicious: int = 1  # krum: sites assumed malicious (f)
+    krum_select: int = 1  # krum: updates averaged (1: Krum; more: Multi-Krum)
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,11 @@ class SiteSpec:
     privacy: PrivacySettings
     delimiter: str = ","
     encoding: str = "utf-8"
+    image_source: tuple[tuple[str, Any], ...] = ()  # imaging: format, manifest, windowing, on_bad_file
+
+
+IMAGE_SOURCE_KEYS = ("format", "manifest", "window_center", "window_width", "on_bad_file", "npz_val")
+TASKS = ("binary-classification", "image-classification")
 
 
 @dataclass(frozen=True)
@@ -84,7 +98,9 @@ class StudyConfig:
     name: str
     rounds: int
     seed: int
-    contract: DataContract
+    task: str
+    contract: DataContract | None  # tabular studies
+    images: ImageSpec | None  # imaging studies
     model: ModelConfig
     training: TrainingConfig
     strategy: StrategyConfig
@@ -140,14 +156,13 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
     if isinstance(raw.get("contract"), str):
         raw["contract"] = str((base_dir / raw["contract"]).resolve())
     for site in raw.get("sites", []):
-        if isinstance(site, dict) and "data" in site:
-            site["data"] = str((base_dir / site["data"]).resolve())
+        for key in ("data", "manifest"):
+            if isinstance(site, dict) and key in site:
+                site[key] = str((base_dir / site[key]).resolve())
 
 
-def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
-    raw = copy.deepcopy(dict(data))
-    _resolve_paths(raw, base_dir)
-    study = _table(raw, "study")
+def _contract(raw: dict[str, Any]) -> DataContract:
+    """The tabular data contract: inline `[contract]`, or `contract = "path.toml"` (then inlined)."""
     contract_table: Any = raw.get("contract")
     if isinstance(contract_table, str):
         try:
@@ -159,7 +174,39 @@ def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
         raw["contract"] = contract_table  # inline it: the effective config stands on its own
     if not isinstance(contract_table, Mapping):
         raise StudyConfigError("[contract] is required: a table, or the path of a contract TOML")
-    contract = contract_from_dict(contract_table)
+    return contract_from_dict(contract_table)
+
+
+def _image_spec(table: Mapping[str, Any]) -> ImageSpec:
+    from pm_common.imaging import ImageSpec
+
+    try:
+        return ImageSpec.from_mapping(table)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise StudyConfigError(f"[images]: needs size = [H, W], channels and classes ({exc})") from exc
+
+
+def _check_robustness(strategy: StrategyConfig) -> None:
+    if strategy.max_update_norm is not None and not strategy.max_update_norm > 0:
+        raise StudyConfigError("[strategy] max_update_norm must be positive")
+    if not 0 <= strategy.trim_fraction < 0.5:
+        raise StudyConfigError("[strategy] trim_fraction must be in [0, 0.5)")
+    if strategy.krum_malicious < 0 or strategy.krum_select < 1:
+        raise StudyConfigError("[strategy] need krum_malicious >= 0 and krum_select >= 1")
+
+
+def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
+    raw = copy.deepcopy(dict(data))
+    _resolve_paths(raw, base_dir)
+    study = _table(raw, "study")
+    task = str(study.get("task", "binary-classification"))
+    if task not in TASKS:
+        raise StudyConfigError(f"[study] task must be one of {TASKS}, got {task!r}")
+    contract, images = None, None
+    if task == "image-classification":
+        images = _image_spec(_table(raw, "images"))
+    else:
+        contract = _contract(raw)
 
     privacy = _privacy(_table(raw, "privacy"), PrivacySettings(), "privacy")
     sites = []
@@ -170,6 +217,7 @@ def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
             set(site)
             - {"name", "data", "delimiter", "encoding"}
             - set(PrivacySettings.__dataclass_fields__)
+            - (set(IMAGE_SOURCE_KEYS) if images is not None else set())
         )
         if extra:
             raise StudyConfigError(f"[[sites]] {site['name']!r}: unknown keys {sorted(extra)}")
@@ -180,6 +228,7 @@ def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
                 privacy=_privacy(site, privacy, f"sites.{site['name']}"),
                 delimiter=str(site.get("delimiter", ",")),
                 encoding=str(site.get("encoding", "utf-8")),
+                image_source=tuple(sorted((k, site[k]) for k in IMAGE_SOURCE_KEYS if k in site)),
             )
         )
     names = [s.name for s in sites]
@@ -187,10 +236,11 @@ def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
         raise StudyConfigError(f"[[sites]]: site names must be unique, got {names}")
 
     strategy = _build(StrategyConfig, _table(raw, "strategy"), "strategy")
-    if strategy.name not in STRATEGIES:
+    if strategy.name not in STRATEGIES + ROBUST_STRATEGIES:
         raise StudyConfigError(
-            f"[strategy] name must be one of {STRATEGIES}, got {strategy.name!r}"
+            f"[strategy] name must be one of {STRATEGIES + ROBUST_STRATEGIES}, got {strategy.name!r}"
         )
+    _check_robustness(strategy)
     model = _build(ModelConfig, _table(raw, "model"), "model")
     rounds = int(study.get("rounds", 20))
     if rounds < 1:
@@ -199,7 +249,9 @@ def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
         name=str(study.get("name", "study")),
         rounds=rounds,
         seed=int(study.get("seed", 0)),
+        task=task,
         contract=contract,
+        images=images,
         model=model,
         training=_build(TrainingConfig, _table(raw, "training"), "training"),
         strategy=strategy,
@@ -255,8 +307,9 @@ def with_overrides(study: StudyConfig, **overrides: Any) -> StudyConfig:
 
 
 def study_text_for_sites(study: StudyConfig) -> str:
-    """The study as sent to sites: contract, model and training; not the simulated sites' files."""
-    return tomli_w.dumps({k: v for k, v in study.raw.items() if k != "sites"})
+    """The study as sent to sites: contract, model and training; not the simulated sites' files
+    nor the simulation-only [simulation] table (e.g. which site plays an attacker)."""
+    return tomli_w.dumps({k: v for k, v in study.raw.items() if k not in ("sites", "simulation")})
 
 
 def write_study(study: StudyConfig, path: Path) -> None:

@@ -1,7 +1,9 @@
 """Run a study as a local federation in Flower's Simulation Engine, with the real apps.
 
 The ServerApp and ClientApp are the same objects a deployment runs; this module only prepares
-the run directory, checks every site's data up front and starts the engine.
+the run directory, checks every site's data up front and starts the engine. Around the real
+ClientApp it adds two simulation-only mods: durable site state (so a run can be resumed) and the
+study's poisoned sites, if any ([simulation] attacks).
 """
 
 from __future__ import annotations
@@ -18,40 +20,57 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from client.app import app as client_app
 from pm_common.config import StudyConfig, write_study
-from pm_common.tabular import load_site_table
+from pm_common.tasks import SiteTensors, task_of
 from server.app import RUN_DIR_ENV, STUDY_ENV, set_progress_callback
 from server.app import app as server_app
 from server.recorder import ProgressCallback
+from server.resume import RESUME_ENV
+from simulations.attacks import attack_mod, study_attacks
+from simulations.site_state import STATE_DIR, site_state_mod
 
 
 class SimulationError(RuntimeError):
     """The simulated study could not run or did not finish."""
 
 
-def check_sites(study: StudyConfig) -> dict[str, int]:
-    """Validate every simulated site's file against the contract before any process starts.
+def check_sites(study: StudyConfig) -> dict[str, SiteTensors]:
+    """Validate every simulated site's data before any process starts (clear errors, early).
 
-    Returns the usable row count per site. In a real federation each hospital runs this check on
-    its own data (`pmfl site check`); in a simulation the researcher holds every file.
+    In a real federation each hospital runs this check on its own data (`pmfl site check`); in a
+    simulation the researcher holds every file. Returns each site's split (counts are reported).
     """
     if not study.sites:
         raise SimulationError("the study declares no [[sites]] to simulate")
-    return {
-        site.name: len(
-            load_site_table(
-                site.data, study.contract, delimiter=site.delimiter, encoding=site.encoding
-            )
-        )
-        for site in study.sites
-    }
+    task = task_of(study)
+    return {site.name: task.load_site(site, study) for site in study.sites}
 
 
-def prepare_run_dir(out_dir: Path, overwrite: bool) -> Path:
+def simulated_client_app(study: StudyConfig, run_dir: Path) -> ClientApp:
+    """The real hospital ClientApp, wrapped in the simulation-only mods (outermost first)."""
+    app = ClientApp(mods=[site_state_mod(run_dir / STATE_DIR), attack_mod(study_attacks(study))])
+
+    def hospital(msg: Message, context: Context) -> Message:
+        return client_app(msg, context)
+
+    app.train()(hospital)
+    app.evaluate()(hospital)
+    return app
+
+
+def prepare_run_dir(out_dir: Path, overwrite: bool, resume: bool = False) -> Path:
     out_dir = Path(out_dir).resolve()
+    if resume:
+        if not (out_dir / "config.toml").exists():
+            raise SimulationError(f"{out_dir} holds no run to resume")
+        if (out_dir / "model.pt").exists():
+            raise SimulationError(f"the run in {out_dir} has already finished")
+        return out_dir
     previous = [out_dir / "privacy", out_dir / "metrics.json", out_dir / "model.pt"]
     if any(path.exists() for path in previous) and not overwrite:
         raise SimulationError(
@@ -64,6 +83,8 @@ def prepare_run_dir(out_dir: Path, overwrite: bool) -> Path:
                 ledger.unlink()
         for checkpoint in (out_dir / "checkpoints").glob("round-*.pt"):
             checkpoint.unlink()
+        for state in (out_dir / STATE_DIR).glob("node-*.bin"):
+            state.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
@@ -75,14 +96,21 @@ def simulate(
     progress: ProgressCallback | None = None,
     overwrite: bool = False,
     verbose: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run `study` with one simulated SuperNode per site; returns the run's metrics.json."""
+    """Run `study` with one simulated SuperNode per site; returns the run's metrics.json.
+
+    `resume`: continue an unfinished run in `out_dir` from its last checkpoint, with the simulated
+    sites' saved state (their accountants and ledgers carry on; no round runs twice).
+    """
     check_sites(study)
-    run_dir = prepare_run_dir(out_dir, overwrite)
+    study_attacks(study)  # a misnamed attacker fails here, before any process starts
+    run_dir = prepare_run_dir(out_dir, overwrite, resume)
     config_path = run_dir / "config.toml"
     write_study(study, config_path)
     os.environ[STUDY_ENV] = str(config_path)
     os.environ[RUN_DIR_ENV] = str(run_dir)
+    os.environ[RESUME_ENV] = "1" if resume else "0"
     set_progress_callback(progress)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -90,7 +118,7 @@ def simulate(
     try:
         run_simulation(
             server_app=server_app,
-            client_app=client_app,
+            client_app=simulated_client_app(study, run_dir),
             num_supernodes=len(study.sites),
             backend_config={
                 # One CPU per site: Ray then runs min(cores, sites) sites at once, each on one
@@ -108,7 +136,7 @@ def simulate(
             f"the simulated study did not finish; see the log above (run dir {run_dir})"
         )
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    if not any(r["trained"] or r["declined"] for r in metrics["rounds"]):
+    if not any(r["trained"] or r["declined"] or r["rejected"] for r in metrics["rounds"]):
         failures = [f for r in metrics["rounds"] for f in r["failures"]]
         raise SimulationError(
             "no site completed a single round; first failure: "

@@ -92,10 +92,10 @@ def test_accountant_survives_a_restart_and_composes_like_one_run(tmp_path: Path)
         planned_rounds=6,
         max_grad_norm=1.0,
     )
-    uninterrupted = _train_rounds(DirectoryStateStore(tmp_path / "a"), range(1, 7), plan)
-    _train_rounds(DirectoryStateStore(tmp_path / "b"), range(1, 4), plan)
+    uninterrupted = _train_rounds(DirectoryStateStore(tmp_path / "a", tmp_path / "keys"), range(1, 7), plan)
+    _train_rounds(DirectoryStateStore(tmp_path / "b", tmp_path / "keys"), range(1, 4), plan)
     # "restart": a fresh store object that only knows the directory, as after a process restart
-    restarted = _train_rounds(DirectoryStateStore(tmp_path / "b"), range(4, 7), plan)
+    restarted = _train_rounds(DirectoryStateStore(tmp_path / "b", tmp_path / "keys"), range(4, 7), plan)
     assert restarted.history == uninterrupted.history
     total_steps = sum(n for _, _, n in restarted.history)
     assert total_steps == 6 * plan.steps_per_round

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
+
+from pm_common.config import StudyConfig, load_study, study_from_dict
 
 _HERE = Path(__file__).parent
 
 SCENARIOS: dict[str, Path] = {
     "heart-disease": _HERE / "heart_disease.toml",
+    "imaging-synthetic": _HERE / "imaging_synthetic.toml",
 }
+SYNTHETIC = frozenset({"imaging-synthetic"})
 
 
 def scenario_path(name: str) -> Path:
@@ -16,3 +21,21 @@ def scenario_path(name: str) -> Path:
         return SCENARIOS[name]
     except KeyError:
         raise ValueError(f"unknown scenario {name!r}; built-in: {sorted(SCENARIOS)}") from None
+
+
+def scenario_study(name: str, out_dir: Path) -> StudyConfig:
+    """The scenario's study, its data generated under `out_dir` first when it is synthetic."""
+    path = scenario_path(name)
+    if name not in SYNTHETIC:
+        return load_study(path)
+    from pm_common.synthetic_imaging import generate_federation
+
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    options = raw.pop("synthetic", {})
+    data_dir = Path(out_dir).resolve() / "synthetic-data"
+    files = generate_federation(data_dir, num_sites=int(options.get("num_sites", 4)),
+                               image_size=int(options.get("image_size", 64)),
+                               dirichlet_alpha=float(options.get("dirichlet_alpha", 1.0)),
+                               seed=int(options.get("seed", 0)))
+    raw["sites"] = [{"name": f.stem, "data": str(f), "format": "npz"} for f in files]
+    return study_from_dict(raw, path.parent)

@@ -1,0 +1,128 @@
+"""What differs between a tabular and an imaging study, behind one small interface.
+
+The sites' training loop, the privacy machinery, the ledger and the coordinator are shared; a task
+only says how a site loads its data, which model and loss the study uses and which metrics a site
+may report. One pipeline, two kinds of data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from pm_common.config import SiteSpec, StudyConfig
+from pm_common.metrics import binary_metrics
+from pm_common.models import build_tabular_model
+
+TABULAR = "binary-classification"
+IMAGING = "image-classification"
+
+
+@dataclass(frozen=True)
+class SiteTensors:
+    """A site's own train/test split. It never leaves the site; only counts are ever reported."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    skipped: int = 0  # unusable files skipped by the site's `on_bad_file = "skip"` setting
+
+
+class Task(Protocol):
+    name: str
+
+    def build_model(self, study: StudyConfig, seed: int = 0) -> nn.Module: ...
+
+    def criterion(self) -> nn.Module: ...
+
+    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]: ...
+
+    def load_site(self, spec: SiteSpec, study: StudyConfig) -> SiteTensors: ...
+
+    def describe_model(self, study: StudyConfig) -> dict[str, Any]: ...
+
+
+class TabularTask:
+    """Binary risk prediction from a validated table (the data contract)."""
+
+    name = TABULAR
+
+    def build_model(self, study: StudyConfig, seed: int = 0) -> nn.Module:
+        return build_tabular_model(study.model.name, study.contract.num_inputs, study.model.hidden, seed)
+
+    def criterion(self) -> nn.Module:
+        return nn.BCEWithLogitsLoss()
+
+    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        return binary_metrics(logits, labels)
+
+    def load_site(self, spec: SiteSpec, study: StudyConfig) -> SiteTensors:
+        from pm_common.tabular import load_site_table, split_train_test
+
+        table = load_site_table(spec.data, study.contract, delimiter=spec.delimiter, encoding=spec.encoding)
+        train, test = split_train_test(table, test_fraction=study.split.test_fraction, seed=study.split.seed)
+        return SiteTensors(torch.from_numpy(train.x), torch.from_numpy(train.y),
+                           torch.from_numpy(test.x), torch.from_numpy(test.y))
+
+    def describe_model(self, study: StudyConfig) -> dict[str, Any]:
+        return {"model": study.model.name, "num_inputs": study.contract.num_inputs,
+                "hidden": list(study.model.hidden), "inputs": study.contract.encoded_names()}
+
+
+def multiclass_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Cross-entropy, accuracy, ROC AUC (one-vs-rest for more than two classes, when defined), n."""
+    logits, labels = logits.detach().float().cpu(), labels.detach().long().cpu()
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    metrics = {"loss": loss, "accuracy": accuracy, "n": float(len(labels))}
+    probabilities = torch.softmax(logits, 1).numpy()
+    present = np.unique(labels.numpy())
+    if len(present) == logits.shape[1] == 2:
+        metrics["auc"] = float(roc_auc_score(labels.numpy(), probabilities[:, 1]))
+    elif len(present) == logits.shape[1] > 2:
+        metrics["auc"] = float(roc_auc_score(labels.numpy(), probabilities, multi_class="ovr"))
+    return metrics
+
+
+class ImageTask:
+    """Image classification from DICOM, PNG/JPEG folders or MedMNIST-style NPZ files."""
+
+    name = IMAGING
+
+    def build_model(self, study: StudyConfig, seed: int = 0) -> nn.Module:
+        from pm_common.image_models import build_image_model
+
+        spec = study.images
+        assert spec is not None
+        torch.manual_seed(seed)
+        return build_image_model(study.model.name, spec.channels, len(spec.classes), spec.size[0])
+
+    def criterion(self) -> nn.Module:
+        return nn.CrossEntropyLoss()
+
+    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        return multiclass_metrics(logits, labels)
+
+    def load_site(self, spec: SiteSpec, study: StudyConfig) -> SiteTensors:
+        from pm_common.imaging import load_image_site
+
+        assert study.images is not None
+        source = {"path": str(spec.data), "test_fraction": study.split.test_fraction,
+                  "seed": study.split.seed, **dict(spec.image_source)}
+        data = load_image_site(source, study.images)
+        return SiteTensors(data.train_x, data.train_y, data.test_x, data.test_y, len(data.skipped))
+
+    def describe_model(self, study: StudyConfig) -> dict[str, Any]:
+        assert study.images is not None
+        return {"model": study.model.name, "image_size": list(study.images.size),
+                "channels": study.images.channels, "classes": list(study.images.classes)}
+
+
+def task_of(study: StudyConfig) -> Task:
+    return ImageTask() if study.task == IMAGING else TabularTask()
