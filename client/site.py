@@ -11,28 +11,22 @@ import functools
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from flwr.app import Context
 
 from client.state import ContextStateStore, DirectoryStateStore, StateStore
-from pm_common.config import PrivacySettings, SiteSpec, SplitConfig, StudyConfigError, load_study
-from pm_common.contract import DataContract
-from pm_common.tabular import load_site_table, split_train_test
+from pm_common.config import (
+    PrivacySettings,
+    SiteSpec,
+    StudyConfig,
+    StudyConfigError,
+    load_study,
+    study_from_dict,
+)
+from pm_common.tasks import SiteTensors, task_of
 
 STUDY_ENV = "PMFL_STUDY"
-
-
-@dataclass(frozen=True)
-class SiteData:
-    """A site's own train/test split as tensors. It never leaves the site."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
 
 
 def load_site_config(site_dir: Path) -> SiteSpec:
@@ -94,14 +88,14 @@ def _cached_study(path: Path):  # type: ignore[no-untyped-def]
 
 
 @functools.lru_cache(maxsize=16)
-def load_site_data(spec: SiteSpec, contract: DataContract, split: SplitConfig) -> SiteData:
-    """Validate, encode and split the site's table once per worker process (Flower calls the
-    ClientApp afresh for every message; re-reading the file each round would dominate a round)."""
-    table = load_site_table(spec.data, contract, delimiter=spec.delimiter, encoding=spec.encoding)
-    train, test = split_train_test(table, test_fraction=split.test_fraction, seed=split.seed)
-    return SiteData(
-        torch.from_numpy(train.x),
-        torch.from_numpy(train.y),
-        torch.from_numpy(test.x),
-        torch.from_numpy(test.y),
-    )
+def load_site_data(spec: SiteSpec, study_text: str) -> SiteTensors:
+    """Validate, encode and split the site's data once per worker process (Flower calls the
+    ClientApp afresh for every message; re-reading the files each round would dominate a round)."""
+    study = parse_study_text(study_text)
+    return task_of(study).load_site(spec, study)
+
+
+@functools.lru_cache(maxsize=4)
+def parse_study_text(text: str) -> StudyConfig:
+    """The study as the coordinator sent it: contract or image spec, model and training."""
+    return study_from_dict(tomllib.loads(text), Path("."))

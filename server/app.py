@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from pm_common import protocol as p
 from pm_common.config import StudyConfig, load_study, study_text_for_sites
-from pm_common.models import build_tabular_model
+from pm_common.tasks import task_of
 from server.recorder import ProgressCallback, RunRecorder
 from server.strategy import SiteReportingStrategy, build_strategy
 
@@ -63,16 +63,9 @@ def train_config(study: StudyConfig, study_text: str) -> ConfigRecord:
 def run_study(grid: Grid, study: StudyConfig, run_dir: Path, round_timeout: float = 3600.0) -> dict:
     """Run all rounds of `study` over the sites connected to `grid`; returns metrics.json's content."""
     study_text = study_text_for_sites(study)
-    model = build_tabular_model(
-        study.model.name, study.contract.num_inputs, study.model.hidden, study.seed
-    )
-    meta = {
-        "study": study.name,
-        "model": study.model.name,
-        "num_inputs": study.contract.num_inputs,
-        "hidden": list(study.model.hidden),
-        "inputs": study.contract.encoded_names(),
-    }
+    task = task_of(study)
+    model = task.build_model(study, study.seed)
+    meta = {"study": study.name, "task": task.name, **task.describe_model(study)}
     recorder = RunRecorder(run_dir, study, meta, on_round=_progress)
     num_sites = len(study.sites) or study.strategy.min_sites
     strategy = SiteReportingStrategy(
