@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 from dataclasses import asdict, replace
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -20,6 +22,7 @@ from client.state import SiteState, StateStore
 from client.training import LocalTraining, pick_device, predict, train_round
 from pm_common import protocol as p
 from pm_common.config import SiteSpec, StudyConfig
+from pm_common.hospital_dp import clip_and_noise, site_noise_std
 from pm_common.ledger import DECLINED, TRAINED, LedgerEntry
 from pm_common.metrics import reportable
 from pm_common.privacy import check_next_round, cumulative_epsilon, plan_study
@@ -179,10 +182,27 @@ def train(msg: Message, context: Context) -> Message:
     entry = replace(base, steps=outcome.steps, epsilon=outcome.epsilon)
     state.accountant = outcome.accountant
     fits = check_next_round(plan, state.history).allowed if plan else None
-    update = ArrayRecord(outcome.state_dict)
+    weights, weight = outcome.state_dict, n_train
+    if study.hospital_dp.enabled:
+        weights = _hospital_dp(msg, weights, study)
+        weight = 1  # uniform weights: one hospital's influence is bounded by the clip norm alone
     return _record_and_reply(
-        msg, site, store, state, entry, evaluation, update, n_train, outcome.mean_loss, next_round_fits=fits
+        msg, site, store, state, entry, evaluation, ArrayRecord(weights), weight, outcome.mean_loss,
+        next_round_fits=fits,
     )
+
+
+def _hospital_dp(
+    msg: Message, trained: dict[str, torch.Tensor], study: StudyConfig
+) -> dict[str, torch.Tensor]:
+    """Clip this hospital's model delta and add its share of the aggregate's Gaussian noise."""
+    received = msg.content[p.ARRAYS].to_torch_state_dict()
+    planned = int(msg.content[p.CONFIG].get(p.PLANNED_SITES, 1))
+    delta = {k: trained[k].cpu() - received[k] for k in received}
+    noise = site_noise_std(study.hospital_dp, planned)
+    generator = torch.Generator().manual_seed(secrets.randbits(63))  # OS entropy, never a known seed
+    noisy = clip_and_noise(delta, study.hospital_dp.clip_norm, noise, generator)
+    return {k: received[k] + noisy[k] for k in received}
 
 
 @app.evaluate()

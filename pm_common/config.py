@@ -88,6 +88,16 @@ TASKS = ("binary-classification", "image-classification")
 
 
 @dataclass(frozen=True)
+class HospitalDPConfig:
+    """Hospital-level DP of the aggregate (DP-FedAvg); see pm_common.hospital_dp."""
+
+    enabled: bool = False
+    clip_norm: float = 1.0  # bound on each hospital's update (L2 over all parameters)
+    noise_multiplier: float = 1.0  # of the aggregate's noise, relative to clip_norm
+    delta: float = 1e-5
+
+
+@dataclass(frozen=True)
 class SplitConfig:
     test_fraction: float = 1 / 3
     seed: int = 42
@@ -106,6 +116,7 @@ class StudyConfig:
     strategy: StrategyConfig
     privacy: PrivacySettings
     split: SplitConfig
+    hospital_dp: HospitalDPConfig
     sites: tuple[SiteSpec, ...]
     min_report_count: int  # metrics over fewer records than this are not sent
     raw: Mapping[
@@ -257,6 +268,7 @@ def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
         strategy=strategy,
         privacy=privacy,
         split=_build(SplitConfig, _table(raw, "split"), "split"),
+        hospital_dp=_build(HospitalDPConfig, _table(raw, "hospital_dp"), "hospital_dp"),
         sites=tuple(sites),
         min_report_count=int(study.get("min_report_count", 10)),
         raw=raw,

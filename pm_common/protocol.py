@@ -25,4 +25,5 @@ SERVER_ROUND = "server-round"
 NUM_ROUNDS = "num-rounds"
 STUDY_TOML = "study-toml"  # the study config as text: contract, model and training for the sites
 PROXIMAL_MU = "proximal-mu"
+PLANNED_SITES = "planned-sites"  # how many sites share the hospital-level DP noise
 NEXT_ROUND_FITS = "next-round-fits"  # whether the site's budget allows one more round

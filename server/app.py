@@ -55,9 +55,11 @@ def resolve_run(run_config: Mapping[str, object]) -> tuple[Path, Path]:
     return Path(study), Path(run_dir)
 
 
-def train_config(study: StudyConfig, study_text: str) -> ConfigRecord:
+def train_config(study: StudyConfig, study_text: str, planned_sites: int) -> ConfigRecord:
     """What every site receives with the model: the study (contract, model, training) and round plan."""
-    return ConfigRecord({p.NUM_ROUNDS: study.rounds, p.STUDY_TOML: study_text})
+    return ConfigRecord(
+        {p.NUM_ROUNDS: study.rounds, p.STUDY_TOML: study_text, p.PLANNED_SITES: planned_sites}
+    )
 
 
 def run_study(grid: Grid, study: StudyConfig, run_dir: Path, round_timeout: float = 3600.0) -> dict:
@@ -83,7 +85,7 @@ def run_study(grid: Grid, study: StudyConfig, run_dir: Path, round_timeout: floa
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=study.rounds,
         timeout=round_timeout,
-        train_config=train_config(study, study_text),
+        train_config=train_config(study, study_text, num_sites),
         evaluate_fn=checkpoint,
     )
     final = result.arrays if result.arrays else ArrayRecord(model.state_dict())

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pm_common.config import StudyConfig, write_study
+from pm_common.hospital_dp import hospital_epsilon
 from pm_common.ledger import LedgerEntry, append_line, ledger_path, read_ledger, summarize
 from pm_common.metrics import mean_over_sites
 from pm_common.signing import chain_head, public_key_fingerprint, public_key_from_pem, read_raw_ledger
@@ -206,4 +207,33 @@ class RunRecorder:
             "sites": sites,
         }
         _write_json(self.privacy_dir / "summary.json", summary)
+        if self.study.hospital_dp.enabled:
+            self.write_hospital_dp()
         return summary
+
+    def write_hospital_dp(self) -> dict[str, Any]:
+        """The hospital-level guarantee of the aggregate, apart from the per-patient ledgers."""
+        config = self.study.hospital_dp
+        planned = len(self.study.sites) or self.study.strategy.min_sites
+        contributions, rounds = [], []
+        for r in sorted(k for k in self.participation if k > 0):
+            k = sum(1 for s in self.participation[r] if s.status == "trained" and not s.rejected)
+            contributions.append(k)
+            rounds.append({"round": r, "contributing_sites": k,
+                           "epsilon": hospital_epsilon(contributions, planned, config)})
+        report = {
+            "privacy_unit": "one hospital's whole dataset (hospital-level DP of the aggregate, DP-FedAvg)",
+            "not_additive": "a different unit from the per-patient ledgers: never add the two epsilons",
+            "accountant": "rdp (dp-accounting), Gaussian mechanism per round, no sampling amplification",
+            "clip_norm": config.clip_norm,
+            "noise_multiplier": config.noise_multiplier,
+            "planned_sites": planned,
+            "delta": config.delta,
+            "epsilon": rounds[-1]["epsilon"] if rounds else 0.0,
+            "against_the_coordinator": (
+                "holds for what the coordinator sees only with secure aggregation on; without it, each "
+                f"site's own update carries noise multiplier {config.noise_multiplier / planned**0.5:.3g}"),
+            "rounds": rounds,
+        }
+        _write_json(self.privacy_dir / "hospital_dp.json", report)
+        return report
