@@ -1,0 +1,189 @@
+"""`pmfl coordinator ...`: certificates, the SuperLink, site registration and deployed studies."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from server.coordinator import (
+    DEFAULT_PORT,
+    Coordinator,
+    CoordinatorError,
+    collect,
+    follow,
+    register_site,
+    site_status,
+    start_superlink,
+    submit,
+    unregister_site,
+)
+from server.pki import PkiError, PkiPaths, check_pki_files, write_pilot_pki
+
+coordinator_app = typer.Typer(
+    no_args_is_help=True,
+    help="Run the coordinator: certificates, the SuperLink, site keys and deployed studies.",
+)
+console = Console()
+CoordDir = Annotated[Path, typer.Argument(help="coordinator directory (certificates, database, runs)")]
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/] {escape(str(exc))}")
+    raise typer.Exit(1) from exc
+
+
+@coordinator_app.command("pki")
+def pki(
+    directory: CoordDir,
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="name or IP the sites dial (repeat); 127.0.0.1 and localhost always"),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing certificate set")] = False,
+) -> None:
+    """Make a pilot CA and the SuperLink's server certificate (SANs = --host values)."""
+    hosts = list(dict.fromkeys([*(host or []), "127.0.0.1", "localhost"]))
+    try:
+        paths = write_pilot_pki(Coordinator(directory).pki.directory, hosts, overwrite=overwrite)
+    except PkiError as exc:
+        _fail(exc)
+    console.print(f"CA certificate (give to every site): {paths.ca_cert}")
+    console.print(f"server certificate for {', '.join(hosts)}: {paths.server_cert}")
+    console.print(f"[yellow]keep private:[/] {paths.ca_key}, {paths.server_key}")
+
+
+@coordinator_app.command("check-pki")
+def check_pki(
+    directory: CoordDir,
+    host: Annotated[str, typer.Option(help="the address sites dial")] = "127.0.0.1",
+) -> None:
+    """Check a certificate set (e.g. from the hospital's own PKI) in DIR/pki for --host."""
+    try:
+        cert = check_pki_files(PkiPaths(Coordinator(directory).pki.directory), host)
+    except PkiError as exc:
+        _fail(exc)
+    console.print(
+        f"[green]ok[/]: {cert.subject.rfc4514_string()} is valid for {host}, until {cert.not_valid_after_utc}"
+    )
+
+
+@coordinator_app.command("start")
+def start(
+    directory: CoordDir,
+    host: Annotated[
+        str, typer.Option(help="interface to listen on (0.0.0.0 for remote sites)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTPS port (Fleet, Control and Runtime APIs)")] = DEFAULT_PORT,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="plain HTTP, no site authentication: local tests only")
+    ] = False,
+) -> None:
+    """Start the SuperLink: TLS, site-key authentication, state in DIR/state/superlink.db."""
+    coord = Coordinator(directory.resolve())
+    if insecure:
+        console.print("[bold red]--insecure: no TLS and no site authentication. Never with real data.")
+    try:
+        proc = start_superlink(coord, host, port, insecure)
+    except (PkiError, CoordinatorError) as exc:
+        _fail(exc)
+    console.print(f"SuperLink on {host}:{port} (pid {proc.pid}); state in {coord.database}; Ctrl-C stops it")
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        code = proc.wait()
+    raise typer.Exit(code)
+
+
+@coordinator_app.command("register")
+def register(
+    directory: CoordDir,
+    public_key: Annotated[Path, typer.Argument(help="the site's keys/site.pub")],
+    name: Annotated[str, typer.Option(help="the site's name")],
+) -> None:
+    """Register a site's public key: only registered sites can connect."""
+    try:
+        node = register_site(Coordinator(directory.resolve()), public_key, name)
+    except CoordinatorError as exc:
+        _fail(exc)
+    console.print(f"[green]registered[/] {name} as node {node}")
+
+
+@coordinator_app.command("unregister")
+def unregister(directory: CoordDir, name: Annotated[str, typer.Option(help="the site's name")]) -> None:
+    """Remove a site's key: it can no longer connect."""
+    try:
+        unregister_site(Coordinator(directory.resolve()), name)
+    except CoordinatorError as exc:
+        _fail(exc)
+    console.print(f"unregistered {name}")
+
+
+@coordinator_app.command("sites")
+def sites(directory: CoordDir) -> None:
+    """Registered sites and whether they are online."""
+    try:
+        rows = site_status(Coordinator(directory.resolve()))
+    except CoordinatorError as exc:
+        _fail(exc)
+    table = Table("site", "node", "status")
+    for row in rows:
+        table.add_row(row["site"], str(row["node_id"]), row["status"])
+    console.print(table)
+
+
+def _show_round(entry: dict[str, Any]) -> None:
+    acc = entry.get("mean_site_accuracy")
+    parts = [f"round {entry['round']:>3}", f"trained: {', '.join(entry['trained']) or '-'}"]
+    if acc is not None:
+        parts.append(f"model r{entry['round']}: mean site acc {acc:.3f}")
+    console.print("  ".join(parts))
+    for site, reason in entry.get("declined", {}).items():
+        console.print(f"  [yellow]{site} declined:[/] {reason}")
+    for text in entry.get("failures", []):
+        console.print(f"  [red]failure:[/] {text}")
+
+
+@coordinator_app.command("run")
+def run(
+    directory: CoordDir,
+    study: Annotated[Path, typer.Option(help="study TOML (its [[sites]], if any, are not used)")],
+    out: Annotated[Path, typer.Option(help="run directory")],
+    app_dir: Annotated[Path, typer.Option("--app", help="source of the study app sent to the sites")] = Path(
+        "."
+    ),
+    expected_sites: Annotated[
+        int | None, typer.Option(help="sites to wait for before round 1 [default: those online now]")
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(help="give up after this many seconds")] = None,
+) -> None:
+    """Submit a study to the SuperLink, follow it to the end, and collect its run directory."""
+    coord = Coordinator(directory.resolve())
+    try:
+        online = [s["site"] for s in site_status(coord) if s["status"] == "online"]
+        expected = len(online) if expected_sites is None else expected_sites
+        run_id = submit(coord, study, out, app_dir, expected)
+        console.print(f"run {run_id} submitted; waiting for {expected} sites (online: {', '.join(online)})")
+        info = follow(coord, run_id, out, on_round=_show_round, timeout=timeout)
+        deployment = collect(coord, run_id, out, info)
+    except CoordinatorError as exc:
+        _fail(exc)
+    status = deployment["status"]
+    colour = "green" if status == "finished:completed" else "red"
+    console.print(f"[{colour}]run {run_id}: {status}[/]; app {deployment['fab_hash']}")
+    if deployment["dropped_out"]:
+        console.print(f"[yellow]dropped out:[/] {', '.join(deployment['dropped_out'])}")
+    refused = sorted({f["site"] or "?" for f in deployment["failures"] if "refuse" in f["reason"]})
+    if refused:
+        console.print(f"[yellow]refused the study or app:[/] {', '.join(refused)}")
+    console.print(f"results: {out}/ (metrics.json, model.pt, privacy/, deployment.json, serverapp.log)")
+    if status != "finished:completed":
+        sys.exit(1)

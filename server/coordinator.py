@@ -1,0 +1,311 @@
+"""The coordinator's side of a deployed study: the SuperLink, the registered sites, and the runs.
+
+Why a directory: the coordinator's state must survive restarts and be inspectable. Layout:
+`pki/` (CA + server certificate, see `server.pki`), `state/superlink.db` (Flower's LinkState:
+registered site keys, runs, messages), `flwr-home/` (the `flwr` CLI's connection and Flower's
+unpacked apps), `coordinator.toml` (the port), `sites.json` (site name -> node id and public key).
+Everything Flower does is done by Flower's own commands (`flower-superlink`, `flwr supernode
+register`, `flwr run`, `flwr ls`, `flwr log`); this module only assembles and follows them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from pm_common.app_bundle import packed_state
+from server.pki import PkiPaths, check_pki_files
+
+CONNECTION = "pmfl"  # the name of the SuperLink connection in flwr-home/config.toml
+DEFAULT_PORT = 8000
+_NODE = re.compile(r"node (\d+)")
+
+
+class CoordinatorError(RuntimeError):
+    """A coordinator command failed; carries Flower's own message where there is one."""
+
+
+@dataclass(frozen=True)
+class Coordinator:
+    """Paths and settings of one coordinator directory."""
+
+    directory: Path
+
+    @property
+    def pki(self) -> PkiPaths:
+        return PkiPaths(self.directory / "pki")
+
+    @property
+    def database(self) -> Path:
+        return self.directory / "state" / "superlink.db"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.directory / "flwr-home"
+
+    @property
+    def settings_path(self) -> Path:
+        return self.directory / "coordinator.toml"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.directory / "sites.json"
+
+    def settings(self) -> dict[str, Any]:
+        if not self.settings_path.exists():
+            return {"port": DEFAULT_PORT, "insecure": False}
+        with self.settings_path.open("rb") as fh:
+            return tomllib.load(fh)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "FLWR_HOME": str(self.flwr_home),
+                "FLWR_TELEMETRY_ENABLED": "0",
+                "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            }
+        )
+        return env
+
+
+def _script(name: str) -> str:
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else name
+
+
+# -- SuperLink --------------------------------------------------------------------------------
+
+
+def configure(coord: Coordinator, port: int = DEFAULT_PORT, insecure: bool = False) -> None:
+    """Write the port and the `flwr` CLI's connection (loopback, with the CA unless insecure)."""
+    coord.directory.mkdir(parents=True, exist_ok=True)
+    coord.settings_path.write_text(tomli_w.dumps({"port": port, "insecure": insecure}), encoding="utf-8")
+    connection: dict[str, Any] = {"address": f"127.0.0.1:{port}"}
+    if insecure:
+        connection["insecure"] = True
+    else:
+        connection["root-certificates"] = str(coord.pki.ca_cert.resolve())
+    coord.flwr_home.mkdir(parents=True, exist_ok=True)
+    (coord.flwr_home / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}), encoding="utf-8"
+    )
+
+
+def superlink_command(
+    coord: Coordinator, host: str = "127.0.0.1", port: int = DEFAULT_PORT, insecure: bool = False
+) -> list[str]:
+    """`flower-superlink` with TLS, SuperNode authentication and a database file (or plain HTTP
+    without authentication when `insecure`: Flower does not allow authentication without TLS)."""
+    coord.database.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        _script("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(coord.database),
+        "--disable-runtime-dependency-installation",
+    ]
+    if insecure:
+        return [*cmd, "--insecure"]
+    check_pki_files(coord.pki, "127.0.0.1")  # the flwr CLI on this host dials 127.0.0.1
+    return [
+        *cmd,
+        "--ssl-ca-certfile",
+        str(coord.pki.ca_cert),
+        "--ssl-certfile",
+        str(coord.pki.server_cert),
+        "--ssl-keyfile",
+        str(coord.pki.server_key),
+        "--enable-supernode-auth",
+    ]
+
+
+def start_superlink(
+    coord: Coordinator,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    insecure: bool = False,
+    stdout: Any = None,
+) -> subprocess.Popen[bytes]:
+    """Start the SuperLink (returns at once). Its ServerApps inherit the environment, so
+    PMFL_ROUND_TIMEOUT and PMFL_GRID_POLL_INTERVAL set here apply to every study."""
+    configure(coord, port, insecure)
+    cmd = superlink_command(coord, host, port, insecure)
+    err = subprocess.STDOUT if stdout is not None else None
+    return subprocess.Popen(cmd, env=coord.env(), stdout=stdout, stderr=err, cwd=coord.directory)
+
+
+# -- flwr CLI ---------------------------------------------------------------------------------
+
+
+def flwr(coord: Coordinator, *args: str, cwd: Path | None = None, timeout: float = 120) -> dict[str, Any]:
+    """Run a `flwr` CLI command against this coordinator's SuperLink; its JSON answer."""
+    proc = subprocess.run(
+        [_script("flwr"), *args, "--format", "json"],
+        env=coord.env(),
+        cwd=cwd or coord.directory,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    out = proc.stdout
+    start = out.find("{")
+    try:
+        answer = json.loads(out[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        answer = {}
+    if proc.returncode != 0 or not answer.get("success", False):
+        detail = answer.get("error-message") or (proc.stderr.strip() or out.strip())
+        raise CoordinatorError(f"flwr {' '.join(args[:2])} failed: {detail}")
+    return answer
+
+
+def registry(coord: Coordinator) -> dict[str, dict[str, Any]]:
+    if not coord.registry_path.exists():
+        return {}
+    return json.loads(coord.registry_path.read_text(encoding="utf-8"))
+
+
+def register_site(coord: Coordinator, public_key: Path, name: str) -> int:
+    """Register a site's public key with the SuperLink; only registered keys may connect."""
+    sites = registry(coord)
+    if name in sites:
+        raise CoordinatorError(f"a site named {name!r} is already registered (node {sites[name]['node_id']})")
+    answer = flwr(coord, "supernode", "register", str(Path(public_key).resolve()), CONNECTION, "--name", name)
+    node_id = int(answer["node-id"])
+    sites[name] = {"node_id": node_id, "public_key": Path(public_key).read_text(encoding="utf-8").strip()}
+    coord.registry_path.write_text(json.dumps(sites, indent=2), encoding="utf-8")
+    return node_id
+
+
+def unregister_site(coord: Coordinator, name: str) -> None:
+    """Remove a site: its key can no longer connect (withdrawal, or a lost key)."""
+    sites = registry(coord)
+    if name not in sites:
+        raise CoordinatorError(f"no registered site named {name!r}")
+    flwr(coord, "supernode", "unregister", str(sites[name]["node_id"]), CONNECTION)
+    del sites[name]
+    coord.registry_path.write_text(json.dumps(sites, indent=2), encoding="utf-8")
+
+
+def site_status(coord: Coordinator) -> list[dict[str, Any]]:
+    """Each registered site with Flower's view of its node (online, offline, ...)."""
+    nodes = {int(n["node-id"]): n for n in flwr(coord, "supernode", "list", CONNECTION)["nodes"]}
+    return [
+        {
+            "site": name,
+            "node_id": info["node_id"],
+            "status": nodes.get(info["node_id"], {}).get("status", "?"),
+        }
+        for name, info in registry(coord).items()
+    ]
+
+
+# -- runs -------------------------------------------------------------------------------------
+
+
+def submit(coord: Coordinator, study: Path, run_dir: Path, app_dir: Path, expected_sites: int = 0) -> int:
+    """`flwr run` the study app in `app_dir` with this study; returns the run id."""
+    if leak := packed_state(app_dir, coord.directory, run_dir):
+        raise CoordinatorError(
+            f"the app in {app_dir} would carry coordinator files to every site ({leak[0]}, ...): keep "
+            "the coordinator and run directories out of the app's source tree, or under a folder git ignores"
+        )
+    config = (
+        f"study='{Path(study).resolve()}' run-dir='{Path(run_dir).resolve()}' expected-sites={expected_sites}"
+    )
+    answer = flwr(coord, "run", str(Path(app_dir).resolve()), CONNECTION, "--run-config", config)
+    return int(answer["run-id"])
+
+
+def run_info(coord: Coordinator, run_id: int) -> dict[str, Any]:
+    return flwr(coord, "ls", CONNECTION, "--run-id", str(run_id))["runs"][0]
+
+
+def follow(
+    coord: Coordinator,
+    run_id: int,
+    run_dir: Path,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    poll: float = 1.0,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Wait for the run to finish, reporting each round that lands in RUN/metrics.json."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen = 0
+    metrics_path = Path(run_dir) / "metrics.json"
+    while True:
+        info = run_info(coord, run_id)
+        if metrics_path.exists() and on_round is not None:
+            try:
+                rounds = json.loads(metrics_path.read_text(encoding="utf-8"))["rounds"]
+            except (json.JSONDecodeError, KeyError):
+                rounds = []
+            for entry in rounds[seen:]:
+                if entry["round"] > 0:
+                    on_round(entry)
+            seen = max(seen, len(rounds))
+        if str(info["status"]).startswith("finished"):
+            return info
+        if deadline is not None and time.monotonic() > deadline:
+            raise CoordinatorError(
+                f"run {run_id} did not finish in {timeout:.0f} s (status {info['status']})"
+            )
+        time.sleep(poll)
+
+
+def collect(coord: Coordinator, run_id: int, run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Complete the run directory: the ServerApp's log, and which site each failure was.
+
+    The ServerApp itself wrote metrics.json, model.pt, config.toml, checkpoints/ and privacy/
+    (every site's ledger lines as received). Here: `serverapp.log` and `deployment.json`.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logs = subprocess.run(
+        [_script("flwr"), "log", str(run_id), CONNECTION, "--show"],
+        env=coord.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    (run_dir / "serverapp.log").write_text(logs.stdout, encoding="utf-8")
+    names = {info_["node_id"]: name for name, info_ in registry(coord).items()}
+    failures: list[dict[str, Any]] = []
+    metrics_path = run_dir / "metrics.json"
+    metrics = (
+        json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {"rounds": []}
+    )
+    for entry in metrics["rounds"]:
+        for text in entry.get("failures", []):
+            match = _NODE.search(text)
+            node = int(match.group(1)) if match else None
+            failures.append(
+                {"round": entry["round"], "node_id": node, "site": names.get(node or -1), "reason": text}
+            )
+    dropped = sorted({f["site"] or str(f["node_id"]) for f in failures if "Node Unavailable" in f["reason"]})
+    deployment = {
+        "run_id": run_id,
+        "status": info["status"],
+        "fab_hash": info.get("fab-hash"),
+        "sites": {str(node): name for node, name in names.items()},
+        "failures": failures,
+        "dropped_out": dropped,
+    }
+    (run_dir / "deployment.json").write_text(json.dumps(deployment, indent=2), encoding="utf-8")
+    return deployment

@@ -1,0 +1,144 @@
+"""A hospital's site directory without any network: init, check, approvals, and the compose file."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from client.approval import ApprovalError, approve_app, load_approval, revoke_app
+from client.site import load_site_config
+from client.site_admin import SiteAdminError, check_site, init_site, load_connection, supernode_command
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "pm_common" / "datasets" / "heart_disease"
+STUDY = REPO / "docker" / "studies" / "heart_disease.toml"
+HASH_A, HASH_B = "a" * 64, "b" * 64
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    return init_site(
+        tmp_path / "cleveland",
+        "cleveland",
+        DATA / "cleveland.csv",
+        superlink="fl.example.org:8000",
+        ca=ca,
+        epsilon=2.0,
+        max_rounds=7,
+        studies=("heart-disease",),
+    )
+
+
+def test_init_writes_a_config_the_client_app_reads_and_keys_flower_accepts(site: Path) -> None:
+    spec = load_site_config(site)
+    assert (spec.name, spec.privacy.epsilon, spec.privacy.max_rounds) == ("cleveland", 2.0, 7)
+    key = load_ssh_private_key((site / "keys" / "site.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    public = load_ssh_public_key((site / "keys" / "site.pub").read_bytes())
+    assert public.public_numbers() == key.public_key().public_numbers()
+    assert stat.S_IMODE((site / "keys" / "site.key").stat().st_mode) == 0o600
+    assert (site / "tls" / "ca.crt").exists()
+    conn = load_connection(site)
+    assert conn.superlink == "fl.example.org:8000" and conn.private_key == site / "keys" / "site.key"
+    with pytest.raises(SiteAdminError, match="already a site"):
+        init_site(site, "cleveland", DATA / "cleveland.csv")
+
+
+def test_supernode_command_is_tls_with_the_sites_key(site: Path) -> None:
+    cmd = supernode_command(site)
+    assert cmd[cmd.index("--root-certificates") + 1] == str(site / "tls" / "ca.crt")
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(site / "keys" / "site.key")
+    assert cmd[cmd.index("--isolation") + 1] == "process" and "--insecure" not in cmd
+    assert "--insecure" in supernode_command(site, insecure=True)
+    (site / "tls" / "ca.crt").unlink()
+    with pytest.raises(SiteAdminError, match="CA"):
+        supernode_command(site)
+
+
+def test_approvals_default_to_nothing_and_edits_keep_comments(site: Path) -> None:
+    approval = load_approval(site)
+    assert approval.apps == () and "has not approved" in approval.app_refusal(HASH_A)
+    assert approve_app(site, HASH_A) and not approve_app(site, HASH_A.upper())
+    assert approve_app(site, HASH_B)
+    assert load_approval(site).apps == (HASH_A, HASH_B)
+    assert load_approval(site).app_refusal(HASH_A) == ""
+    assert "# SHA-256 of each approved study app" in (site / "site.toml").read_text()
+    assert revoke_app(site, HASH_A) and load_approval(site).apps == (HASH_B,)
+    with pytest.raises(ApprovalError, match="SHA-256"):
+        approve_app(site, "not-a-hash")
+    assert load_approval(site).study_refusal("heart-disease") == ""
+    assert "does not take part" in load_approval(site).study_refusal("another-study")
+
+
+def test_check_reports_counts_and_the_dp_plan(site: Path) -> None:
+    report = check_site(site, STUDY)
+    assert report.ok, report.problems
+    assert report.rows == report.train_rows + report.test_rows > 0 and report.inputs > 0
+    assert report.noise_multiplier and report.noise_multiplier > 0 and report.planned_rounds == 5
+
+
+def test_check_lists_data_problems_and_unapproved_studies(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    shutil.copyfile(DATA / "hungary.csv", bad)
+    bad.write_text(bad.read_text().replace("Male", "Mle", 1))
+    site = init_site(tmp_path / "s", "s", bad, studies=("other-study",))
+    report = check_site(site, STUDY)
+    assert not report.ok and not report.study_accepted
+    assert any("does not take part" in p for p in report.problems)
+    assert any("Mle" in p for p in report.problems)
+
+
+def test_compose_file_keeps_secrets_at_home_and_state_in_volumes() -> None:
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    for name in ("hospital-a", "hospital-b"):
+        site = services[name]
+        assert "ports" not in site  # sites only dial out
+        mounts = {m.split(":")[1]: m for m in site["volumes"]}
+        assert mounts["/site"].startswith("hospital-") and mounts["/ca"].endswith(":ro")
+        assert not any(m.startswith("coordinator") for m in site["volumes"])  # no server keys
+    assert services["coordinator"]["volumes"][0].startswith("coordinator:/coordinator")
+    assert "--insecure" not in services["coordinator"]["command"]
+    assert set(compose["volumes"]) >= {"coordinator", "ca", "hospital-a", "hospital-b"}
+    for tool in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(tool[0]) and subprocess.run([*tool, "version"], capture_output=True).returncode == 0:
+            out = subprocess.run(
+                [*tool, "-p", "pmfl-pilot", "-f", str(REPO / "docker" / "compose.yaml"), "config", "-q"],
+                capture_output=True,
+                text=True,
+            )
+            assert out.returncode == 0, out.stderr
+
+
+def _tiny_app(root: Path) -> Path:
+    root.mkdir()
+    (root / "pyproject.toml").write_text(
+        '[project]\nname = "tiny"\nversion = "1.0.0"\n'
+        '[tool.flwr.app]\npublisher = "test"\n'
+        '[tool.flwr.app.components]\nserverapp = "app:server"\nclientapp = "app:client"\n'
+        "[tool.flwr.app.config]\n"
+    )
+    (root / "app.py").write_text("server = client = None\n")
+    (root / ".gitignore").write_text("runs/\n")
+    return root
+
+
+def test_a_site_inside_the_app_tree_would_ship_its_files_and_is_refused(tmp_path: Path) -> None:
+    from client.approval import app_hash
+
+    app = _tiny_app(tmp_path / "app")
+    site = init_site(app / "sites" / "a", "a", DATA / "cleveland.csv")
+    with pytest.raises(ApprovalError, match="would contain this site's files"):
+        app_hash(app, site)
+    ignored = init_site(app / "runs" / "b", "b", DATA / "cleveland.csv")
+    shutil.rmtree(site)
+    assert len(app_hash(app, ignored)) == 64  # a git-ignored folder is not packed
