@@ -1,0 +1,108 @@
+"""Poisoned sites for robustness experiments: simulation only, never in the hospital's ClientApp.
+
+A study names its attackers in a simulation-only table (never sent to sites):
+
+    [simulation]
+    attacks = { cleveland = "sign-flip" }   # or "sign-flip:K", "scale:K"
+
+`attack_mod` is a Flower ClientApp mod the runner wraps around the real ClientApp: the site trains
+honestly (and spends its budget honestly), then the mod rewrites the update in the reply of the
+sites named. With the global model g sent and the honest model w, the update is d = w - g:
+
+- "sign-flip[:K]" sends g - K d (K = 1 by default): gradient ascent on the site's loss;
+- "scale:K" sends g + K d: a boosted update that dominates a plain average.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
+from pm_common import protocol as p
+from pm_common.config import StudyConfig, StudyConfigError, study_from_dict
+
+KINDS = ("sign-flip", "scale")
+
+
+@dataclass(frozen=True)
+class Attack:
+    kind: str
+    factor: float = 1.0
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.factor:g}"
+
+
+def parse_attack(spec: str) -> Attack:
+    """"sign-flip", "sign-flip:K" or "scale:K" (K > 0)."""
+    kind, _, factor = str(spec).partition(":")
+    if kind not in KINDS or (kind == "scale" and not factor):
+        raise StudyConfigError(
+            f"[simulation] attacks: {spec!r} is not 'sign-flip', 'sign-flip:K' or 'scale:K'"
+        )
+    try:
+        value = float(factor) if factor else 1.0
+    except ValueError as exc:
+        raise StudyConfigError(f"[simulation] attacks: {spec!r}: K must be a number") from exc
+    if not value > 0:
+        raise StudyConfigError(f"[simulation] attacks: {spec!r}: K must be positive")
+    return Attack(kind, value)
+
+
+def study_attacks(study: StudyConfig) -> dict[str, Attack]:
+    """The study's attackers by site name; every name must be one of its simulated sites."""
+    table = study.raw.get("simulation", {})
+    attacks = table.get("attacks", {}) if isinstance(table, Mapping) else {}
+    if not isinstance(attacks, Mapping):
+        raise StudyConfigError("[simulation] attacks must be a table: { site = \"sign-flip\" }")
+    names = {site.name for site in study.sites}
+    unknown = sorted(set(attacks) - names)
+    if unknown:
+        raise StudyConfigError(f"[simulation] attacks: no simulated site named {unknown}")
+    return {site: parse_attack(spec) for site, spec in attacks.items()}
+
+
+def with_attacks(study: StudyConfig, attacks: Mapping[str, str]) -> StudyConfig:
+    """A copy of `study` whose [simulation] attacks are `attacks` (empty: a clean run)."""
+    raw: dict[str, Any] = copy.deepcopy(dict(study.raw))
+    raw.setdefault("simulation", {})["attacks"] = dict(attacks)
+    return study_from_dict(raw, Path("."))
+
+
+def poison(
+    update: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], attack: Attack
+) -> dict[str, np.ndarray]:
+    """The malicious model a site sends instead of its honest `update` to the global model `sent`."""
+    sign = -1.0 if attack.kind == "sign-flip" else 1.0
+    return {
+        name: (sent[name] + sign * attack.factor * (w - sent[name])).astype(w.dtype)
+        for name, w in update.items()
+    }
+
+
+def attack_mod(attacks: Mapping[str, Attack]) -> Mod:
+    """A ClientApp mod that poisons the train replies of the sites in `attacks`."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN or not attacks:
+            return call_next(msg, context)
+        sent = {k: a.numpy().copy() for k, a in msg.content[p.ARRAYS].items()}
+        reply = call_next(msg, context)
+        if reply.has_error() or p.ARRAYS not in reply.content.array_records:
+            return reply
+        attack = attacks.get(str(reply.content[p.SITE][p.SITE_NAME]))
+        if attack is not None:
+            honest = {k: a.numpy() for k, a in reply.content[p.ARRAYS].items()}
+            reply.content[p.ARRAYS] = ArrayRecord(
+                {k: Array(v) for k, v in poison(honest, sent, attack).items()}
+            )
+        return reply
+
+    return mod
