@@ -15,6 +15,7 @@ from pathlib import Path
 
 from flwr.app import Context
 
+from client.approval import load_approval
 from client.state import ContextStateStore, DirectoryStateStore, StateStore
 from pm_common.config import (
     PrivacySettings,
@@ -72,6 +73,9 @@ def resolve_site(context: Context, study_name: str) -> tuple[SiteSpec, StateStor
     if site_dir:
         spec = load_site_config(Path(str(site_dir)))
         root = Path(str(site_dir))
+        refusal = load_approval(root).study_refusal(study_name)
+        if refusal:  # the hospital's own list of studies, checked before any of its data is read
+            raise StudyConfigError(refusal)
         return spec, DirectoryStateStore(root / "state" / study_name, root / "keys")
     study = _cached_study(simulation_study_path(context.run_config))
     partition = int(context.node_config.get("partition-id", 0))

@@ -126,14 +126,24 @@ def rdp_epsilons(history: Sequence[Sequence[float]], delta: float) -> tuple[list
     return out, limited
 
 
+PLD_MIN_SIGMA = 0.3
+
+
 def pld_epsilons(
     history: Sequence[Sequence[float]], delta: float, discretization: float = PLD_DISCRETIZATION
 ) -> list[float]:
-    """Cumulative epsilon after each entry by privacy loss distributions (tight, dp_accounting)."""
+    """Cumulative epsilon after each entry by privacy loss distributions (tight, dp_accounting).
+
+    Below PLD_MIN_SIGMA the discretised distribution grows past any memory (epsilon is huge
+    anyway): from such an entry on the tight figure is not computed (NaN) and RDP stands alone.
+    """
     acc = PLDAccountant(value_discretization_interval=discretization)
     out: list[float] = []
     composed = False
     for sigma, q, steps in _mechanism(history):
+        if 0 < sigma < PLD_MIN_SIGMA or (out and math.isnan(out[-1])):
+            out.append(float("nan"))
+            continue
         if steps > 0:
             if sigma <= 0:
                 acc.compose(dp_event.NonPrivateDpEvent())

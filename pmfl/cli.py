@@ -16,12 +16,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from client.cli import site_app
+from server.cli import coordinator_app
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="pmfl: federated learning for precision medicine with honest per-site DP.",
 )
 console = Console()
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(site_app, name="site")
 
 
 @app.callback()
@@ -113,20 +118,28 @@ def simulate(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an earlier run in --out")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="continue an unfinished run in --out from its last checkpoint")
+    ] = False,
+    empirical_audit: Annotated[bool, typer.Option(
+        "--empirical-audit", help="one-run privacy audit: canaries at one site (an MLP run), plus a "
+        "no-DP positive control in OUT/empirical-control; see privacy/empirical_audit.json")] = False,
+    canaries: Annotated[int, typer.Option(help="canaries for --empirical-audit")] = 200,
 ) -> None:
     """Simulate a federated study locally: one simulated hospital per site, real Flower apps."""
     from pm_common.config import StudyConfigError, load_study, with_overrides
+    from pm_common.imaging import ImageDataError
     from pm_common.tabular import DataValidationError
     from simulations.runner import SimulationError
     from simulations.runner import simulate as run
-    from simulations.scenarios import scenario_path
+    from simulations.scenarios import SYNTHETIC, scenario_study
 
     if (scenario is None) == (config is None):
         raise typer.BadParameter(
             "give a built-in scenario (e.g. heart-disease) or --config STUDY.toml"
         )
     try:
-        study = load_study(config if config else scenario_path(str(scenario)))
+        study = load_study(config) if config else scenario_study(str(scenario), out)
         study = with_overrides(
             study,
             rounds=rounds,
@@ -140,6 +153,9 @@ def simulate(
     except (StudyConfigError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
+    if scenario in SYNTHETIC:
+        console.print(f"[bold yellow]SYNTHETIC DATA: the {scenario} images are generated "
+                      f"({out}/synthetic-data), not from patients; results say nothing about real disease.")
     if no_dp:
         console.print(
             "[bold red]--no-dp: sites train WITHOUT differential privacy. "
@@ -154,6 +170,21 @@ def simulate(
             else f"DP-SGD per site (default ε={study.privacy.epsilon:g}, δ={study.privacy.delta:g})"
         )
     )
+    if empirical_audit:
+        from simulations import empirical_audit as ea
+
+        try:
+            audit_data = ea.simulate_with_empirical_audit(
+                study, out, canaries=canaries, overwrite=overwrite, verbose=verbose,
+                progress=_progress_printer(study.rounds), on_run=lambda r: console.print(f"[bold]{r} run")
+            )
+        except (DataValidationError, SimulationError, ea.EmpiricalAuditError) as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from exc
+        _print_results(out.resolve(), json.loads((out / "metrics.json").read_text()))
+        for line in ea.summary_lines(audit_data):
+            console.print(line)
+        return
     try:
         metrics = run(
             study,
@@ -161,8 +192,9 @@ def simulate(
             progress=_progress_printer(study.rounds),
             overwrite=overwrite,
             verbose=verbose,
+            resume=resume,
         )
-    except (DataValidationError, SimulationError) as exc:
+    except (DataValidationError, ImageDataError, SimulationError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from exc
     _print_results(out.resolve(), metrics)

@@ -22,11 +22,14 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.http_grid import HttpGrid
 
 from pm_common import protocol as p
 from pm_common.config import StudyConfig, load_study, study_text_for_sites
 from pm_common.tasks import task_of
+from server.grid import PollingGrid
 from server.recorder import ProgressCallback, RunRecorder
+from server.resume import RESUME_ENV, resume_study, strategy_state
 from server.strategy import SiteReportingStrategy, build_strategy
 
 log = logging.getLogger("pmfl.server")
@@ -62,21 +65,55 @@ def train_config(study: StudyConfig, study_text: str, planned_sites: int) -> Con
     )
 
 
-def run_study(grid: Grid, study: StudyConfig, run_dir: Path, round_timeout: float = 3600.0) -> dict:
-    """Run all rounds of `study` over the sites connected to `grid`; returns metrics.json's content."""
+def wait_for_sites(grid: Grid, expected: int, timeout: float) -> int:
+    """Wait until `expected` sites are online (or `timeout` passes); returns how many are.
+
+    Deployed sites connect at their own pace: without this, round 1 would sample only the sites
+    online at the moment the run starts. Later rounds sample whoever is online, so a site that
+    drops out (Flower marks it offline when its heartbeats stop) does not stall the study.
+    """
+    deadline = time.monotonic() + timeout
+    while (online := len(list(grid.get_node_ids()))) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log.info("%d of %d expected sites online at the start of the study", online, expected)
+    return online
+
+
+def run_study(
+    grid: Grid,
+    study: StudyConfig,
+    run_dir: Path,
+    round_timeout: float = 3600.0,
+    expected_sites: int = 0,
+    resume: bool = False,
+) -> dict:
+    """Run all rounds of `study` over the sites connected to `grid`; returns metrics.json's content.
+
+    `expected_sites` (deployment only; 0 means [strategy] min_sites) is how many sites to wait for
+    before round 1. `resume`: continue the run in `run_dir` from its last checkpoint (server/resume.py).
+    """
     study_text = study_text_for_sites(study)
     task = task_of(study)
     model = task.build_model(study, study.seed)
     meta = {"study": study.name, "task": task.name, **task.describe_model(study)}
     recorder = RunRecorder(run_dir, study, meta, on_round=_progress)
-    num_sites = len(study.sites) or study.strategy.min_sites
+    if study.sites:  # simulation: every declared site, every round
+        num_sites = len(study.sites)
+    else:  # deployment: start with every expected site, go on while min_sites remain
+        wait_for_sites(grid, expected_sites or study.strategy.min_sites, round_timeout)
+        num_sites = study.strategy.min_sites
+    inner = build_strategy(study.strategy, num_sites)
     strategy = SiteReportingStrategy(
-        build_strategy(study.strategy, num_sites), recorder, min_sites=study.strategy.min_sites
+        inner,
+        recorder,
+        min_sites=study.strategy.min_sites,
+        max_update_norm=study.strategy.max_update_norm,
+        round_offset=resume_study(run_dir, model, inner, recorder) if resume else 0,
     )
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
-            recorder.checkpoint(server_round, arrays.to_torch_state_dict())
+            recorder.checkpoint(server_round, arrays.to_torch_state_dict(), strategy_state(inner))
         return None
 
     started = time.perf_counter()
@@ -121,7 +158,9 @@ def _final_evaluation(
     ]
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
-            recorder.record_failure(study.rounds, f"final evaluation: {reply.error.reason}")
+            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+            node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            recorder.record_failure(study.rounds, f"final evaluation: node {node}: {reply.error.reason}")
             continue
         site = str(reply.content[p.SITE][p.SITE_NAME])
         evaluation = reply.content.metric_records.get(p.EVAL_METRICS)
@@ -135,4 +174,9 @@ def main(grid: Grid, context: Context) -> None:
     study = load_study(study_path)
     torch.manual_seed(study.seed)
     timeout = float(os.environ.get(ROUND_TIMEOUT_ENV, "3600"))
-    run_study(grid, study, run_dir, timeout)
+    if isinstance(grid, HttpGrid):  # deployed: collect replies without Flower's fixed 3 s waits
+        grid = PollingGrid(grid)
+    resume = bool(context.run_config.get("resume", False)) or os.environ.get(RESUME_ENV) == "1"
+    run_study(
+        grid, study, run_dir, timeout, int(context.run_config.get("expected-sites", 0) or 0), resume
+    )

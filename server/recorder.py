@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pm_common.config import StudyConfig, write_study
 from pm_common.hospital_dp import hospital_epsilon
-from pm_common.ledger import LedgerEntry, append_line, ledger_path, read_ledger, summarize
+from pm_common.ledger import DECLINED, TRAINED, LedgerEntry, append_line, ledger_path, read_ledger, summarize
 from pm_common.metrics import mean_over_sites
 from pm_common.signing import chain_head, public_key_fingerprint, public_key_from_pem, read_raw_ledger
 
@@ -51,6 +52,10 @@ class RoundProgress:
 
 ProgressCallback = Callable[[RoundProgress], None]
 
+RECORD_UPDATES_ENV = "PMFL_RECORD_UPDATES"
+"""Names the one site whose per-round updates the coordinator keeps (empirical audit only)."""
+UPDATES_DIR = "empirical"  # under privacy/: global-NNNN.npz (model sent), update-NNNN.npz (reply)
+
 
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +75,7 @@ class RunRecorder:
     participation: dict[int, list[SiteRound]] = field(default_factory=dict)
     failures: dict[int, list[str]] = field(default_factory=dict)
     next_round_fits: dict[str, bool] = field(default_factory=dict)
+    record_updates_of: str = field(default_factory=lambda: os.environ.get(RECORD_UPDATES_ENV, ""))
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -104,15 +110,59 @@ class RunRecorder:
             self.record_failure(server_round, f"{site} sent a different ledger key than at its first round; "
                                 "keeping the first (the audit will flag lines signed by another key)")
 
+    def record_sent(self, server_round: int, arrays: Any) -> None:
+        """Empirical audit only: keep the global model (an ArrayRecord) sent for this round."""
+        if self.record_updates_of:
+            self._save_arrays(f"global-{server_round:04d}.npz", arrays)
+
+    def record_update(self, server_round: int, site: str, arrays: Any) -> None:
+        """Empirical audit only: keep the audited site's accepted update: what the coordinator sees."""
+        if self.record_updates_of and site == self.record_updates_of:
+            self._save_arrays(f"update-{server_round:04d}.npz", arrays)
+
+    def _save_arrays(self, name: str, arrays: Any) -> None:
+        path = self.privacy_dir / UPDATES_DIR / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **{key: np.asarray(array.numpy()) for key, array in arrays.items()})
+
     def record_failure(self, server_round: int, description: str) -> None:
         self.failures.setdefault(server_round, []).append(description)
 
     # -- what the coordinator calls -------------------------------------------------------
-    def checkpoint(self, server_round: int, state_dict: dict[str, torch.Tensor]) -> None:
+    def checkpoint(
+        self,
+        server_round: int,
+        state_dict: dict[str, torch.Tensor],
+        strategy_state: dict[str, Any] | None = None,
+    ) -> None:
+        """Metrics first, then the checkpoint, atomically: a checkpoint on disk means its round is
+        fully recorded, so a restarted coordinator can resume from it (server/resume.py)."""
+        self.write_metrics()
         path = self.run_dir / "checkpoints" / f"round-{server_round:04d}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({**self.model_meta, "round": server_round, "state_dict": state_dict}, path)
-        self.write_metrics()
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({**self.model_meta, "round": server_round, "state_dict": state_dict,
+                    "strategy_state": strategy_state or {}}, tmp)
+        os.replace(tmp, path)
+
+    def restore(self, up_to_round: int) -> None:
+        """Reload metrics.json's rounds 0..up_to_round: a resumed coordinator continues its record."""
+        path = self.run_dir / "metrics.json"
+        if not path.exists():
+            return
+        for item in json.loads(path.read_text(encoding="utf-8"))["rounds"]:
+            r = int(item["round"])
+            if r > up_to_round:
+                continue
+            if item["sites"]:
+                self.evaluations[r] = {site: dict(m) for site, m in item["sites"].items()}
+            reports = [SiteRound(site, TRAINED) for site in item["trained"]]
+            reports += [SiteRound(site, TRAINED, rejected=why) for site, why in item["rejected"].items()]
+            reports += [SiteRound(site, DECLINED, reason) for site, reason in item["declined"].items()]
+            if reports:
+                self.participation[r] = reports
+            if item["failures"]:
+                self.failures[r] = list(item["failures"])
 
     def round_finished(self, server_round: int) -> None:
         if self.on_round is None:
@@ -157,7 +207,7 @@ class RunRecorder:
 
     def write_metrics(self) -> dict[str, Any]:
         rounds = []
-        last = max([*self.evaluations, *self.participation, 0])
+        last = max([*self.evaluations, *self.participation, *self.failures, 0])
         for r in range(last + 1):
             reports = self.participation.get(r, [])
             rounds.append(

@@ -9,17 +9,29 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    MultiKrum,
+    Result,
+    Strategy,
+)
 
 from pm_common import protocol as p
 from pm_common.config import StrategyConfig
 from pm_common.ledger import DECLINED, TRAINED
 from server.recorder import RunRecorder, SiteRound
-from server.validation import expected_layout, update_problem
+from server.validation import expected_layout, in_layout_dtypes, norm_problem, update_problem
 
 log = logging.getLogger("pmfl.server")
 
@@ -60,17 +72,44 @@ def _construct(config: StrategyConfig, common: dict) -> FedAvg:
         return FedYogi(**common, **opt)
     if config.name == "fedadagrad":
         return FedAdagrad(**common, **opt)
+    return _robust(config, common)
+
+
+def _robust(config: StrategyConfig, common: dict) -> FedAvg:
+    """Flower's Byzantine-robust aggregators (coordinate-wise trimmed mean and median, Krum)."""
+    if config.name == "trimmed-mean":
+        if int(config.trim_fraction * common["min_train_nodes"]) == 0:
+            log.warning("trim_fraction %g trims no update with %d sites; use at least 1/%d",
+                        config.trim_fraction, common["min_train_nodes"], common["min_train_nodes"])
+        return FedTrimmedAvg(**common, beta=config.trim_fraction)
+    if config.name == "median":
+        return FedMedian(**common)
+    if config.name == "krum":  # Flower's Krum is MultiKrum selecting one update
+        return MultiKrum(**common, num_malicious_nodes=config.krum_malicious,
+                         num_nodes_to_select=config.krum_select)
     raise ValueError(f"unknown strategy {config.name!r}")
 
 
 class SiteReportingStrategy(Strategy):
     """Keep what every site reports; aggregate only the updates that are real and well-formed."""
 
-    def __init__(self, inner: FedAvg, recorder: RunRecorder, min_sites: int = 1) -> None:
+    def __init__(
+        self,
+        inner: FedAvg,
+        recorder: RunRecorder,
+        min_sites: int = 1,
+        max_update_norm: float | None = None,
+        round_offset: int = 0,
+    ) -> None:
+        """`round_offset`: rounds a resumed study already ran; Flower's `start` counts from 1 again."""
         self.inner = inner
         self.recorder = recorder
         self.min_sites = min_sites
+        self.max_update_norm = max_update_norm
+        self.round_offset = round_offset
         self._layout: dict = {}
+        self._sent_arrays: dict = {}
+        self._sent: list[Message] = []
 
     def summary(self) -> None:
         log.info(
@@ -83,16 +122,22 @@ class SiteReportingStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         self._layout = expected_layout(arrays)
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        if self.max_update_norm is not None:
+            self._sent_arrays = {k: a.numpy().astype("float64") for k, a in arrays.items()}
+        self.recorder.record_sent(server_round, arrays)  # kept only for an empirical audit
+        self._sent = list(self.inner.configure_train(server_round, arrays, config, grid))
+        return self._sent
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         contributions = []
         for msg in replies:
             if msg.has_error():
-                reason = f"node {msg.metadata.src_node_id}: {msg.error.reason}"
+                reason = f"node {self._destination(msg)}: {msg.error.reason}"
                 log.warning("round %d: no reply from %s", server_round, reason)
                 self.recorder.record_failure(server_round, reason)
                 continue
@@ -109,7 +154,16 @@ class SiteReportingStrategy(Strategy):
                 self.min_sites,
             )
             return None, None
-        return self.inner.aggregate_train(server_round, contributions)
+        arrays, metrics = self.inner.aggregate_train(server_round, contributions)
+        return (None if arrays is None else in_layout_dtypes(arrays, self._layout)), metrics
+
+    def _destination(self, reply: Message) -> int:
+        """The site a reply answers for: the SuperLink itself signs the errors it makes for a
+        site that went offline, so the node is looked up from the message that was sent."""
+        for sent in self._sent:
+            if sent.metadata.message_id == reply.metadata.reply_to_message_id:
+                return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     def _record(self, server_round: int, content: RecordDict) -> RecordDict | None:
         """Store the site's report; return the aggregatable part of its reply, if any."""
@@ -135,12 +189,14 @@ class SiteReportingStrategy(Strategy):
                 "no model update in a 'trained' reply"
                 if arrays is None
                 else update_problem(arrays, self._layout)
+                or norm_problem(arrays, self._sent_arrays, self.max_update_norm)
             )
             if problem:
                 report.rejected = problem
                 log.warning("round %d: update from %s rejected: %s", server_round, site, problem)
             else:
                 update = RecordDict({p.ARRAYS: arrays, p.TRAIN_METRICS: content[p.TRAIN_METRICS]})
+                self.recorder.record_update(server_round, site, arrays)  # likewise
         elif report.status == DECLINED:
             log.info("round %d: %s declined: %s", server_round, site, report.reason)
         public_key = site_record.get(p.LEDGER_PUBLIC_KEY)
@@ -155,9 +211,33 @@ class SiteReportingStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         return None  # evaluations arrive with the training replies and go to the recorder
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run the study's rounds after `round_offset`: `num_rounds` is the study's total, and
+        `evaluate_fn` sees the study's round numbers (a resumed study's round 1 is offset + 1)."""
+        offset = self.round_offset
+
+        def shifted(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if flower_round == 0 and offset:
+                return None  # the resumed model is the last checkpoint: already saved
+            return evaluate_fn(flower_round + offset, arrays) if evaluate_fn else None
+
+        return super().start(
+            grid, initial_arrays, max(0, num_rounds - offset), timeout, train_config, evaluate_config,
+            shifted if evaluate_fn else None,
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 Expected = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -33,3 +33,36 @@ def update_problem(arrays: ArrayRecord, expected: Expected) -> str:
         if not np.isfinite(values).all():
             return f"{name}: contains NaN or Inf"
     return ""
+
+
+def update_norm(arrays: ArrayRecord, sent: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of a site's update: its returned model minus the global model it was sent."""
+    total = sum(
+        float(np.sum(np.square(array.numpy().astype(np.float64) - sent[name])))
+        for name, array in arrays.items()
+    )
+    return float(np.sqrt(total))
+
+
+def norm_problem(arrays: ArrayRecord, sent: Mapping[str, np.ndarray], max_norm: float | None) -> str:
+    """Why an update is too large to accept ('' if within the study's bound, or no bound is set).
+
+    A bound stops a scaled (boosted) update from dominating the average; it cannot see a
+    sign-flipped update of ordinary size: that is what the robust aggregators are for.
+    """
+    if max_norm is None:
+        return ""
+    norm = update_norm(arrays, sent)
+    return f"update norm {norm:.4g} exceeds the study's bound {max_norm:g}" if norm > max_norm else ""
+
+
+def in_layout_dtypes(arrays: ArrayRecord, expected: Expected) -> ArrayRecord:
+    """The aggregate cast back to the global model's dtypes.
+
+    FedAdam/FedYogi/FedAdagrad's update promotes float32 to float64 (NumPy 2 promotes with their
+    float64 step size); sites return float32, and the next round would reject every update.
+    """
+    if all(np.dtype(a.numpy().dtype) == expected[k][1] for k, a in arrays.items() if k in expected):
+        return arrays
+    cast = {k: a.numpy().astype(expected[k][1]) if k in expected else a.numpy() for k, a in arrays.items()}
+    return ArrayRecord({k: Array(v) for k, v in cast.items()})

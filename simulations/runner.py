@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +78,11 @@ def prepare_run_dir(out_dir: Path, overwrite: bool, resume: bool = False) -> Pat
             f"{out_dir} already holds a run; choose another --out or pass --overwrite "
             "(appending to another run's ledgers would corrupt them)"
         )
-    if overwrite:
-        for ledger in (out_dir / "privacy").glob("*"):
-            if ledger.is_file():
-                ledger.unlink()
-        for checkpoint in (out_dir / "checkpoints").glob("round-*.pt"):
-            checkpoint.unlink()
-        for state in (out_dir / STATE_DIR).glob("node-*.bin"):
-            state.unlink()
+    if overwrite:  # nothing of the earlier run may leak into this one: ledgers, keys, states
+        for earlier in ("privacy", "checkpoints", "audit", STATE_DIR):
+            shutil.rmtree(out_dir / earlier, ignore_errors=True)
+        for name in ("metrics.json", "model.pt"):
+            (out_dir / name).unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
