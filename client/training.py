@@ -10,7 +10,7 @@ import contextlib
 import logging
 import secrets
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,16 +99,7 @@ def train_round(
     )
     loader = _loader(x, y, settings.batch_size, seed)
     if plan is None:
-        losses = []
-        for _ in range(settings.local_epochs):
-            for xb, yb in loader:
-                optimizer.zero_grad(set_to_none=True)
-                loss = criterion(model(xb), yb)
-                loss.backward()
-                optimizer.step()
-                if settings.proximal_mu:
-                    _proximal_step(model, anchor, settings.learning_rate, settings.proximal_mu)
-                losses.append(loss.item())
+        losses = _epochs(model, model, optimizer, criterion, loader, settings, anchor)
         return RoundOutcome(plain_state_dict(model), len(losses), _mean(losses), {}, None)
 
     engine = PrivacyEngine(accountant=plan.accountant)
@@ -140,7 +131,7 @@ def train_round(
             f"planned q={plan.sample_rate:.6f}; refusing to train with an unplanned rate"
         )
     steps_before = _total_steps(engine.accountant.history)
-    losses = []
+    losses: list[float] = []
     dp_model.train()
     try:
         with contextlib.ExitStack() as stack:
@@ -151,16 +142,7 @@ def train_round(
                 batches = stack.enter_context(BatchMemoryManager(
                     data_loader=dp_loader, max_physical_batch_size=settings.max_physical_batch_size,
                     optimizer=dp_optimizer))
-            for _ in range(settings.local_epochs):
-                for xb, yb in batches:
-                    dp_optimizer.zero_grad(set_to_none=True)
-                    loss = dp_criterion(dp_model(xb), yb)
-                    loss.backward()
-                    dp_optimizer.step()
-                    if settings.proximal_mu and not dp_optimizer._is_last_step_skipped:
-                        _proximal_step(model, anchor, settings.learning_rate, settings.proximal_mu)
-                    if len(xb):
-                        losses.append(float(loss.item()))
+            losses = _epochs(dp_model, model, dp_optimizer, dp_criterion, batches, settings, anchor)
     finally:
         dp_model.remove_hooks()  # the module can be trained again next round
     steps = _total_steps(engine.accountant.history) - steps_before
@@ -171,6 +153,34 @@ def train_round(
         engine.accountant.state_dict(),
         float(engine.accountant.get_epsilon(delta=plan.delta)),
     )
+
+
+def _epochs(
+    trained: nn.Module,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    batches: Iterable,
+    settings: LocalTraining,
+    anchor: Mapping[str, torch.Tensor],
+) -> list[float]:
+    """The local epochs: one loop for plain and DP-SGD (whose optimizer privatises each step).
+
+    `trained` is what runs forward (Opacus' wrapper under DP); `module` holds the parameters.
+    """
+    losses: list[float] = []
+    for _ in range(settings.local_epochs):
+        for xb, yb in batches:
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(trained(xb), yb)
+            loss.backward()
+            optimizer.step()
+            skipped = getattr(optimizer, "_is_last_step_skipped", False)  # BatchMemoryManager
+            if settings.proximal_mu and not skipped:
+                _proximal_step(module, anchor, settings.learning_rate, settings.proximal_mu)
+            if len(xb):
+                losses.append(float(loss.item()))
+    return losses
 
 
 def _total_steps(history: list) -> int:
