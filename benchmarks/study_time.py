@@ -21,15 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from benchmarks.common import median, print_table, write_results
-from client.site import load_site_data
 from client.training import LocalTraining, predict, train_round
 from pm_common.config import load_study
-from pm_common.metrics import binary_metrics
-from pm_common.models import build_tabular_model
 from pm_common.privacy import plan_study
+from pm_common.tasks import task_of
 from simulations.runner import simulate
 from simulations.scenarios import scenario_path
 
@@ -54,22 +51,23 @@ def pure_compute_per_round() -> list[float]:
     torch.set_num_threads(1)
     study = load_study(scenario_path("heart-disease"))
     t = study.training
-    sites = [(site, load_site_data(site, study.contract, study.split)) for site in study.sites]
+    task = task_of(study)
+    sites = [(site, task.load_site(site, study)) for site in study.sites]
     plans = [
         plan_study(epsilon_budget=3.0, delta=1e-5, num_examples=len(d.train_y), batch_size=t.batch_size,
                    local_epochs=t.local_epochs, planned_rounds=study.rounds, max_grad_norm=t.max_grad_norm)
         for _, d in sites
     ]
     accountants: list[dict] = [{} for _ in sites]
-    model = build_tabular_model(study.model.name, study.contract.num_inputs)
+    model = task.build_model(study)
     per_round = []
     for _ in range(study.rounds):
         start = time.perf_counter()
         for i, (_, data) in enumerate(sites):
-            local = build_tabular_model(study.model.name, study.contract.num_inputs)
+            local = task.build_model(study)
             local.load_state_dict(model.state_dict())
-            binary_metrics(predict(local, data.test_x), data.test_y)
-            out = train_round(local, data.train_x, data.train_y, nn.BCEWithLogitsLoss(),
+            task.metrics(predict(local, data.test_x), data.test_y)
+            out = train_round(local, data.train_x, data.train_y, task.criterion(),
                               LocalTraining(t.learning_rate, t.batch_size, t.local_epochs),
                               plan=plans[i], accountant_state=accountants[i])
             accountants[i] = out.accountant
