@@ -17,7 +17,7 @@ $(BIN)/pmfl: pyproject.toml
 	touch $@
 
 demo: $(BIN)/pmfl
-	$(BIN)/pmfl simulate heart-disease --out runs/demo
+	$(BIN)/pmfl simulate heart-disease --out runs/demo --overwrite
 
 test: $(BIN)/pmfl
 	$(BIN)/ruff check .
