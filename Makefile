@@ -7,7 +7,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test bench clean
 
 $(BIN)/pmfl: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,10 @@ test: $(BIN)/pmfl
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-bench: $(BIN)/pmfl
-	$(BIN)/python -m benchmarks.run_all
+bench: $(BIN)/pmfl  # the foundation's tables (about 10 minutes); others: see benchmarks/
+	$(BIN)/python -m benchmarks.study_time
+	$(BIN)/python -m benchmarks.dp_slowdown
+	$(BIN)/python -m benchmarks.utility
 
 clean:
 	rm -rf $(VENV) runs
