@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.approval import SITE_TOML, load_approval
 from client.supernode_launcher import POLL_ENV
+from pm_common.processes import console_script, flower_env
 
 # client.site, pm_common.privacy (torch, Opacus: seconds to import) are imported where they are
 # needed, so that `pmfl site init` and `approve` start fast.
@@ -249,18 +250,10 @@ def check_site(site_dir: Path, study_path: Path) -> CheckReport:
 
 def site_env(site_dir: Path) -> dict[str, str]:
     """Environment of the site's processes: Flower's files in the site directory, no telemetry."""
-    env = dict(os.environ)
+    env = flower_env(FLWR_HOME=str(Path(site_dir).resolve() / "flwr-home"))
     poll = load_connection(site_dir).poll_interval
     if poll is not None:
         env[POLL_ENV] = str(poll)
-    env.update(
-        {
-            "FLWR_HOME": str(Path(site_dir).resolve() / "flwr-home"),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        }
-    )
     return env
 
 
@@ -316,10 +309,7 @@ def gate_command(site_dir: Path, parent_pid: int) -> list[str]:
     ]
 
 
-def _script(name: str) -> str:
-    """A console script of this Python environment (the venv's, even when it is not activated)."""
-    local = Path(sys.executable).with_name(name)
-    return str(local) if local.exists() else name
+_script = console_script
 
 
 @dataclass

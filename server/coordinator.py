@@ -11,10 +11,8 @@ register`, `flwr run`, `flwr ls`, `flwr log`); this module only assembles and fo
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 import tomllib
 from collections.abc import Callable
@@ -25,6 +23,7 @@ from typing import Any
 import tomli_w
 
 from pm_common.app_bundle import packed_state
+from pm_common.processes import console_script, flower_env
 from server.pki import PkiPaths, check_pki_files
 
 CONNECTION = "pmfl"  # the name of the SuperLink connection in flwr-home/config.toml
@@ -69,21 +68,10 @@ class Coordinator:
             return tomllib.load(fh)
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            {
-                "FLWR_HOME": str(self.flwr_home),
-                "FLWR_TELEMETRY_ENABLED": "0",
-                "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            }
-        )
-        return env
+        return flower_env(FLWR_HOME=str(self.flwr_home))
 
 
-def _script(name: str) -> str:
-    local = Path(sys.executable).with_name(name)
-    return str(local) if local.exists() else name
+_script = console_script
 
 
 # -- SuperLink --------------------------------------------------------------------------------
