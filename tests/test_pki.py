@@ -92,8 +92,8 @@ def test_existing_set_is_not_overwritten_by_accident(tmp_path: Path) -> None:
 
 def test_checking_a_hospital_pki_set(tmp_path: Path) -> None:
     """A hospital PKI: root CA -> issuing CA -> server certificate, chain in server.pem."""
-    root_key, root = _root_allowing_intermediate()
-    issuing_key, issuing = _intermediate(root_key, root)
+    root_key, root = _hospital_ca("Hospital Root CA", path_length=1)
+    issuing_key, issuing = _hospital_ca("Hospital Issuing CA", path_length=0, issuer=(root_key, root))
     server_key, server = make_server_certificate(issuing_key, issuing, ["fl.hospital.example"])
     directory = tmp_path / "pki"
     directory.mkdir()
@@ -119,55 +119,33 @@ def test_checking_a_hospital_pki_set(tmp_path: Path) -> None:
         check_pki_files(paths, "fl.hospital.example")
 
 
-def _root_allowing_intermediate():  # type: ignore[no-untyped-def]
+def _hospital_ca(common_name: str, path_length: int, issuer=None):  # type: ignore[no-untyped-def]
+    """A CA of the hospital's own PKI, built here without pmfl (self-signed if no issuer)."""
     import datetime as dt
 
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "Hospital Root CA")])
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, common_name)])
+    issuer_key, issuer_cert = issuer if issuer else (key, None)
     now = dt.datetime.now(dt.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(issuer_cert.subject if issuer_cert else name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA384())
     )
-    return key, cert
-
-
-def _intermediate(root_key, root):  # type: ignore[no-untyped-def]
-    import datetime as dt
-
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "Hospital Issuing CA")]))
-        .issuer_name(root.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+    if issuer_cert is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key()), critical=False
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root.public_key()), critical=False)
-        .sign(root_key, hashes.SHA384())
-    )
-    return key, cert
+    return key, builder.sign(issuer_key, hashes.SHA384())
