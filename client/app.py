@@ -12,11 +12,13 @@ import math
 import secrets
 from dataclasses import asdict, replace
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from client import secure_aggregation as secagg
 from client.site import load_site_data, parse_study_text, resolve_site
 from client.state import SiteState, StateStore
 from client.training import LocalTraining, pick_device, predict, train_round
@@ -61,6 +63,8 @@ def _record_and_reply(
     num_examples: int,
     train_loss: float,
     next_round_fits: bool | None,
+    update_key: str = p.ARRAYS,
+    extra_metrics: dict[str, float] | None = None,
 ) -> Message:
     """Sign the round's ledger line onto the site's hash chain, save the state, then reply.
 
@@ -83,11 +87,13 @@ def _record_and_reply(
         site_record[p.NEXT_ROUND_FITS] = next_round_fits
     loss = train_loss if math.isfinite(train_loss) else 0.0
     content = RecordDict({
-        p.TRAIN_METRICS: MetricRecord({p.NUM_EXAMPLES: num_examples, "train-loss": loss}),
+        p.TRAIN_METRICS: MetricRecord(
+            {p.NUM_EXAMPLES: num_examples, "train-loss": loss, **(extra_metrics or {})}
+        ),
         p.SITE: site_record,
     })
     if update is not None:
-        content[p.ARRAYS] = update
+        content[update_key] = update
     if evaluation is not None:
         content[p.EVAL_METRICS] = evaluation
     return Message(content, reply_to=msg)
@@ -186,10 +192,40 @@ def train(msg: Message, context: Context) -> Message:
     if study.hospital_dp.enabled:
         weights = _hospital_dp(msg, weights, study)
         weight = 1  # uniform weights: one hospital's influence is bounded by the clip norm alone
+    request = msg.content.config_records.get(p.SECAGG)
+    if request is None:
+        return _record_and_reply(
+            msg, site, store, state, entry, evaluation, ArrayRecord(weights), weight, outcome.mean_loss,
+            next_round_fits=fits,
+        )
+    vector = _weighted_delta(msg, weights, weight, study, float(request["max-weight"]))
+    masked, clipped = secagg.mask_update(request, context.state, vector)
     return _record_and_reply(
-        msg, site, store, state, entry, evaluation, ArrayRecord(weights), weight, outcome.mean_loss,
-        next_round_fits=fits,
+        msg, site, store, state, entry, evaluation, ArrayRecord({p.MASKED: Array(masked)}), weight,
+        outcome.mean_loss, next_round_fits=fits, update_key=p.MASKED,
+        extra_metrics={"secagg-clipped": clipped},
     )
+
+
+def _weighted_delta(
+    msg: Message, trained: dict[str, torch.Tensor], weight: int, study: StudyConfig, max_weight: float
+) -> np.ndarray:
+    """What secure aggregation sums: [w * (trained - received) flattened, w], w = this site's weight
+    relative to `max_weight` (1 under hospital-level DP, whose weights are uniform).
+
+    The coordinator cannot check a masked update, so the site applies the study's norm bound itself
+    and refuses to send a non-finite one.
+    """
+    received = msg.content[p.ARRAYS].to_torch_state_dict()
+    delta = torch.cat([(trained[k].cpu().double() - received[k].double()).flatten() for k in received])
+    if not bool(torch.isfinite(delta).all()):
+        raise ValueError("the trained update holds NaN or Inf values: not sent")
+    bound = study.strategy.max_update_norm
+    norm = float(delta.norm())
+    if bound is not None and norm > bound:
+        delta = delta * (bound / norm)
+    ratio = 1.0 if study.hospital_dp.enabled else min(1.0, weight / max_weight)
+    return np.append(delta.numpy() * ratio, ratio)
 
 
 def _hospital_dp(
@@ -203,6 +239,13 @@ def _hospital_dp(
     generator = torch.Generator().manual_seed(secrets.randbits(63))  # OS entropy, never a known seed
     noisy = clip_and_noise(delta, study.hospital_dp.clip_norm, noise, generator)
     return {k: received[k] + noisy[k] for k in received}
+
+
+@app.query(p.SECAGG_ACTION)
+def secure_aggregation(msg: Message, context: Context) -> Message:
+    """Secure aggregation's key stages; the masked update itself goes with the training reply."""
+    reply = secagg.handle(msg.content[p.SECAGG], context.state)
+    return Message(RecordDict({p.SECAGG: reply}), reply_to=msg)
 
 
 @app.evaluate()

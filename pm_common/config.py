@@ -98,6 +98,17 @@ class HospitalDPConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """SecAgg+ (pm_common.secure_aggregation): the coordinator learns only the sum of the updates."""
+
+    enabled: bool = False
+    neighbours: int = 0  # share holders per site, itself included; 0: every site (SecAgg)
+    threshold: float = 0.6  # share of holders needed to unmask (always a strict majority)
+    clip_range: float = 2.0  # each coordinate of a weighted update is clipped to +-clip_range
+    max_weight: float = 10000.0  # a site's weight is min(n, max_weight) / max_weight
+
+
+@dataclass(frozen=True)
 class SplitConfig:
     test_fraction: float = 1 / 3
     seed: int = 42
@@ -117,6 +128,7 @@ class StudyConfig:
     privacy: PrivacySettings
     split: SplitConfig
     hospital_dp: HospitalDPConfig
+    secure_aggregation: SecureAggregationConfig
     sites: tuple[SiteSpec, ...]
     min_report_count: int  # metrics over fewer records than this are not sent
     raw: Mapping[
@@ -206,6 +218,24 @@ def _check_robustness(strategy: StrategyConfig) -> None:
         raise StudyConfigError("[strategy] need krum_malicious >= 0 and krum_select >= 1")
 
 
+def _secure_aggregation(table: Mapping[str, Any], strategy: StrategyConfig) -> SecureAggregationConfig:
+    config = _build(SecureAggregationConfig, table, "secure_aggregation")
+    if not config.enabled:
+        return config
+    if strategy.name in ROBUST_STRATEGIES:
+        raise StudyConfigError(
+            f"[secure_aggregation] cannot combine with strategy {strategy.name!r}: robust aggregators "
+            "inspect each update, which secure aggregation hides from the coordinator"
+        )
+    if not 0.5 <= config.threshold <= 1:
+        raise StudyConfigError("[secure_aggregation] threshold must be in [0.5, 1]")
+    if config.clip_range < 1 or config.max_weight <= 0:
+        raise StudyConfigError("[secure_aggregation] needs clip_range >= 1 and max_weight > 0")
+    if config.neighbours < 0 or config.neighbours == 1:
+        raise StudyConfigError("[secure_aggregation] neighbours must be 0 (every site) or at least 2")
+    return config
+
+
 def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
     raw = copy.deepcopy(dict(data))
     _resolve_paths(raw, base_dir)
@@ -269,6 +299,7 @@ def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
         privacy=privacy,
         split=_build(SplitConfig, _table(raw, "split"), "split"),
         hospital_dp=_build(HospitalDPConfig, _table(raw, "hospital_dp"), "hospital_dp"),
+        secure_aggregation=_secure_aggregation(_table(raw, "secure_aggregation"), strategy),
         sites=tuple(sites),
         min_report_count=int(study.get("min_report_count", 10)),
         raw=raw,
@@ -293,8 +324,8 @@ def load_study(path: Path) -> StudyConfig:
 def with_overrides(study: StudyConfig, **overrides: Any) -> StudyConfig:
     """A copy of the study with command-line overrides (None means: keep the file's value).
 
-    Keys: rounds, seed, strategy, model, epsilon, delta, dp. Privacy overrides apply to every
-    simulated site: in a simulation the researcher plays every hospital.
+    Keys: rounds, seed, strategy, model, epsilon, delta, dp, secure_aggregation. Privacy overrides
+    apply to every simulated site: in a simulation the researcher plays every hospital.
     """
     raw = copy.deepcopy(dict(study.raw))
     placement = {
@@ -302,6 +333,7 @@ def with_overrides(study: StudyConfig, **overrides: Any) -> StudyConfig:
         "seed": ("study", "seed"),
         "strategy": ("strategy", "name"),
         "model": ("model", "name"),
+        "secure_aggregation": ("secure_aggregation", "enabled"),
     }
     for key, value in overrides.items():
         if value is None:

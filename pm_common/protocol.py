@@ -20,6 +20,13 @@ LEDGER_LINE = "ledger-line"  # the site's signed, hash-chained ledger line for t
 LEDGER_PUBLIC_KEY = "ledger-public-key"  # PEM of the key that verifies the site's ledger
 EPSILON = "epsilon"
 
+# Secure aggregation (pm_common/secure_aggregation.py): the stage requests and replies, the
+# training message's relayed shares, and the masked update a site sends instead of ARRAYS.
+SECAGG = "secagg"
+SECAGG_ACTION = "secagg"
+SECAGG_MESSAGE = f"query.{SECAGG_ACTION}"
+MASKED = "masked"
+
 # Keys of the coordinator's train config.
 SERVER_ROUND = "server-round"
 NUM_ROUNDS = "num-rounds"

@@ -125,6 +125,8 @@ def simulate(
         "--empirical-audit", help="one-run privacy audit: canaries at one site (an MLP run), plus a "
         "no-DP positive control in OUT/empirical-control; see privacy/empirical_audit.json")] = False,
     canaries: Annotated[int, typer.Option(help="canaries for --empirical-audit")] = 200,
+    secure_aggregation: Annotated[bool, typer.Option(
+        "--secure-aggregation", help="SecAgg+: the coordinator learns only the sum of the updates")] = False,
 ) -> None:
     """Simulate a federated study locally: one simulated hospital per site, real Flower apps."""
     from pm_common.config import StudyConfigError, load_study, with_overrides
@@ -149,7 +151,13 @@ def simulate(
             model=model,
             seed=seed,
             dp=False if no_dp else None,
+            secure_aggregation=True if secure_aggregation else None,
         )
+        if empirical_audit and study.secure_aggregation.enabled:
+            raise StudyConfigError(
+                "--empirical-audit needs the audited site's individual updates, which secure "
+                "aggregation hides: run the audit without it"
+            )
     except (StudyConfigError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
@@ -169,6 +177,7 @@ def simulate(
             if no_dp
             else f"DP-SGD per site (default ε={study.privacy.epsilon:g}, δ={study.privacy.delta:g})"
         )
+        + (", secure aggregation" if study.secure_aggregation.enabled else "")
     )
     if empirical_audit:
         from simulations import empirical_audit as ea

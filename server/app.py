@@ -30,6 +30,7 @@ from pm_common.tasks import task_of
 from server.grid import PollingGrid
 from server.recorder import ProgressCallback, RunRecorder
 from server.resume import RESUME_ENV, resume_study, strategy_state
+from server.secure_aggregation import SecureAggregation
 from server.strategy import SiteReportingStrategy, build_strategy
 
 log = logging.getLogger("pmfl.server")
@@ -109,6 +110,11 @@ def run_study(
         min_sites=study.strategy.min_sites,
         max_update_norm=study.strategy.max_update_norm,
         round_offset=resume_study(run_dir, model, inner, recorder) if resume else 0,
+        secure=(
+            SecureAggregation(study.secure_aggregation, recorder.record_failure)
+            if study.secure_aggregation.enabled
+            else None
+        ),
     )
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

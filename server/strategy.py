@@ -11,7 +11,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
@@ -31,7 +31,15 @@ from pm_common import protocol as p
 from pm_common.config import StrategyConfig
 from pm_common.ledger import DECLINED, TRAINED
 from server.recorder import RunRecorder, SiteRound
-from server.validation import expected_layout, in_layout_dtypes, norm_problem, update_problem
+from server.secure_aggregation import SecureAggregation
+from server.validation import (
+    expected_layout,
+    in_layout_dtypes,
+    masked_problem,
+    norm_problem,
+    unflatten,
+    update_problem,
+)
 
 log = logging.getLogger("pmfl.server")
 
@@ -100,13 +108,16 @@ class SiteReportingStrategy(Strategy):
         min_sites: int = 1,
         max_update_norm: float | None = None,
         round_offset: int = 0,
+        secure: SecureAggregation | None = None,
     ) -> None:
-        """`round_offset`: rounds a resumed study already ran; Flower's `start` counts from 1 again."""
+        """`round_offset`: rounds a resumed study already ran; Flower's `start` counts from 1 again.
+        `secure`: aggregate masked updates (the coordinator then sees only their sum)."""
         self.inner = inner
         self.recorder = recorder
         self.min_sites = min_sites
         self.max_update_norm = max_update_norm
         self.round_offset = round_offset
+        self.secure = secure
         self._layout: dict = {}
         self._sent_arrays: dict = {}
         self._sent: list[Message] = []
@@ -124,10 +135,12 @@ class SiteReportingStrategy(Strategy):
     ) -> Iterable[Message]:
         server_round += self.round_offset
         self._layout = expected_layout(arrays)
-        if self.max_update_norm is not None:
+        if self.max_update_norm is not None or self.secure is not None:
             self._sent_arrays = {k: a.numpy().astype("float64") for k, a in arrays.items()}
         self.recorder.record_sent(server_round, arrays)  # kept only for an empirical audit
         self._sent = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if self.secure is not None:
+            self._sent = self.secure.prepare(grid, server_round, self._sent)
         return self._sent
 
     def aggregate_train(
@@ -145,6 +158,8 @@ class SiteReportingStrategy(Strategy):
             if update is not None:
                 msg.content = update
                 contributions.append(msg)
+        if self.secure is not None and len(contributions) >= self.min_sites:
+            contributions = self._unmasked_sum(contributions)
         self.recorder.round_finished(server_round)
         if len(contributions) < self.min_sites:
             log.warning(
@@ -156,6 +171,36 @@ class SiteReportingStrategy(Strategy):
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, contributions)
         return (None if arrays is None else in_layout_dtypes(arrays, self._layout)), metrics
+
+    def _unmasked_sum(self, replies: list[Message]) -> list[Message]:
+        """Secure aggregation: one stand-in reply holding the weighted mean of the sites' updates
+        applied to the global model (all the coordinator learns), for the wrapped strategy to use
+        like any site's reply: FedAvg returns it as is, FedAdam and kin take it as the mean."""
+        assert self.secure is not None
+        masked = {self._destination(m): next(iter(m.content[p.MASKED].values())).numpy() for m in replies}
+        recovered = self.secure.recover(masked)
+        if recovered is None:
+            return []
+        total, count = recovered
+        if not total[-1] > 0:
+            self.recorder.record_failure(self.secure.round_number, "secure aggregation: total weight 0")
+            return []
+        mean_delta = unflatten(total[:-1] / total[-1], self._layout)
+        model = {
+            k: Array((self._sent_arrays[k] + mean_delta[k]).astype(dtype))
+            for k, (_, dtype) in self._layout.items()
+        }
+        metrics = [m.content[p.TRAIN_METRICS] for m in replies]
+        examples = sum(float(m[p.NUM_EXAMPLES]) for m in metrics)
+        merged = MetricRecord({
+            p.NUM_EXAMPLES: examples,
+            "train-loss": sum(float(m["train-loss"]) * float(m[p.NUM_EXAMPLES]) for m in metrics) / examples,
+            "secagg-sites": count,
+            "secagg-clipped": sum(int(m.get("secagg-clipped", 0)) for m in metrics),
+        })
+        stand_in = replies[0]
+        stand_in.content = RecordDict({p.ARRAYS: ArrayRecord(model), p.TRAIN_METRICS: merged})
+        return [stand_in]
 
     def _destination(self, reply: Message) -> int:
         """The site a reply answers for: the SuperLink itself signs the errors it makes for a
@@ -183,7 +228,14 @@ class SiteReportingStrategy(Strategy):
         if evaluation is not None:
             self.recorder.record_evaluation(server_round - 1, site, dict(evaluation))
         update = None
-        if report.status == TRAINED:
+        if report.status == TRAINED and self.secure is not None:
+            masked = content.array_records.get(p.MASKED)
+            if problem := masked_problem(masked, self._layout):
+                report.rejected = problem
+                log.warning("round %d: update from %s rejected: %s", server_round, site, problem)
+            else:
+                update = RecordDict({p.MASKED: masked, p.TRAIN_METRICS: content[p.TRAIN_METRICS]})
+        elif report.status == TRAINED:
             arrays = content.array_records.get(p.ARRAYS)
             problem = (
                 "no model update in a 'trained' reply"
@@ -231,6 +283,8 @@ class SiteReportingStrategy(Strategy):
         """Run the study's rounds after `round_offset`: `num_rounds` is the study's total, and
         `evaluate_fn` sees the study's round numbers (a resumed study's round 1 is offset + 1)."""
         offset = self.round_offset
+        if self.secure is not None:
+            self.secure.timeout = timeout
 
         def shifted(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if flower_round == 0 and offset:

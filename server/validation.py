@@ -66,3 +66,25 @@ def in_layout_dtypes(arrays: ArrayRecord, expected: Expected) -> ArrayRecord:
         return arrays
     cast = {k: a.numpy().astype(expected[k][1]) if k in expected else a.numpy() for k, a in arrays.items()}
     return ArrayRecord({k: Array(v) for k, v in cast.items()})
+
+
+def masked_problem(arrays: ArrayRecord | None, expected: Expected) -> str:
+    """Why a masked update (secure aggregation) is malformed: one uint32 vector of the model's size
+    plus its weight. Its values cannot be checked: the site bounds and checks them before masking."""
+    size = sum(int(np.prod(shape)) for shape, _ in expected.values()) + 1
+    if arrays is None or len(arrays) != 1:
+        return "no masked update in a 'trained' reply under secure aggregation"
+    values = next(iter(arrays.values())).numpy()
+    if values.dtype != np.uint32 or values.shape != (size,):
+        return f"masked update of dtype {values.dtype} and shape {values.shape}, expected uint32 ({size},)"
+    return ""
+
+
+def unflatten(vector: np.ndarray, expected: Expected) -> dict[str, np.ndarray]:
+    """A flat vector cut back into the global model's arrays (in the order the model was sent)."""
+    arrays, start = {}, 0
+    for name, (shape, dtype) in expected.items():
+        size = int(np.prod(shape))
+        arrays[name] = vector[start : start + size].reshape(shape).astype(dtype)
+        start += size
+    return arrays

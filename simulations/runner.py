@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from client.app import app as client_app
+from pm_common import protocol as p
 from pm_common.config import StudyConfig, write_study
 from pm_common.tasks import SiteTensors, task_of
 from server.app import RUN_DIR_ENV, STUDY_ENV, set_progress_callback
@@ -61,6 +62,7 @@ def simulated_client_app(study: StudyConfig, run_dir: Path) -> ClientApp:
 
     app.train()(hospital)
     app.evaluate()(hospital)
+    app.query(p.SECAGG_ACTION)(hospital)
     return app
 
 

@@ -15,10 +15,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
+
+from client.secure_aggregation import STATE_KEY as SECAGG_STATE_KEY
 
 STATE_DIR = "simulated-sites"
 
@@ -47,8 +49,9 @@ def site_state_mod(state_dir: Path) -> Mod:
         finally:  # also when the app fails after training: the spend it saved must survive
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(recorddict_to_proto(context.state).SerializeToString())
+            durable = RecordDict({k: r for k, r in context.state.items() if k != SECAGG_STATE_KEY})
+            with os.fdopen(fd, "wb") as fh:  # a round's secure-aggregation secrets stay in memory
+                fh.write(recorddict_to_proto(durable).SerializeToString())
             os.replace(tmp, path)
 
     return mod

@@ -1,0 +1,203 @@
+"""The site's part of secure aggregation: keys, shares, the masked update, the unmasking shares.
+
+A round's secrets live only in the node's in-memory context (never on disk, never sent): a site
+that restarts mid-round has lost them and counts as dropped out, which the protocol recovers from.
+Every step checks what the coordinator asks before answering, so a coordinator that asks for too
+little safety (a minority threshold, unmasking fewer inputs than the threshold, a site's key and
+its seed at once) is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+
+from pm_common import secure_aggregation as sa
+
+STATE_KEY = "pmfl-secagg"
+
+
+@dataclass
+class SecAggSiteState:
+    """One round's secrets and what the site has been told and has received."""
+
+    round: int
+    index: int
+    sk_c: bytes  # encrypts the shares this site sends and receives
+    sk_s: bytes  # agrees the pairwise masks; its shares are revealed if the site drops out
+    seed: bytes  # the self mask; its shares are revealed if the site's input arrives
+    neighbours: list[int] = field(default_factory=list)
+    pk_s: list[bytes] = field(default_factory=list)  # aligned with neighbours
+    threshold: int = 0
+    shares_from: list[int] = field(default_factory=list)
+    seed_shares: list[bytes] = field(default_factory=list)  # aligned with shares_from
+    key_shares: list[bytes] = field(default_factory=list)
+    own_seed_share: bytes = b""
+    own_key_share: bytes = b""
+    unmasked: bool = False
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({k: v for k, v in self.__dict__.items()})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> SecAggSiteState:
+        values = dict(record)
+        return cls(**{k: (list(v) if isinstance(v, list) else v) for k, v in values.items()})
+
+
+def load(state: RecordDict, round_: int) -> SecAggSiteState:
+    record = state.config_records.get(STATE_KEY)
+    if record is None or int(record["round"]) != round_:
+        raise sa.SecAggError(f"no secure-aggregation keys for round {round_} at this site (restarted?)")
+    return SecAggSiteState.from_record(record)
+
+
+def save(state: RecordDict, secagg: SecAggSiteState) -> None:
+    state[STATE_KEY] = secagg.to_record()
+
+
+def setup(round_: int, index: int) -> SecAggSiteState:
+    """Fresh key pairs and self-mask seed for this round."""
+    keys = sa.new_private_key(), sa.new_private_key()
+    return SecAggSiteState(round_, index, *keys, seed=os.urandom(sa.SEED_BYTES))
+
+
+def public_keys(secagg: SecAggSiteState) -> tuple[bytes, bytes]:
+    return sa.public_key(secagg.sk_c), sa.public_key(secagg.sk_s)
+
+
+def share_keys(
+    secagg: SecAggSiteState,
+    neighbours: Sequence[int],
+    pk_c: Sequence[bytes],
+    pk_s: Sequence[bytes],
+    threshold: int,
+) -> tuple[list[int], list[bytes]]:
+    """Shamir-share the seed and mask key among the neighbours; one sealed bundle per neighbour."""
+    neighbours = [int(n) for n in neighbours]
+    if secagg.index not in neighbours:
+        raise sa.SecAggError(f"site {secagg.index} is not among its own neighbours {neighbours}")
+    own = neighbours.index(secagg.index)
+    if (pk_c[own], pk_s[own]) != public_keys(secagg):
+        raise sa.SecAggError("the coordinator relayed public keys that are not this site's")
+    if problem := sa.check_threshold(threshold, len(neighbours)):
+        raise sa.SecAggError(problem)
+    seed_shares = sa.split_secret(secagg.seed, threshold, len(neighbours))
+    key_shares = sa.split_secret(secagg.sk_s, threshold, len(neighbours))
+    secagg.neighbours, secagg.pk_s, secagg.threshold = neighbours, [bytes(k) for k in pk_s], threshold
+    secagg.own_seed_share, secagg.own_key_share = seed_shares[own], key_shares[own]
+    destinations, sealed = [], []
+    for pos, peer in enumerate(neighbours):
+        if peer == secagg.index:
+            continue
+        key = sa.agree(secagg.sk_c, pk_c[pos], sa.SHARE_INFO)
+        bundle = seed_shares[pos] + key_shares[pos]
+        destinations.append(peer)
+        sealed.append(sa.seal(key, bundle, sa.share_context(secagg.round, secagg.index, peer)))
+    return destinations, sealed
+
+
+def masked_input(
+    secagg: SecAggSiteState,
+    senders: Sequence[int],
+    sealed: Sequence[bytes],
+    pk_c: Sequence[bytes],
+    vector: np.ndarray,
+    quantiser: sa.Quantiser,
+) -> tuple[np.ndarray, int]:
+    """Open the shares addressed to this site, then mask its quantised `vector`.
+
+    Pairwise masks are added only for the neighbours whose shares arrived (those that completed
+    key sharing): any of them that drops out later can then be unmasked from its shares.
+    Returns the masked uint32 vector and the number of clipped coordinates.
+    """
+    senders = [int(s) for s in senders]
+    if not set(senders) <= set(secagg.neighbours):
+        strangers = sorted(set(senders) - set(secagg.neighbours))
+        raise sa.SecAggError(f"shares relayed from non-neighbours {strangers}")
+    secagg.shares_from, secagg.seed_shares, secagg.key_shares = [], [], []
+    for sender, blob, key_c in zip(senders, sealed, pk_c, strict=True):
+        key = sa.agree(secagg.sk_c, key_c, sa.SHARE_INFO)
+        bundle = sa.unseal(key, blob, sa.share_context(secagg.round, sender, secagg.index))
+        split = len(secagg.own_seed_share)
+        secagg.shares_from.append(sender)
+        secagg.seed_shares.append(bundle[:split])
+        secagg.key_shares.append(bundle[split:])
+    quantised, clipped = quantiser.quantise(vector, np.random.default_rng())
+    masked = quantised + sa.self_mask(secagg.seed, secagg.round, len(quantised))
+    for peer in senders:
+        pk = secagg.pk_s[secagg.neighbours.index(peer)]
+        pair = sa.pairwise_mask(secagg.sk_s, pk, secagg.round, len(quantised))
+        masked = masked + pair if sa.pairwise_sign(secagg.index, peer) > 0 else masked - pair
+    return masked.astype(np.uint32), clipped
+
+
+def unmasking_shares(
+    secagg: SecAggSiteState, active: Sequence[int], dropped: Sequence[int]
+) -> tuple[list[int], list[bytes], list[int], list[bytes]]:
+    """Seed shares of the active neighbours and key shares of the dropped ones, once per round.
+
+    Refuses a request that would expose a single input: fewer active sites than the threshold, a
+    site listed both ways, or this site's own key (it is evidently not dropped).
+    """
+    active_set, dropped_set = {int(a) for a in active}, {int(d) for d in dropped}
+    if secagg.unmasked:
+        raise sa.SecAggError(f"round {secagg.round}: unmasking shares were already given")
+    if active_set & dropped_set:
+        raise sa.SecAggError(f"sites listed both active and dropped: {sorted(active_set & dropped_set)}")
+    if secagg.index in dropped_set:
+        raise sa.SecAggError("asked for this site's own mask key while it is online")
+    if len(active_set) < secagg.threshold:
+        raise sa.SecAggError(
+            f"only {len(active_set)} inputs to unmask, fewer than the threshold {secagg.threshold}: "
+            "the sum could reveal a single site's update"
+        )
+    secagg.unmasked = True
+    held = dict(zip(secagg.shares_from, zip(secagg.seed_shares, secagg.key_shares, strict=True), strict=True))
+    held[secagg.index] = (secagg.own_seed_share, secagg.own_key_share)
+    seed_nodes = [n for n in sorted(active_set) if n in held]
+    key_nodes = [n for n in sorted(dropped_set) if n in held]
+    return seed_nodes, [held[n][0] for n in seed_nodes], key_nodes, [held[n][1] for n in key_nodes]
+
+
+def handle(request: ConfigRecord, state: RecordDict) -> ConfigRecord:
+    """Answer one of the coordinator's key stages (`setup`, `share-keys`, `unmask`)."""
+    stage, round_ = str(request["stage"]), int(request["round"])
+    if stage == "setup":
+        secagg = setup(round_, int(request["index"]))
+        pk_c, pk_s = public_keys(secagg)
+        reply = ConfigRecord({"pk-c": pk_c, "pk-s": pk_s})
+    elif stage == "share-keys":
+        secagg = load(state, round_)
+        destinations, sealed = share_keys(
+            secagg, request["neighbours"], request["pk-c"], request["pk-s"], int(request["threshold"])
+        )
+        reply = ConfigRecord({"destinations": destinations, "sealed": sealed})
+    elif stage == "unmask":
+        secagg = load(state, round_)
+        seed_nodes, seed_shares, key_nodes, key_shares = unmasking_shares(
+            secagg, request["active"], request["dropped"]
+        )
+        reply = ConfigRecord({
+            "seed-nodes": seed_nodes, "seed-shares": seed_shares,
+            "key-nodes": key_nodes, "key-shares": key_shares,
+        })
+    else:
+        raise sa.SecAggError(f"unknown secure-aggregation stage {stage!r}")
+    save(state, secagg)
+    return reply
+
+
+def mask_update(request: ConfigRecord, state: RecordDict, vector: np.ndarray) -> tuple[np.ndarray, int]:
+    """The training stage: this round's masked `vector` and its number of clipped coordinates."""
+    secagg = load(state, int(request["round"]))
+    quantiser = sa.Quantiser(float(request["clip-range"]), int(request["levels"]))
+    masked, clipped = masked_input(
+        secagg, request["senders"], request["sealed"], request["pk-c"], vector, quantiser
+    )
+    save(state, secagg)
+    return masked, clipped
