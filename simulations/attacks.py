@@ -10,13 +10,15 @@ honestly (and spends its budget honestly), then the mod rewrites the update in t
 sites named. With the global model g sent and the honest model w, the update is d = w - g:
 
 - "sign-flip[:K]" sends g - K d (K = 1 by default): gradient ascent on the site's loss;
-- "scale:K" sends g + K d: a boosted update that dominates a plain average.
+- "scale:K" sends g + K d: a boosted update that dominates a plain average;
+- "drop-out:R" is not an attack but a failure: the site vanishes in round R when its training
+  message arrives (after any secure-aggregation key sharing), and answers again from round R + 1.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from pm_common import protocol as p
 from pm_common.config import StudyConfig, StudyConfigError, study_from_dict
 
-KINDS = ("sign-flip", "scale")
+KINDS = ("sign-flip", "scale", "drop-out")
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,11 @@ class Attack:
 
 
 def parse_attack(spec: str) -> Attack:
-    """"sign-flip", "sign-flip:K" or "scale:K" (K > 0)."""
+    """"sign-flip", "sign-flip:K", "scale:K" (K > 0) or "drop-out:R" (R: the round)."""
     kind, _, factor = str(spec).partition(":")
-    if kind not in KINDS or (kind == "scale" and not factor):
+    if kind not in KINDS or (kind in ("scale", "drop-out") and not factor):
         raise StudyConfigError(
-            f"[simulation] attacks: {spec!r} is not 'sign-flip', 'sign-flip:K' or 'scale:K'"
+            f"[simulation] attacks: {spec!r} is not 'sign-flip', 'sign-flip:K', 'scale:K' or 'drop-out:R'"
         )
     try:
         value = float(factor) if factor else 1.0
@@ -87,11 +89,18 @@ def poison(
     }
 
 
-def attack_mod(attacks: Mapping[str, Attack]) -> Mod:
-    """A ClientApp mod that poisons the train replies of the sites in `attacks`."""
+def attack_mod(attacks: Mapping[str, Attack], site_names: Sequence[str] = ()) -> Mod:
+    """A ClientApp mod that poisons the train replies of the sites in `attacks` (or drops them);
+    `site_names`: the simulated sites in partition order."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN or not attacks:
+            return call_next(msg, context)
+        partition = int(context.node_config.get("partition-id", -1))
+        planned = attacks.get(site_names[partition]) if 0 <= partition < len(site_names) else None
+        if planned is not None and planned.kind == "drop-out":
+            if int(msg.content[p.CONFIG][p.SERVER_ROUND]) == int(planned.factor):
+                raise RuntimeError("simulated drop-out: the site went silent mid-round")
             return call_next(msg, context)
         sent = {k: a.numpy().copy() for k, a in msg.content[p.ARRAYS].items()}
         reply = call_next(msg, context)
