@@ -55,7 +55,8 @@ def check_sites(study: StudyConfig) -> dict[str, SiteTensors]:
 
 def simulated_client_app(study: StudyConfig, run_dir: Path) -> ClientApp:
     """The real hospital ClientApp, wrapped in the simulation-only mods (outermost first)."""
-    app = ClientApp(mods=[site_state_mod(run_dir / STATE_DIR), attack_mod(study_attacks(study), [s.name for s in study.sites])])
+    attacks = attack_mod(study_attacks(study), [s.name for s in study.sites])
+    app = ClientApp(mods=[site_state_mod(run_dir / STATE_DIR), attacks])
 
     def hospital(msg: Message, context: Context) -> Message:
         return client_app(msg, context)

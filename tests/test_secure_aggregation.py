@@ -55,8 +55,9 @@ GLOBAL = {"w": np.zeros((3, 4), dtype=np.float32), "b": np.zeros(2, dtype=np.flo
 
 
 def _round(
-    tmp_path: Path, updates: list[np.ndarray], weights: list[int], *, drop_before_input: set[int] = frozenset(),
-    drop_in_unmask: set[int] = frozenset(), neighbours: int = 0, max_weight: float = 100.0,
+    tmp_path: Path, updates: list[np.ndarray], weights: list[int], *,
+    drop_before_input: set[int] = frozenset(), drop_in_unmask: set[int] = frozenset(),
+    neighbours: int = 0, max_weight: float = 100.0,
 ) -> tuple[ArrayRecord | None, RunRecorder, _Grid]:
     """One round of the real strategy wrapper and site code over `_Grid`; sites send `updates`
     (flat deltas to GLOBAL) weighted by `weights`; node i+1 is site i."""
@@ -166,7 +167,7 @@ def test_a_masked_update_is_indistinguishable_from_uniform_noise() -> None:
 
 def test_site_refuses_requests_that_would_expose_its_update() -> None:
     quantiser = sa.Quantiser.for_sites(2.0, 4)
-    states, masked = _protocol([np.zeros(8)] * 4, quantiser)
+    states, _ = _protocol([np.zeros(8)] * 4, quantiser)
     secagg = site_secagg.load(states[1], 1)
     with pytest.raises(sa.SecAggError, match="fewer than the threshold"):
         site_secagg.unmasking_shares(secagg, active=[1, 2], dropped=[3, 4])
