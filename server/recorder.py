@@ -281,6 +281,9 @@ class RunRecorder:
             "delta": config.delta,
             "epsilon": rounds[-1]["epsilon"] if rounds else 0.0,
             "against_the_coordinator": (
+                "holds: secure aggregation is on, the coordinator sees only the noisy sum (honest-but-"
+                "curious coordinator colluding with fewer sites than the reconstruction threshold)"
+                if self.study.secure_aggregation.enabled else
                 "holds for what the coordinator sees only with secure aggregation on; without it, each "
                 f"site's own update carries noise multiplier {config.noise_multiplier / planned**0.5:.3g}"),
             "rounds": rounds,

@@ -200,9 +200,11 @@ def test_study_refuses_secure_aggregation_with_a_robust_aggregator(tmp_path: Pat
 
 def test_simulated_study_with_secure_aggregation_survives_a_dropped_site(tmp_path: Path) -> None:
     """Real Flower simulation: Switzerland vanishes in round 1 after sharing keys; the other three
-    sites' sum is unmasked and the study goes on; no single update is ever stored."""
+    sites' sum is unmasked and the study goes on; no single update is ever stored. Hospital-level
+    DP rides along: its guarantee now holds against the coordinator, from the sites that added noise."""
     _, study = heart_study(
         tmp_path, study={"rounds": 2}, secure_aggregation={"enabled": True},
+        hospital_dp={"enabled": True, "clip_norm": 1.0, "noise_multiplier": 0.01},
         simulation={"attacks": {"switzerland": "drop-out:1"}},
     )
     metrics = simulate(study, tmp_path / "run")
@@ -212,6 +214,9 @@ def test_simulated_study_with_secure_aggregation_survives_a_dropped_site(tmp_pat
     assert len(second["trained"]) == 4 and not second["failures"]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"][2]["pooled_accuracy"] > 0.6
     assert not list((tmp_path / "run").rglob("update-*.npz"))
+    hospital = json.loads((tmp_path / "run" / "privacy" / "hospital_dp.json").read_text())
+    assert [r["contributing_sites"] for r in hospital["rounds"]] == [3, 4]
+    assert hospital["against_the_coordinator"].startswith("holds: secure aggregation is on")
 
 
 def _protocol(inputs: list[np.ndarray], quantiser: sa.Quantiser) -> tuple[dict[int, RecordDict], dict]:

@@ -1,0 +1,144 @@
+"""Cost of secure aggregation: bytes on the wire and round time, plain vs SecAgg+, 4/20/100 sites.
+
+Each simulated site holds 100 rows drawn from the pooled heart-disease table (seeded; rows repeat
+across sites: this measures cost, not accuracy). The MLP, DP-SGD at every site, FedAvg; plain and
+secure runs alternate. Bytes are the serialised Flower messages the coordinator pushes to and
+pulls from the sites (every message of a round: training and secure-aggregation stages), per
+site per round; the "update" columns are the training reply alone. Round time is the median
+wall time between rounds from the live-progress hook (the first round, which pays Ray's warm-up,
+is left out).
+
+    python -m benchmarks.secure_aggregation [--sites 4 20 100] [--rounds 3] [--neighbours 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from flwr.app import Message
+from flwr.common.serde import message_to_proto
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+from benchmarks.common import median, print_table, write_results
+from pm_common import protocol as p
+from pm_common.config import load_study, study_from_dict
+from simulations.runner import simulate
+from simulations.scenarios import scenario_path
+
+DATA = Path(__file__).resolve().parents[1] / "pm_common" / "datasets" / "heart_disease"
+
+
+class WireCounter:
+    """Counts the bytes of every message the coordinator pushes and pulls, by message type."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = defaultdict(int)
+        self._types: dict[str, str] = {}
+        self._push = InMemoryGrid.push_messages
+        self._pull = InMemoryGrid.pull_messages
+
+    def __enter__(self) -> WireCounter:
+        counter = self
+
+        def push(grid: InMemoryGrid, messages: Iterable[Message]) -> Iterable[str]:
+            messages = list(messages)
+            ids = list(counter._push(grid, messages))
+            for msg, mid in zip(messages, ids, strict=True):
+                counter._types[mid] = msg.metadata.message_type
+                counter.bytes[f"down {msg.metadata.message_type}"] += message_to_proto(msg).ByteSize()
+            return ids
+
+        def pull(grid: InMemoryGrid, message_ids: Iterable[str]) -> Iterable[Message]:
+            replies = list(counter._pull(grid, message_ids))
+            for reply in replies:
+                kind = counter._types.get(reply.metadata.reply_to_message_id, "?")
+                counter.bytes[f"up {kind}"] += message_to_proto(reply).ByteSize()
+            return replies
+
+        InMemoryGrid.push_messages = push  # type: ignore[method-assign]
+        InMemoryGrid.pull_messages = pull  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        InMemoryGrid.push_messages = self._push  # type: ignore[method-assign]
+        InMemoryGrid.pull_messages = self._pull  # type: ignore[method-assign]
+
+
+def write_sites(folder: Path, sites: int, rows: int = 100, seed: int = 0) -> list[dict[str, Any]]:
+    pooled = pd.concat([pd.read_csv(f) for f in sorted(DATA.glob("*.csv"))], ignore_index=True)
+    rng = np.random.default_rng(seed)
+    entries = []
+    for i in range(sites):
+        path = folder / f"site{i:03d}.csv"
+        pooled.iloc[rng.choice(len(pooled), rows, replace=False)].to_csv(path, index=False)
+        entries.append({"name": f"site{i:03d}", "data": str(path)})
+    return entries
+
+
+def run(sites: int, secure: bool, rounds: int, neighbours: int, folder: Path) -> dict[str, Any]:
+    raw = dict(load_study(scenario_path("heart-disease")).raw)
+    raw["sites"] = write_sites(folder, sites)
+    raw["study"] = {**raw["study"], "rounds": rounds}
+    raw["model"] = {"name": "mlp", "hidden": [32]}
+    raw["secure_aggregation"] = {"enabled": secure, "neighbours": neighbours}
+    study = study_from_dict(raw, folder)
+    stamps: list[float] = []
+    with WireCounter() as wire:
+        metrics = simulate(study, folder / ("secure" if secure else "plain"), overwrite=True,
+                           progress=lambda _: stamps.append(time.perf_counter()))
+    trained = [len(r["trained"]) for r in metrics["rounds"][1:]]
+    per_site_round = sites * rounds
+    update_up = wire.bytes["up train"] / per_site_round
+    total = sum(b for k, b in wire.bytes.items() if k.split()[1] != "evaluate") / per_site_round
+    return {
+        "sites": sites,
+        "secure": secure,
+        "round_s": median([b - a for a, b in itertools.pairwise(stamps)]),
+        "bytes_per_site_round": total,
+        "update_bytes": update_up,
+        "by_type": {k: v / per_site_round for k, v in sorted(wire.bytes.items())},
+        "trained_per_round": trained,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sites", type=int, nargs="+", default=[4, 20, 100])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--neighbours", type=int, default=0, help="0: every site (SecAgg)")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for sites in args.sites:
+            for secure in (False, True):
+                folder = Path(tmp) / f"{sites}-{secure}"
+                folder.mkdir()
+                results.append(run(sites, secure, args.rounds, args.neighbours, folder))
+    rows = []
+    for plain, secure in zip(results[::2], results[1::2], strict=True):
+        rows.append([
+            plain["sites"], plain["round_s"], secure["round_s"], secure["round_s"] / plain["round_s"],
+            plain["update_bytes"], secure["update_bytes"], plain["bytes_per_site_round"],
+            secure["bytes_per_site_round"], secure["bytes_per_site_round"] / plain["bytes_per_site_round"],
+        ])
+    print_table(
+        f"secure aggregation cost (MLP, DP-SGD, FedAvg, neighbours={args.neighbours or 'all'})",
+        ["sites", "round s plain", "round s secure", "time x", "update B plain", "update B secure",
+         "round B/site plain", "round B/site secure", "bytes x"],
+        rows,
+    )
+    write_results("secure_aggregation", {"rounds": args.rounds, "neighbours": args.neighbours,
+                                         "message_types": [p.SECAGG_MESSAGE, "train"], "runs": results})
+
+
+if __name__ == "__main__":
+    main()
