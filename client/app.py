@@ -65,6 +65,7 @@ def _record_and_reply(
     next_round_fits: bool | None,
     update_key: str = p.ARRAYS,
     extra_metrics: dict[str, float] | None = None,
+    secagg_reply: ConfigRecord | None = None,
 ) -> Message:
     """Sign the round's ledger line onto the site's hash chain, save the state, then reply.
 
@@ -94,6 +95,8 @@ def _record_and_reply(
     })
     if update is not None:
         content[update_key] = update
+    if secagg_reply:
+        content[p.SECAGG] = secagg_reply
     if evaluation is not None:
         content[p.EVAL_METRICS] = evaluation
     return Message(content, reply_to=msg)
@@ -199,11 +202,11 @@ def train(msg: Message, context: Context) -> Message:
             next_round_fits=fits,
         )
     vector = _weighted_delta(msg, weights, weight, study, float(request["max-weight"]))
-    masked, clipped = secagg.mask_update(request, context.state, vector)
+    masked, clipped, keys = secagg.mask_update(request, context.state, vector)
     return _record_and_reply(
         msg, site, store, state, entry, evaluation, ArrayRecord({p.MASKED: Array(masked)}), weight,
         outcome.mean_loss, next_round_fits=fits, update_key=p.MASKED,
-        extra_metrics={"secagg-clipped": clipped},
+        extra_metrics={"secagg-clipped": clipped}, secagg_reply=keys,
     )
 
 

@@ -31,7 +31,8 @@ class SecAggSiteState:
     sk_s: bytes  # agrees the pairwise masks; its shares are revealed if the site drops out
     seed: bytes  # the self mask; its shares are revealed if the site's input arrives
     neighbours: list[int] = field(default_factory=list)
-    pk_s: list[bytes] = field(default_factory=list)  # aligned with neighbours
+    pk_c: list[bytes] = field(default_factory=list)  # aligned with neighbours
+    pk_s: list[bytes] = field(default_factory=list)
     threshold: int = 0
     shares_from: list[int] = field(default_factory=list)
     seed_shares: list[bytes] = field(default_factory=list)  # aligned with shares_from
@@ -49,21 +50,31 @@ class SecAggSiteState:
         return cls(**{k: (list(v) if isinstance(v, list) else v) for k, v in values.items()})
 
 
+def _key(round_: int) -> str:
+    return f"{STATE_KEY}-r{round_}"
+
+
 def load(state: RecordDict, round_: int) -> SecAggSiteState:
-    record = state.config_records.get(STATE_KEY)
-    if record is None or int(record["round"]) != round_:
+    record = state.config_records.get(_key(round_))
+    if record is None:
         raise sa.SecAggError(f"no secure-aggregation keys for round {round_} at this site (restarted?)")
     return SecAggSiteState.from_record(record)
 
 
 def save(state: RecordDict, secagg: SecAggSiteState) -> None:
-    state[STATE_KEY] = secagg.to_record()
+    state[_key(secagg.round)] = secagg.to_record()
 
 
-def setup(round_: int, index: int) -> SecAggSiteState:
-    """Fresh key pairs and self-mask seed for this round."""
+def forget(state: RecordDict, round_: int) -> None:
+    """Drop a round's secrets once its unmasking is done: nothing needs them any more."""
+    if _key(round_) in state:
+        del state[_key(round_)]
+
+
+def setup(round_: int) -> SecAggSiteState:
+    """Fresh key pairs and self-mask seed for a round (its index comes with the key sharing)."""
     keys = sa.new_private_key(), sa.new_private_key()
-    return SecAggSiteState(round_, index, *keys, seed=os.urandom(sa.SEED_BYTES))
+    return SecAggSiteState(round_, 0, *keys, seed=os.urandom(sa.SEED_BYTES))
 
 
 def public_keys(secagg: SecAggSiteState) -> tuple[bytes, bytes]:
@@ -72,12 +83,15 @@ def public_keys(secagg: SecAggSiteState) -> tuple[bytes, bytes]:
 
 def share_keys(
     secagg: SecAggSiteState,
+    index: int,
     neighbours: Sequence[int],
     pk_c: Sequence[bytes],
     pk_s: Sequence[bytes],
     threshold: int,
 ) -> tuple[list[int], list[bytes]]:
-    """Shamir-share the seed and mask key among the neighbours; one sealed bundle per neighbour."""
+    """Shamir-share the seed and mask key among the neighbours; one sealed bundle per neighbour.
+    `index`: this site's number among the round's participants."""
+    secagg.index = index
     neighbours = [int(n) for n in neighbours]
     if secagg.index not in neighbours:
         raise sa.SecAggError(f"site {secagg.index} is not among its own neighbours {neighbours}")
@@ -88,7 +102,8 @@ def share_keys(
         raise sa.SecAggError(problem)
     seed_shares = sa.split_secret(secagg.seed, threshold, len(neighbours))
     key_shares = sa.split_secret(secagg.sk_s, threshold, len(neighbours))
-    secagg.neighbours, secagg.pk_s, secagg.threshold = neighbours, [bytes(k) for k in pk_s], threshold
+    secagg.neighbours, secagg.threshold = neighbours, threshold
+    secagg.pk_c, secagg.pk_s = [bytes(k) for k in pk_c], [bytes(k) for k in pk_s]
     secagg.own_seed_share, secagg.own_key_share = seed_shares[own], key_shares[own]
     destinations, sealed = [], []
     for pos, peer in enumerate(neighbours):
@@ -105,7 +120,6 @@ def masked_input(
     secagg: SecAggSiteState,
     senders: Sequence[int],
     sealed: Sequence[bytes],
-    pk_c: Sequence[bytes],
     vector: np.ndarray,
     quantiser: sa.Quantiser,
 ) -> tuple[np.ndarray, int]:
@@ -120,8 +134,8 @@ def masked_input(
         strangers = sorted(set(senders) - set(secagg.neighbours))
         raise sa.SecAggError(f"shares relayed from non-neighbours {strangers}")
     secagg.shares_from, secagg.seed_shares, secagg.key_shares = [], [], []
-    for sender, blob, key_c in zip(senders, sealed, pk_c, strict=True):
-        key = sa.agree(secagg.sk_c, key_c, sa.SHARE_INFO)
+    for sender, blob in zip(senders, sealed, strict=True):
+        key = sa.agree(secagg.sk_c, secagg.pk_c[secagg.neighbours.index(sender)], sa.SHARE_INFO)
         bundle = sa.unseal(key, blob, sa.share_context(secagg.round, sender, secagg.index))
         split = len(secagg.own_seed_share)
         secagg.shares_from.append(sender)
@@ -165,39 +179,54 @@ def unmasking_shares(
 
 
 def handle(request: ConfigRecord, state: RecordDict) -> ConfigRecord:
-    """Answer one of the coordinator's key stages (`setup`, `share-keys`, `unmask`)."""
+    """Answer a key stage: `setup`, `share-keys` or `unmask` (which may carry the next round's
+    key sharing: the round after it is then ready without extra exchanges)."""
     stage, round_ = str(request["stage"]), int(request["round"])
     if stage == "setup":
-        secagg = setup(round_, int(request["index"]))
+        secagg = setup(round_)
+        save(state, secagg)
         pk_c, pk_s = public_keys(secagg)
-        reply = ConfigRecord({"pk-c": pk_c, "pk-s": pk_s})
-    elif stage == "share-keys":
-        secagg = load(state, round_)
-        destinations, sealed = share_keys(
-            secagg, request["neighbours"], request["pk-c"], request["pk-s"], int(request["threshold"])
-        )
-        reply = ConfigRecord({"destinations": destinations, "sealed": sealed})
-    elif stage == "unmask":
-        secagg = load(state, round_)
-        seed_nodes, seed_shares, key_nodes, key_shares = unmasking_shares(
-            secagg, request["active"], request["dropped"]
-        )
-        reply = ConfigRecord({
-            "seed-nodes": seed_nodes, "seed-shares": seed_shares,
-            "key-nodes": key_nodes, "key-shares": key_shares,
-        })
-    else:
+        return ConfigRecord({"pk-c": pk_c, "pk-s": pk_s})
+    if stage == "share-keys":
+        return _share(request, state, round_)
+    if stage != "unmask":
         raise sa.SecAggError(f"unknown secure-aggregation stage {stage!r}")
-    save(state, secagg)
+    secagg = load(state, round_)
+    seed_nodes, seed_shares, key_nodes, key_shares = unmasking_shares(
+        secagg, request["active"], request["dropped"]
+    )
+    forget(state, round_)
+    reply = ConfigRecord({
+        "seed-nodes": seed_nodes, "seed-shares": seed_shares,
+        "key-nodes": key_nodes, "key-shares": key_shares,
+    })
+    if "next-round" in request:
+        reply.update(_share(request, state, int(request["next-round"])))
     return reply
 
 
-def mask_update(request: ConfigRecord, state: RecordDict, vector: np.ndarray) -> tuple[np.ndarray, int]:
-    """The training stage: this round's masked `vector` and its number of clipped coordinates."""
-    secagg = load(state, int(request["round"]))
-    quantiser = sa.Quantiser(float(request["clip-range"]), int(request["levels"]))
-    masked, clipped = masked_input(
-        secagg, request["senders"], request["sealed"], request["pk-c"], vector, quantiser
+def _share(request: ConfigRecord, state: RecordDict, round_: int) -> ConfigRecord:
+    secagg = load(state, round_)
+    destinations, sealed = share_keys(
+        secagg, int(request["index"]), request["neighbours"], request["pk-c"], request["pk-s"],
+        int(request["threshold"]),
     )
     save(state, secagg)
-    return masked, clipped
+    return ConfigRecord({"destinations": destinations, "sealed": sealed})
+
+
+def mask_update(
+    request: ConfigRecord, state: RecordDict, vector: np.ndarray
+) -> tuple[np.ndarray, int, ConfigRecord]:
+    """The training stage: this round's masked `vector`, its number of clipped coordinates, and
+    what goes back with it: the next round's public keys when the coordinator asks for them."""
+    secagg = load(state, int(request["round"]))
+    quantiser = sa.Quantiser(float(request["clip-range"]), int(request["levels"]))
+    masked, clipped = masked_input(secagg, request["senders"], request["sealed"], vector, quantiser)
+    save(state, secagg)
+    reply = ConfigRecord()
+    if "next-round" in request:
+        upcoming = setup(int(request["next-round"]))
+        save(state, upcoming)
+        reply["pk-c"], reply["pk-s"] = public_keys(upcoming)
+    return masked, clipped, reply

@@ -58,14 +58,17 @@ def recover_sum(
 
 
 def _enough(shares: Sequence[bytes], threshold: int, what: str) -> Sequence[bytes]:
+    """`threshold` of the shares: any that many rebuild the secret, and Lagrange interpolation
+    costs the square of the number used."""
     if len(shares) < threshold:
         raise sa.SecAggError(f"{len(shares)} shares of the {what}, {threshold} needed: too many drop-outs")
-    return shares
+    return shares[:threshold]
 
 
 @dataclass
 class _Round:
-    """What the coordinator keeps of one round: who is who, public keys, the neighbour graph."""
+    """What the coordinator keeps of one round: who is who, public keys, the neighbour graph, and
+    the sealed share bundles waiting to be relayed."""
 
     number: int
     index_of: dict[int, int]  # node id -> participant index
@@ -75,97 +78,124 @@ class _Round:
     pk_c: dict[int, bytes] = field(default_factory=dict)
     pk_s: dict[int, bytes] = field(default_factory=dict)
     shared: set[int] = field(default_factory=set)  # participants that completed key sharing
+    inbox: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)  # receiver -> bundles
 
     def node_of(self, index: int) -> int:
         return next(node for node, i in self.index_of.items() if i == index)
 
+    def share_request(self, node: int) -> dict:
+        """What `node` needs to share its keys: its number, threshold, neighbours and their keys."""
+        neighbours = [j for j in self.graph[self.index_of[node]] if j in self.pk_c]
+        return {
+            "index": self.index_of[node],
+            "threshold": self.threshold,
+            "neighbours": neighbours,
+            "pk-c": [self.pk_c[j] for j in neighbours],
+            "pk-s": [self.pk_s[j] for j in neighbours],
+        }
+
+    def collect(self, node: int, reply: ConfigRecord) -> None:
+        sender = self.index_of[node]
+        self.shared.add(sender)
+        for receiver, sealed in zip(reply["destinations"], reply["sealed"], strict=True):
+            self.inbox.setdefault(int(receiver), []).append((sender, bytes(sealed)))
+
 
 class SecureAggregation:
-    """Run the key stages before a round's training messages go out; recover the sum after."""
+    """Run the key stages around a round's training messages, then recover only the sum.
+
+    Steady state is pipelined: a site's training reply carries its public keys for the next round
+    and the unmasking request carries the next round's key sharing, so a round costs one exchange
+    more than without secure aggregation. The first round, and any round whose sites differ from
+    those keyed in advance, runs the `setup` and `share-keys` stages first.
+    """
 
     def __init__(self, config: SecureAggregationConfig, on_failure: Callable[[int, str], None]) -> None:
         self.config = config
         self.on_failure = on_failure  # (round, reason): the recorder's failure log
         self.timeout = 3600.0
+        self.last_round = 0  # no keys are prepared beyond it
         self._round: _Round | None = None
+        self._next: _Round | None = None
         self._grid: Grid | None = None
 
     @property
     def round_number(self) -> int:
         return self._round.number if self._round else 0
 
-    def prepare(self, grid: Grid, server_round: int, messages: Iterable[Message]) -> list[Message]:
-        """Key agreement and share exchange; returns the training messages of the sites that
-        completed both, each carrying the sealed shares addressed to it."""
-        messages = list(messages)
-        self._grid = grid
-        nodes = sorted(m.metadata.dst_node_id for m in messages)
-        index_of = {node: i + 1 for i, node in enumerate(nodes)}
+    def _plan(self, number: int, nodes: Sequence[int]) -> _Round:
+        nodes = sorted(nodes)
         graph = sa.neighbourhoods(len(nodes), self.config.neighbours, random.SystemRandom())
         holders = len(next(iter(graph.values()))) if graph else 0
-        current = _Round(
-            server_round,
-            index_of,
+        return _Round(
+            number,
+            {node: i + 1 for i, node in enumerate(nodes)},
             graph,
             sa.reconstruction_threshold(self.config.threshold, holders),
             sa.Quantiser.for_sites(self.config.clip_range, len(nodes)),
         )
-        self._round = current
-        setup = {n: {"stage": "setup", "index": index_of[n]} for n in nodes}
-        for node, reply in self._stage(server_round, setup):
-            current.pk_c[index_of[node]] = bytes(reply["pk-c"])
-            current.pk_s[index_of[node]] = bytes(reply["pk-s"])
-        requests = {}
-        for node in sorted(n for n in nodes if index_of[n] in current.pk_c):
-            neighbours = [j for j in graph[index_of[node]] if j in current.pk_c]
-            requests[node] = {
-                "stage": "share-keys",
-                "threshold": current.threshold,
-                "neighbours": neighbours,
-                "pk-c": [current.pk_c[j] for j in neighbours],
-                "pk-s": [current.pk_s[j] for j in neighbours],
-            }
-        inbox: dict[int, tuple[list[int], list[bytes]]] = {i: ([], []) for i in index_of.values()}
-        for node, reply in self._stage(server_round, requests):
-            sender = index_of[node]
-            current.shared.add(sender)
-            for receiver, sealed in zip(reply["destinations"], reply["sealed"], strict=True):
-                inbox[int(receiver)][0].append(sender)
-                inbox[int(receiver)][1].append(bytes(sealed))
-        ready = []
+
+    def _key_round(self, number: int, nodes: Sequence[int]) -> _Round:
+        """The `setup` and `share-keys` stages for a round nobody holds keys for yet."""
+        current = self._plan(number, nodes)
+        for node, reply in self._stage(number, {n: {"stage": "setup"} for n in current.index_of}):
+            current.pk_c[current.index_of[node]] = bytes(reply["pk-c"])
+            current.pk_s[current.index_of[node]] = bytes(reply["pk-s"])
+        keyed = [n for n in current.index_of if current.index_of[n] in current.pk_c]
+        requests = {n: {"stage": "share-keys", **current.share_request(n)} for n in keyed}
+        for node, reply in self._stage(number, requests):
+            current.collect(node, reply)
+        return current
+
+    def prepare(self, grid: Grid, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        """The round's training messages for the sites holding keys for it, each carrying the
+        sealed shares addressed to it (keys are agreed first where they were not in advance)."""
+        messages = list(messages)
+        self._grid = grid
+        nodes = {m.metadata.dst_node_id for m in messages}
+        ready = self._next
+        if ready is None or ready.number != server_round or not nodes <= {
+            ready.node_of(i) for i in ready.shared
+        }:
+            ready = self._key_round(server_round, sorted(nodes))
+        self._round, self._next = ready, None
+        if len(ready.shared) < ready.threshold:
+            self.on_failure(server_round, f"secure aggregation: only {len(ready.shared)} sites "
+                            f"shared keys, {ready.threshold} needed; no training this round")
+            return []
+        relayed = []
         for message in messages:
-            index = index_of[message.metadata.dst_node_id]
-            if index not in current.shared:
+            index = ready.index_of.get(message.metadata.dst_node_id)
+            if index not in ready.shared:
                 continue
-            senders, sealed = [], []
-            for sender, blob in zip(*inbox[index], strict=True):
-                if sender in current.shared:
-                    senders.append(sender)
-                    sealed.append(blob)
+            bundles = [(s, b) for s, b in ready.inbox.get(index, []) if s in ready.shared]
             relay = ConfigRecord({
                 "round": server_round,
-                "senders": senders,
-                "sealed": sealed,
-                "pk-c": [current.pk_c[s] for s in senders],
-                "clip-range": current.quantiser.clip_range,
-                "levels": current.quantiser.levels,
+                "senders": [s for s, _ in bundles],
+                "sealed": [b for _, b in bundles],
+                "clip-range": ready.quantiser.clip_range,
+                "levels": ready.quantiser.levels,
                 "max-weight": float(self.config.max_weight),
             })
+            if server_round < self.last_round:
+                relay["next-round"] = server_round + 1
             # Flower's strategies share one content object among a round's messages: copy it
-            ready.append(Message(
+            relayed.append(Message(
                 RecordDict({**dict(message.content.items()), p.SECAGG: relay}),
                 dst_node_id=message.metadata.dst_node_id,
                 message_type=message.metadata.message_type,
                 group_id=message.metadata.group_id,
             ))
-        if len(current.shared) < current.threshold:
-            self.on_failure(server_round, f"secure aggregation: only {len(current.shared)} sites "
-                            f"shared keys, {current.threshold} needed; no training this round")
-            return []
-        return ready
+        return relayed
 
-    def recover(self, masked_by_node: Mapping[int, np.ndarray]) -> tuple[np.ndarray, int] | None:
-        """Unmask the sum of the inputs that arrived: (float sum, number of inputs), or None."""
+    def recover(
+        self, masked_by_node: Mapping[int, np.ndarray], next_keys: Mapping[int, ConfigRecord]
+    ) -> tuple[np.ndarray, int] | None:
+        """Unmask the sum of the inputs that arrived: (float sum, number of inputs), or None.
+
+        `next_keys`: the next round's public keys that came with the training replies; the
+        unmasking request carries that round's key sharing to the same sites.
+        """
         current, grid = self._round, self._grid
         if current is None or grid is None:
             raise sa.SecAggError("recover() before prepare()")
@@ -175,16 +205,30 @@ class SecureAggregation:
             self.on_failure(current.number, f"secure aggregation: {len(masked)} masked updates, "
                             f"{current.threshold} needed to unmask; round skipped")
             return None
-        active = sorted(masked)
-        request = {"stage": "unmask", "active": active, "dropped": dropped}
+        keyed = sorted(n for n in masked_by_node if "pk-c" in next_keys.get(n, {}))
+        upcoming = self._plan(current.number + 1, keyed)
+        for node, keys in next_keys.items():
+            if node in upcoming.index_of:
+                upcoming.pk_c[upcoming.index_of[node]] = bytes(keys["pk-c"])
+                upcoming.pk_s[upcoming.index_of[node]] = bytes(keys["pk-s"])
+        base = {"stage": "unmask", "active": sorted(masked), "dropped": dropped}
+        requests = {
+            current.node_of(i): base | (
+                {"next-round": upcoming.number, **upcoming.share_request(current.node_of(i))}
+                if current.node_of(i) in upcoming.index_of else {}
+            )
+            for i in masked
+        }
         seed_shares: dict[int, list[bytes]] = {}
-        key_shares: dict[int, list[bytes]] = {}
-        for _, reply in self._stage(current.number, {current.node_of(i): request for i in active}):
+        key_shares: dict[int, list[bytes]] = {d: [] for d in dropped}
+        for node, reply in self._stage(current.number, requests):
             for site, share in zip(reply["seed-nodes"], reply["seed-shares"], strict=True):
                 seed_shares.setdefault(int(site), []).append(bytes(share))
             for site, share in zip(reply["key-nodes"], reply["key-shares"], strict=True):
                 key_shares.setdefault(int(site), []).append(bytes(share))
-        key_shares = {d: key_shares.get(d, []) for d in dropped}
+            if "destinations" in reply and node in upcoming.index_of:
+                upcoming.collect(node, reply)
+        self._next = upcoming if upcoming.index_of else None
         try:
             total = recover_sum(current.number, masked, seed_shares, key_shares, current.pk_s,
                                 current.graph, current.threshold)
@@ -199,6 +243,8 @@ class SecureAggregation:
     def _stage(self, server_round: int, requests: Mapping[int, dict]) -> list[tuple[int, ConfigRecord]]:
         """Send one stage's requests; the replies of the sites that answered it."""
         assert self._grid is not None
+        if not requests:
+            return []
         messages = [
             Message(RecordDict({p.SECAGG: ConfigRecord({"round": server_round, **body})}),
                     dst_node_id=node, message_type=p.SECAGG_MESSAGE)

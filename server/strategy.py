@@ -178,7 +178,10 @@ class SiteReportingStrategy(Strategy):
         like any site's reply: FedAvg returns it as is, FedAdam and kin take it as the mean."""
         assert self.secure is not None
         masked = {self._destination(m): next(iter(m.content[p.MASKED].values())).numpy() for m in replies}
-        recovered = self.secure.recover(masked)
+        next_keys = {
+            self._destination(m): m.content[p.SECAGG] for m in replies if p.SECAGG in m.content.config_records
+        }
+        recovered = self.secure.recover(masked, next_keys)
         if recovered is None:
             return []
         total, count = recovered
@@ -235,6 +238,8 @@ class SiteReportingStrategy(Strategy):
                 log.warning("round %d: update from %s rejected: %s", server_round, site, problem)
             else:
                 update = RecordDict({p.MASKED: masked, p.TRAIN_METRICS: content[p.TRAIN_METRICS]})
+                if p.SECAGG in content.config_records:  # the site's keys for the next round
+                    update[p.SECAGG] = content[p.SECAGG]
         elif report.status == TRAINED:
             arrays = content.array_records.get(p.ARRAYS)
             problem = (
@@ -284,7 +289,7 @@ class SiteReportingStrategy(Strategy):
         `evaluate_fn` sees the study's round numbers (a resumed study's round 1 is offset + 1)."""
         offset = self.round_offset
         if self.secure is not None:
-            self.secure.timeout = timeout
+            self.secure.timeout, self.secure.last_round = timeout, num_rounds
 
         def shifted(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if flower_round == 0 and offset:

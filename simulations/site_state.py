@@ -49,8 +49,11 @@ def site_state_mod(state_dir: Path) -> Mod:
         finally:  # also when the app fails after training: the spend it saved must survive
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            durable = RecordDict({k: r for k, r in context.state.items() if k != SECAGG_STATE_KEY})
-            with os.fdopen(fd, "wb") as fh:  # a round's secure-aggregation secrets stay in memory
+            # a round's secure-aggregation secrets stay in memory
+            durable = RecordDict(
+                {k: r for k, r in context.state.items() if not k.startswith(SECAGG_STATE_KEY)}
+            )
+            with os.fdopen(fd, "wb") as fh:
                 fh.write(recorddict_to_proto(durable).SerializeToString())
             os.replace(tmp, path)
 

@@ -54,41 +54,64 @@ class _Grid:
 GLOBAL = {"w": np.zeros((3, 4), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
 
 
+class _Federation:
+    """The real strategy wrapper and site code over `_Grid`, round after round; node i+1 is site i."""
+
+    def __init__(self, tmp_path: Path, sites: int, rounds: int = 1, **config: object) -> None:
+        _, study = heart_study(tmp_path)
+        self.recorder = RunRecorder(tmp_path / "run", study, {})
+        self.config = SecureAggregationConfig(enabled=True, max_weight=100.0, **config)  # type: ignore[arg-type]
+        self.grid = _Grid(sites)
+        secure = SecureAggregation(self.config, self.recorder.record_failure)
+        secure.last_round = rounds
+        inner = build_strategy(StrategyConfig(), sites)
+        self.strategy = SiteReportingStrategy(inner, self.recorder, secure=secure)
+
+    def round(
+        self, server_round: int, updates: list[np.ndarray], weights: list[int], *,
+        drop_before_input: set[int] = frozenset(), drop_in_unmask: set[int] = frozenset(),
+    ) -> ArrayRecord | None:
+        """Sites send `updates` (flat deltas to GLOBAL) weighted by `weights`."""
+        self.grid.down = set()
+        arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+        sent = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))  # type: ignore[arg-type]
+        replies = []
+        for msg in sent:
+            node = msg.metadata.dst_node_id
+            msg.metadata.__dict__["_message_id"] = f"m{next(_ids)}"
+            if node in drop_before_input:
+                replies.append(Message(Error(code=1, reason="site went offline"), reply_to=msg))
+                continue
+            ratio = weights[node - 1] / self.config.max_weight
+            vector = np.append(updates[node - 1] * ratio, ratio)
+            masked, _, keys = site_secagg.mask_update(msg.content[p.SECAGG], self.grid.states[node], vector)
+            content = RecordDict({
+                p.SITE: ConfigRecord({p.SITE_NAME: f"site-{node}", p.STATUS: "trained", p.REASON: ""}),
+                p.TRAIN_METRICS: MetricRecord({p.NUM_EXAMPLES: weights[node - 1], "train-loss": 0.5}),
+                p.MASKED: ArrayRecord({p.MASKED: Array(masked)}),
+            })
+            if keys:
+                content[p.SECAGG] = keys
+            replies.append(Message(content, reply_to=msg))
+        self.grid.down = set(drop_in_unmask)
+        aggregate, _ = self.strategy.aggregate_train(server_round, replies)
+        return aggregate
+
+
 def _round(
     tmp_path: Path, updates: list[np.ndarray], weights: list[int], *,
-    drop_before_input: set[int] = frozenset(), drop_in_unmask: set[int] = frozenset(),
-    neighbours: int = 0, max_weight: float = 100.0,
+    drop_before_input: set[int] = frozenset(), drop_in_unmask: set[int] = frozenset(), neighbours: int = 0,
 ) -> tuple[ArrayRecord | None, RunRecorder, _Grid]:
-    """One round of the real strategy wrapper and site code over `_Grid`; sites send `updates`
-    (flat deltas to GLOBAL) weighted by `weights`; node i+1 is site i."""
-    _, study = heart_study(tmp_path)
-    recorder = RunRecorder(tmp_path / "run", study, {})
-    config = SecureAggregationConfig(enabled=True, neighbours=neighbours, max_weight=max_weight)
-    grid = _Grid(len(updates))
-    secure = SecureAggregation(config, recorder.record_failure)
-    strategy = SiteReportingStrategy(
-        build_strategy(StrategyConfig(), len(updates)), recorder, secure=secure
+    federation = _Federation(tmp_path, len(updates), neighbours=neighbours)
+    aggregate = federation.round(
+        1, updates, weights, drop_before_input=drop_before_input, drop_in_unmask=drop_in_unmask
     )
-    arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
-    sent = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))  # type: ignore[arg-type]
-    replies = []
-    for msg in sent:
-        node = msg.metadata.dst_node_id
-        msg.metadata.__dict__["_message_id"] = f"m{next(_ids)}"
-        if node in drop_before_input:
-            replies.append(Message(Error(code=1, reason="site went offline"), reply_to=msg))
-            continue
-        ratio = weights[node - 1] / max_weight
-        vector = np.append(updates[node - 1] * ratio, ratio)
-        masked, _ = site_secagg.mask_update(msg.content[p.SECAGG], grid.states[node], vector)
-        replies.append(Message(RecordDict({
-            p.SITE: ConfigRecord({p.SITE_NAME: f"site-{node}", p.STATUS: "trained", p.REASON: ""}),
-            p.TRAIN_METRICS: MetricRecord({p.NUM_EXAMPLES: weights[node - 1], "train-loss": 0.5}),
-            p.MASKED: ArrayRecord({p.MASKED: Array(masked)}),
-        }), reply_to=msg))
-    grid.down |= set(drop_in_unmask)
-    aggregate, _ = strategy.aggregate_train(1, replies)
-    return aggregate, recorder, grid
+    return aggregate, federation.recorder, federation.grid
+
+
+def _stages(grid: _Grid, server_round: int) -> list[str]:
+    requests = [m.content[p.SECAGG] for m in grid.log]
+    return [str(r["stage"]) for r in requests if int(r["round"]) == server_round]
 
 
 def _updates(sites: int, seed: int = 0) -> list[np.ndarray]:
@@ -110,6 +133,23 @@ def test_coordinator_recovers_the_weighted_mean_of_the_updates(tmp_path: Path) -
     assert aggregate is not None and not recorder.failures
     # float32 model, 2**29 quantisation levels over +-2: far below float32 resolution here
     np.testing.assert_allclose(_flat(aggregate), _weighted_mean(updates, weights, range(5)), atol=1e-6)
+
+
+def test_later_rounds_are_keyed_in_advance_and_a_returning_site_rekeys(tmp_path: Path) -> None:
+    """Round 2's keys travel with round 1's training and unmasking messages (no setup stage);
+    a site that missed round 2 is back in round 3, which is keyed afresh; every sum is right."""
+    federation = _Federation(tmp_path, 5, rounds=3)
+    weights = [30, 50, 10, 80, 40]
+    for server_round, dropped in ((1, set()), (2, {4}), (3, set())):
+        updates = _updates(5, seed=server_round)
+        aggregate = federation.round(server_round, updates, weights, drop_before_input=dropped)
+        assert aggregate is not None
+        alive = [i for i in range(5) if i + 1 not in dropped]
+        np.testing.assert_allclose(_flat(aggregate), _weighted_mean(updates, weights, alive), atol=1e-6)
+    assert _stages(federation.grid, 1) == ["setup"] * 5 + ["share-keys"] * 5 + ["unmask"] * 5
+    assert _stages(federation.grid, 2) == ["unmask"] * 4  # keyed in round 1; site 4 gone
+    assert _stages(federation.grid, 3) == ["setup"] * 5 + ["share-keys"] * 5 + ["unmask"] * 5
+    assert not any(k.startswith(site_secagg.STATE_KEY + "-r1") for k in federation.grid.states[1])
 
 
 def test_sum_is_exact_after_quantisation() -> None:
@@ -178,12 +218,12 @@ def test_site_refuses_requests_that_would_expose_its_update() -> None:
     site_secagg.unmasking_shares(secagg, active=[1, 2, 3, 4], dropped=[])
     with pytest.raises(sa.SecAggError, match="already given"):
         site_secagg.unmasking_shares(secagg, active=[1, 2, 3, 4], dropped=[])
-    fresh = site_secagg.setup(2, 1)
+    fresh = site_secagg.setup(2)
     pk_c, pk_s = site_secagg.public_keys(fresh)
     with pytest.raises(sa.SecAggError, match="not a strict majority"):
-        site_secagg.share_keys(fresh, [1, 2, 3, 4], [pk_c] * 4, [pk_s] * 4, threshold=2)
+        site_secagg.share_keys(fresh, 1, [1, 2, 3, 4], [pk_c] * 4, [pk_s] * 4, threshold=2)
     with pytest.raises(sa.SecAggError, match="not this site's"):
-        site_secagg.share_keys(fresh, [1, 2, 3], [pk_s] * 3, [pk_c] * 3, threshold=2)
+        site_secagg.share_keys(fresh, 1, [1, 2, 3], [pk_s] * 3, [pk_c] * 3, threshold=2)
 
 
 def test_shamir_shares_rebuild_only_from_the_threshold() -> None:
@@ -225,7 +265,7 @@ def _protocol(inputs: list[np.ndarray], quantiser: sa.Quantiser) -> tuple[dict[i
     states = {i: RecordDict() for i in range(1, n + 1)}
     keys = {}
     for i, state in states.items():
-        secagg = site_secagg.setup(1, i)
+        secagg = site_secagg.setup(1)
         keys[i] = site_secagg.public_keys(secagg)
         site_secagg.save(state, secagg)
     graph = sa.neighbourhoods(n, 0, random.Random(0))
@@ -234,8 +274,8 @@ def _protocol(inputs: list[np.ndarray], quantiser: sa.Quantiser) -> tuple[dict[i
     for i, state in states.items():
         secagg = site_secagg.load(state, 1)
         nb = graph[i]
-        dst, sealed = site_secagg.share_keys(secagg, nb, [keys[j][0] for j in nb], [keys[j][1] for j in nb],
-                                             threshold)
+        dst, sealed = site_secagg.share_keys(secagg, i, nb, [keys[j][0] for j in nb],
+                                             [keys[j][1] for j in nb], threshold)
         site_secagg.save(state, secagg)
         for d, s in zip(dst, sealed, strict=True):
             inbox[d].append((i, s))
@@ -243,9 +283,8 @@ def _protocol(inputs: list[np.ndarray], quantiser: sa.Quantiser) -> tuple[dict[i
     for i, state in states.items():
         senders = [s for s, _ in inbox[i]]
         request = ConfigRecord({"round": 1, "senders": senders, "sealed": [b for _, b in inbox[i]],
-                                "pk-c": [keys[s][0] for s in senders], "clip-range": quantiser.clip_range,
-                                "levels": quantiser.levels})
-        masked[i], _ = site_secagg.mask_update(request, state, inputs[i - 1])
+                                "clip-range": quantiser.clip_range, "levels": quantiser.levels})
+        masked[i], _, _ = site_secagg.mask_update(request, state, inputs[i - 1])
     return states, masked
 
 
