@@ -9,13 +9,14 @@ from __future__ import annotations
 import copy
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
 from pm_common.contract import DataContract, contract_from_dict
+from pm_common.models import resolve_grad_sample_mode
 
 if TYPE_CHECKING:
     from pm_common.imaging import ImageSpec
@@ -42,7 +43,7 @@ class TrainingConfig:
     learning_rate: float = 0.1
     momentum: float = 0.0
     max_grad_norm: float = 1.0
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "auto"  # or an Opacus mode; "auto": the model's fastest (pm_common.models)
     max_physical_batch_size: int = 0  # > 0: Opacus' BatchMemoryManager splits larger Poisson batches
 
 
@@ -209,6 +210,16 @@ def _image_spec(table: Mapping[str, Any]) -> ImageSpec:
         raise StudyConfigError(f"[images]: needs size = [H, W], channels and classes ({exc})") from exc
 
 
+def _training(table: Mapping[str, Any], model: ModelConfig) -> TrainingConfig:
+    """[training] with "auto" resolved for the model; `raw` keeps "auto", so `--model` re-resolves it."""
+    training = _build(TrainingConfig, table, "training")
+    try:
+        mode = resolve_grad_sample_mode(training.grad_sample_mode, model.name)
+    except ValueError as exc:
+        raise StudyConfigError(f"[training] {exc}") from exc
+    return replace(training, grad_sample_mode=mode)
+
+
 def _check_robustness(strategy: StrategyConfig) -> None:
     if strategy.max_update_norm is not None and not strategy.max_update_norm > 0:
         raise StudyConfigError("[strategy] max_update_norm must be positive")
@@ -294,7 +305,7 @@ def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
         contract=contract,
         images=images,
         model=model,
-        training=_build(TrainingConfig, _table(raw, "training"), "training"),
+        training=_training(_table(raw, "training"), model),
         strategy=strategy,
         privacy=privacy,
         split=_build(SplitConfig, _table(raw, "split"), "split"),

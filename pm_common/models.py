@@ -54,6 +54,29 @@ def build_tabular_model(
     raise ValueError(f"unknown tabular model {name!r}; choose one of {TABULAR_MODELS}")
 
 
+OPACUS_MODES = ("hooks", "ew", "functorch", "ghost")
+AUTO_MODE = "auto"
+FASTEST_GRAD_SAMPLE_MODE: dict[str, str] = {
+    "logreg": "hooks",
+    "mlp": "hooks",
+    "small-cnn": "hooks",
+    "densenet121": "hooks",
+}
+"""What `grad_sample_mode = "auto"` trains each model with: the fastest Opacus mode that is valid
+with Poisson sampling, measured on CPU with one thread (benchmarks/dp_slowdown.py,
+benchmarks/imaging_throughput.py; README). `ew` is faster for the tabular models but fails on the
+empty batches Poisson sampling draws; `functorch` and `ghost` are slower for every model here."""
+
+
+def resolve_grad_sample_mode(requested: str, model_name: str) -> str:
+    """The Opacus grad-sample mode a study trains with: `requested`, or the model's fastest if "auto"."""
+    if requested == AUTO_MODE:
+        return FASTEST_GRAD_SAMPLE_MODE.get(model_name, "hooks")
+    if requested not in OPACUS_MODES:
+        raise ValueError(f"grad_sample_mode must be {AUTO_MODE!r} or one of {OPACUS_MODES}: {requested!r}")
+    return requested
+
+
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict without Opacus' `_module.` wrapper prefix, detached on the CPU."""
     module = getattr(model, "_module", model)
