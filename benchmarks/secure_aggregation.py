@@ -5,10 +5,12 @@ across sites: this measures cost, not accuracy). The MLP, DP-SGD at every site, 
 secure runs alternate. Bytes are the serialised Flower messages the coordinator pushes to and
 pulls from the sites (every message of a round: training and secure-aggregation stages), per
 site per round; the "update" columns are the training reply alone. Round time is the median
-wall time between rounds from the live-progress hook (the first round, which pays Ray's warm-up,
-is left out).
+wall time between the ends of consecutive rounds from the live-progress hook: rounds 2 onwards,
+the steady state (round 1 also pays Ray's warm-up and, secure, two more key exchanges).
 
-    python -m benchmarks.secure_aggregation [--sites 4 20 100] [--rounds 3] [--neighbours 0]
+    python -m benchmarks.secure_aggregation [--runs 4:0 20:0 100:0 100:15] [--rounds 6]
+
+(`SITES:NEIGHBOURS`; neighbours 0: every site, as SecAgg; k > 0: SecAgg+'s sparse graph.)
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def run(sites: int, secure: bool, rounds: int, neighbours: int, folder: Path) ->
     return {
         "sites": sites,
         "secure": secure,
-        "round_s": median([b - a for a, b in itertools.pairwise(stamps)]),
+        "round_s": median([b - a for a, b in itertools.pairwise(stamps)]),  # rounds 2..: steady state
         "bytes_per_site_round": total,
         "update_bytes": update_up,
         "by_type": {k: v / per_site_round for k, v in sorted(wire.bytes.items())},
@@ -112,32 +114,35 @@ def run(sites: int, secure: bool, rounds: int, neighbours: int, folder: Path) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sites", type=int, nargs="+", default=[4, 20, 100])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--neighbours", type=int, default=0, help="0: every site (SecAgg)")
+    parser.add_argument("--runs", nargs="+", default=["4:0", "20:0", "100:0", "100:15"],
+                        help="SITES:NEIGHBOURS (0: every site)")
+    parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for sites in args.sites:
+        for spec in args.runs:
+            sites, neighbours = (int(v) for v in spec.split(":"))
             for secure in (False, True):
-                folder = Path(tmp) / f"{sites}-{secure}"
+                folder = Path(tmp) / f"{spec.replace(':', '-')}-{secure}"
                 folder.mkdir()
-                results.append(run(sites, secure, args.rounds, args.neighbours, folder))
+                measured = run(sites, secure, args.rounds, neighbours, folder)
+                results.append({**measured, "neighbours": neighbours})
     rows = []
     for plain, secure in zip(results[::2], results[1::2], strict=True):
         rows.append([
-            plain["sites"], plain["round_s"], secure["round_s"], secure["round_s"] / plain["round_s"],
+            plain["sites"], secure["neighbours"] or "all",
+            plain["round_s"], secure["round_s"], secure["round_s"] / plain["round_s"],
             plain["update_bytes"], secure["update_bytes"], plain["bytes_per_site_round"],
             secure["bytes_per_site_round"], secure["bytes_per_site_round"] / plain["bytes_per_site_round"],
         ])
     print_table(
-        f"secure aggregation cost (MLP, DP-SGD, FedAvg, neighbours={args.neighbours or 'all'})",
-        ["sites", "round s plain", "round s secure", "time x", "update B plain", "update B secure",
-         "round B/site plain", "round B/site secure", "bytes x"],
+        f"secure aggregation cost (MLP, DP-SGD, FedAvg, {args.rounds} rounds, medians)",
+        ["sites", "neighbours", "round s plain", "round s secure", "time x", "update B plain",
+         "update B secure", "round B/site plain", "round B/site secure", "bytes x"],
         rows,
     )
-    write_results("secure_aggregation", {"rounds": args.rounds, "neighbours": args.neighbours,
-                                         "message_types": [p.SECAGG_MESSAGE, "train"], "runs": results})
+    write_results("secure_aggregation", {"rounds": args.rounds, "message_types": [p.SECAGG_MESSAGE, "train"],
+                                         "runs": results})
 
 
 if __name__ == "__main__":
