@@ -9,10 +9,12 @@ and pass ``opacus.validators.ModuleValidator.validate(model, strict=True)``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
-from opacus.grad_sample import register_grad_sampler
+import torch.nn.functional as F
+from opacus.grad_sample import GradSampleModule, register_grad_sampler
 from torch import nn
 
 IMAGE_MODELS: tuple[str, ...] = ("small-cnn", "densenet121")
@@ -31,6 +33,47 @@ class GroupedGradConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         if isinstance(self.padding, str) or self.padding_mode != "zeros":
             raise ValueError("GroupedGradConv2d takes numeric zero padding only")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _opacus_hooks_replace_grad(self):
+            return super().forward(x)
+        out = _InputGradOnlyConv.apply(x, self.weight, self)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+def _opacus_hooks_replace_grad(layer: nn.Module) -> bool:
+    """True while Opacus' hooks mode computes this layer's per-sample gradients: then the DP
+    optimizer overwrites the weight's batch gradient with the clipped, noised per-sample sum, so
+    autograd need not compute it. Not for ghost clipping, whose second backward pass needs it."""
+    for hook in layer._forward_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if type(owner) is GradSampleModule and owner.hooks_enabled and not owner.force_functorch:
+            return True
+    return False
+
+
+class _InputGradOnlyConv(torch.autograd.Function):
+    """conv2d whose backward returns the input's gradient only (see `_opacus_hooks_replace_grad`).
+
+    The weight's per-sample gradients still come from Opacus' backward hook on the layer; only the
+    unused batch weight gradient, about a third of an ordinary step's convolution work, is skipped.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, layer: GroupedGradConv2d) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.input_shape, ctx.layer = x.shape, layer
+        return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        (weight,) = ctx.saved_tensors
+        layer = ctx.layer
+        grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad_out, layer.stride,
+                                            layer.padding, layer.dilation, layer.groups)
+        return grad_x, None, None
 
 
 @register_grad_sampler(GroupedGradConv2d)
@@ -74,7 +117,13 @@ class SmallCNN(nn.Module):
       no longer re-normalises every activation to get GroupNorm's per-sample gradients (that
       alone was about a third of the DP overhead);
     * a global max pool head: a lesion is a small local finding, "is it anywhere?", which an
-      average over the whole image dilutes.
+      average over the whole image dilutes;
+    * the pooled features are normalised (layer norm without parameters, scaled to unit length)
+      before the linear layer. Raw max-pooled activations have a norm of ~15, so under DP-SGD the
+      head's per-sample gradient ((p - y) times the features) took nearly all of each clipped
+      gradient, and the noise added to the head's weights became one large random logit offset
+      shared by every image: models collapsed to predicting one class. Normalised, the
+      convolutions get their share of the clipped gradient (it also learns faster without DP).
     """
 
     def __init__(
@@ -100,13 +149,13 @@ class SmallCNN(nn.Module):
             ]
             channels = width
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)
-        )
+        self.head = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes) for images (N, C, H, W)."""
-        return self.head(self.features(x))
+        pooled = self.features(x).amax(dim=(2, 3))
+        width = pooled.shape[1]
+        return self.head(F.layer_norm(pooled, (width,)) / math.sqrt(width))
 
 
 def build_image_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:

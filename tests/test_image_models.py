@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from opacus import GradSampleModule, PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
@@ -84,6 +85,30 @@ def test_grouped_per_sample_gradients_equal_opacus_defaults() -> None:
     nn.functional.cross_entropy(plain(x), y).backward()
     for p, q in zip(fast.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p.grad_sample.sum(0), q.grad * 6, rtol=1e-4, atol=1e-5)
+
+
+def test_hooks_mode_skips_only_the_unused_batch_weight_gradient() -> None:
+    """Under Opacus' hooks the convolutions' batch weight gradients are not computed (the DP
+    optimizer replaces them); a noiseless clipped step still equals Opacus' own Conv2d path."""
+    torch.manual_seed(0)
+    fast = SmallCNN(1, 2, 32)
+    reference = _with_plain_convs(SmallCNN(1, 2, 32))
+    reference.load_state_dict(fast.state_dict())
+    x, y = torch.rand(8, 1, 32, 32), torch.randint(0, 2, (8,))
+    convs = [m for m in fast.modules() if isinstance(m, GroupedGradConv2d)]
+    for model in (fast, reference):
+        optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), noise_multiplier=0.0,
+                                max_grad_norm=0.1, expected_batch_size=8)
+        wrapped = GradSampleModule(model)
+        nn.functional.cross_entropy(wrapped(x), y).backward()
+        if model is fast:
+            assert all(conv.weight.grad is None and conv.weight.grad_sample is not None for conv in convs)
+        optimizer.step()
+        wrapped.remove_hooks()
+    for a, b in zip(fast.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    nn.functional.cross_entropy(fast(x), y).backward()  # without Opacus: an ordinary Conv2d
+    assert all(conv.weight.grad is not None for conv in convs)
 
 
 def test_grouped_conv_handles_stride_bias_and_rejects_string_padding() -> None:
