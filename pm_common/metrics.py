@@ -19,6 +19,13 @@ def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
     return metrics
 
 
+def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean recall over the classes present in `labels` (as scikit-learn's). Under label skew plain
+    accuracy rewards predicting a site's majority class; balanced accuracy scores that as chance."""
+    predicted, labels = predicted.detach().cpu(), labels.detach().cpu()
+    return float(np.mean([(predicted[labels == c] == c).float().mean().item() for c in labels.unique()]))
+
+
 def reportable(metrics: dict[str, float], min_count: int) -> bool:
     """Metrics over fewer than `min_count` records could single a patient out: do not send them."""
     return metrics.get("n", 0.0) >= min_count

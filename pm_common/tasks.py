@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from pm_common.config import SiteSpec, StudyConfig
-from pm_common.metrics import binary_metrics
+from pm_common.metrics import balanced_accuracy, binary_metrics
 from pm_common.models import build_tabular_model
 
 TABULAR = "binary-classification"
@@ -72,15 +72,18 @@ class TabularTask:
 
     def describe_model(self, study: StudyConfig) -> dict[str, Any]:
         return {"model": study.model.name, "num_inputs": study.contract.num_inputs,
-                "hidden": list(study.model.hidden), "inputs": study.contract.encoded_names()}
+                "hidden": list(study.model.hidden), "inputs": study.contract.encoded_names(),
+                "grad_sample_mode": study.training.grad_sample_mode}
 
 
 def multiclass_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Cross-entropy, accuracy, ROC AUC (one-vs-rest for more than two classes, when defined), n."""
+    """Cross-entropy, accuracy, balanced accuracy, ROC AUC (one-vs-rest for more than two classes,
+    when defined), n."""
     logits, labels = logits.detach().float().cpu(), labels.detach().long().cpu()
     loss = nn.functional.cross_entropy(logits, labels).item()
-    accuracy = (logits.argmax(1) == labels).float().mean().item()
-    metrics = {"loss": loss, "accuracy": accuracy, "n": float(len(labels))}
+    predicted = logits.argmax(1)
+    metrics = {"loss": loss, "accuracy": (predicted == labels).float().mean().item(),
+               "balanced_accuracy": balanced_accuracy(predicted, labels), "n": float(len(labels))}
     probabilities = torch.softmax(logits, 1).numpy()
     present = np.unique(labels.numpy())
     if len(present) == logits.shape[1] == 2:
@@ -121,7 +124,8 @@ class ImageTask:
     def describe_model(self, study: StudyConfig) -> dict[str, Any]:
         assert study.images is not None
         return {"model": study.model.name, "image_size": list(study.images.size),
-                "channels": study.images.channels, "classes": list(study.images.classes)}
+                "channels": study.images.channels, "classes": list(study.images.classes),
+                "grad_sample_mode": study.training.grad_sample_mode}
 
 
 def task_of(study: StudyConfig) -> Task:

@@ -69,7 +69,9 @@ def _print_results(out: Path, metrics: dict[str, Any]) -> None:
     summary = json.loads((out / "privacy" / "summary.json").read_text())
     final = metrics["rounds"][-1]
     table = Table(title=f"{metrics['study']}: final model (round {final['round']})")
-    for column in ("site", "test acc", "AUC", "n", "ε (cumulative)", "budget", "δ", "status"):
+    balanced = any("balanced_accuracy" in m for m in final["sites"].values())  # imaging studies
+    for column in ("site", "test acc", *(["bal. acc"] if balanced else []), "AUC", "n", "ε (cumulative)",
+                   "budget", "δ", "status"):
         table.add_column(column)
     for site, info in summary["sites"].items():
         m = final["sites"].get(site, {})
@@ -77,6 +79,7 @@ def _print_results(out: Path, metrics: dict[str, Any]) -> None:
         table.add_row(
             site,
             _fmt(m.get("accuracy")),
+            *([_fmt(m.get("balanced_accuracy"))] if balanced else []),
             _fmt(m.get("auc")),
             str(int(m["n"])) if m else "-",
             eps,
@@ -172,6 +175,7 @@ def simulate(
     console.print(
         f"[bold]{study.name}[/]: {len(study.sites)} sites, {study.rounds} rounds, "
         f"{study.strategy.name}, {study.model.name}, "
+        + ("" if no_dp else f"Opacus grad_sample_mode {study.training.grad_sample_mode}, ")
         + (
             "no DP"
             if no_dp

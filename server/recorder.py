@@ -226,6 +226,7 @@ class RunRecorder:
             "study": self.study.name,
             "strategy": self.study.strategy.name,
             "model": self.study.model.name,
+            "grad_sample_mode": self.study.training.grad_sample_mode,  # "auto" resolved for the model
             "dp": all(s.privacy.dp for s in self.study.sites)
             if self.study.sites
             else self.study.privacy.dp,
