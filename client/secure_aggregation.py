@@ -28,7 +28,7 @@ class SecAggSiteState:
     round: int
     index: int
     sk_c: bytes  # encrypts the shares this site sends and receives
-    sk_s: bytes  # agrees the pairwise masks; its shares are revealed if the site drops out
+    mask_seed: bytes  # derives the key of the pairwise masks; its shares are revealed if the site drops out
     seed: bytes  # the self mask; its shares are revealed if the site's input arrives
     neighbours: list[int] = field(default_factory=list)
     pk_c: list[bytes] = field(default_factory=list)  # aligned with neighbours
@@ -73,12 +73,13 @@ def forget(state: RecordDict, round_: int) -> None:
 
 def setup(round_: int) -> SecAggSiteState:
     """Fresh key pairs and self-mask seed for a round (its index comes with the key sharing)."""
-    keys = sa.new_private_key(), sa.new_private_key()
-    return SecAggSiteState(round_, 0, *keys, seed=os.urandom(sa.SEED_BYTES))
+    return SecAggSiteState(
+        round_, 0, sa.new_private_key(), os.urandom(sa.SEED_BYTES), seed=os.urandom(sa.SEED_BYTES)
+    )
 
 
 def public_keys(secagg: SecAggSiteState) -> tuple[bytes, bytes]:
-    return sa.public_key(secagg.sk_c), sa.public_key(secagg.sk_s)
+    return sa.public_key(secagg.sk_c), sa.public_key(sa.mask_private_key(secagg.mask_seed))
 
 
 def share_keys(
@@ -101,7 +102,7 @@ def share_keys(
     if problem := sa.check_threshold(threshold, len(neighbours)):
         raise sa.SecAggError(problem)
     seed_shares = sa.split_secret(secagg.seed, threshold, len(neighbours))
-    key_shares = sa.split_secret(secagg.sk_s, threshold, len(neighbours))
+    key_shares = sa.split_secret(secagg.mask_seed, threshold, len(neighbours))
     secagg.neighbours, secagg.threshold = neighbours, threshold
     secagg.pk_c, secagg.pk_s = [bytes(k) for k in pk_c], [bytes(k) for k in pk_s]
     secagg.own_seed_share, secagg.own_key_share = seed_shares[own], key_shares[own]
@@ -109,10 +110,9 @@ def share_keys(
     for pos, peer in enumerate(neighbours):
         if peer == secagg.index:
             continue
-        key = sa.agree(secagg.sk_c, pk_c[pos], sa.SHARE_INFO)
-        bundle = seed_shares[pos] + key_shares[pos]
+        key = sa.agree(secagg.sk_c, pk_c[pos], sa.share_context(secagg.round, secagg.index, peer))
         destinations.append(peer)
-        sealed.append(sa.seal(key, bundle, sa.share_context(secagg.round, secagg.index, peer)))
+        sealed.append(sa.seal(key, seed_shares[pos] + key_shares[pos]))
     return destinations, sealed
 
 
@@ -135,8 +135,9 @@ def masked_input(
         raise sa.SecAggError(f"shares relayed from non-neighbours {strangers}")
     secagg.shares_from, secagg.seed_shares, secagg.key_shares = [], [], []
     for sender, blob in zip(senders, sealed, strict=True):
-        key = sa.agree(secagg.sk_c, secagg.pk_c[secagg.neighbours.index(sender)], sa.SHARE_INFO)
-        bundle = sa.unseal(key, blob, sa.share_context(secagg.round, sender, secagg.index))
+        pk = secagg.pk_c[secagg.neighbours.index(sender)]
+        key = sa.agree(secagg.sk_c, pk, sa.share_context(secagg.round, sender, secagg.index))
+        bundle = sa.unseal(key, blob)
         split = len(secagg.own_seed_share)
         secagg.shares_from.append(sender)
         secagg.seed_shares.append(bundle[:split])
@@ -145,7 +146,7 @@ def masked_input(
     masked = quantised + sa.self_mask(secagg.seed, secagg.round, len(quantised))
     for peer in senders:
         pk = secagg.pk_s[secagg.neighbours.index(peer)]
-        pair = sa.pairwise_mask(secagg.sk_s, pk, secagg.round, len(quantised))
+        pair = sa.pairwise_mask(secagg.mask_seed, pk, secagg.round, len(quantised))
         masked = masked + pair if sa.pairwise_sign(secagg.index, peer) > 0 else masked - pair
     return masked.astype(np.uint32), clipped
 
@@ -165,9 +166,10 @@ def unmasking_shares(
         raise sa.SecAggError(f"sites listed both active and dropped: {sorted(active_set & dropped_set)}")
     if secagg.index in dropped_set:
         raise sa.SecAggError("asked for this site's own mask key while it is online")
-    if len(active_set) < secagg.threshold:
+    active_neighbours = len(active_set & set(secagg.neighbours))
+    if active_neighbours < secagg.threshold:
         raise sa.SecAggError(
-            f"only {len(active_set)} inputs to unmask, fewer than the threshold {secagg.threshold}: "
+            f"only {active_neighbours} inputs to unmask, fewer than the threshold {secagg.threshold}: "
             "the sum could reveal a single site's update"
         )
     secagg.unmasked = True

@@ -13,7 +13,6 @@ are not used for the masks: their PRG seeds NumPy's Mersenne Twister with 32 bit
 from __future__ import annotations
 
 import math
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,11 +26,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MODULUS_BITS = 32  # masked inputs are uint32: as many bytes on the wire as a float32 update
-SEED_BYTES = 16  # a self-mask seed: one Shamir chunk
-KEY_BYTES = 32  # an X25519 private key: two Shamir chunks
+SEED_BYTES = 16  # self-mask and mask-key seeds: one Shamir chunk each
 _CHUNK = 16  # pycryptodome's Shamir shares 16-byte secrets
 _INDEX_BYTES = 2
-_NONCE_BYTES = 12
+_ONE_USE_NONCE = bytes(12)  # every sealing key seals exactly one message
 
 
 class SecAggError(RuntimeError):
@@ -71,6 +69,12 @@ def new_private_key() -> bytes:
     return X25519PrivateKey.generate().private_bytes_raw()
 
 
+def mask_private_key(seed: bytes) -> bytes:
+    """The X25519 key that agrees a site's pairwise masks, derived from a 16-byte seed: only the
+    seed is Shamir-shared, half the bytes of sharing the key itself."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"pmfl-secagg mask key").derive(seed)
+
+
 def public_key(private_key: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
 
@@ -90,14 +94,14 @@ def mask(seed: bytes, length: int, info: bytes) -> np.ndarray:
     return np.frombuffer(stream.update(bytes(4 * length)), dtype="<u4").astype(np.uint32)
 
 
-def seal(key: bytes, plaintext: bytes, context: bytes) -> bytes:
-    """AES-GCM with a random nonce; `context` (round, sender, receiver) is authenticated."""
-    nonce = os.urandom(_NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, context)
+def seal(key: bytes, plaintext: bytes) -> bytes:
+    """AES-GCM under a key used for this one message (`share_context` is in its derivation, so a
+    fixed nonce never repeats under one key and a bundle opens only for its round and direction)."""
+    return AESGCM(key).encrypt(_ONE_USE_NONCE, plaintext, None)
 
 
-def unseal(key: bytes, sealed: bytes, context: bytes) -> bytes:
-    return AESGCM(key).decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], context)
+def unseal(key: bytes, sealed: bytes) -> bytes:
+    return AESGCM(key).decrypt(_ONE_USE_NONCE, sealed, None)
 
 
 def split_secret(secret: bytes, threshold: int, holders: int) -> list[bytes]:
@@ -122,6 +126,7 @@ def combine_shares(shares: Sequence[bytes]) -> bytes:
 
 
 def share_context(round_: int, sender: int, receiver: int) -> bytes:
+    """HKDF info of the key that seals the share bundle `sender` sends `receiver` in a round."""
     return f"pmfl-secagg shares r{round_} {sender}->{receiver}".encode()
 
 
@@ -129,13 +134,10 @@ def self_mask(seed: bytes, round_: int, length: int) -> np.ndarray:
     return mask(seed, length, f"pmfl-secagg self mask r{round_}".encode())
 
 
-def pairwise_mask(private_key: bytes, peer_public_key: bytes, round_: int, length: int) -> np.ndarray:
-    """The mask a pair of sites shares this round; either side's private key derives it."""
+def pairwise_mask(mask_seed: bytes, peer_public_key: bytes, round_: int, length: int) -> np.ndarray:
+    """The mask a pair of sites shares this round; either side's mask-key seed derives it."""
     info = f"pmfl-secagg pairwise mask r{round_}".encode()
-    return mask(agree(private_key, peer_public_key, info), length, info)
-
-
-SHARE_INFO = b"pmfl-secagg share encryption"
+    return mask(agree(mask_private_key(mask_seed), peer_public_key, info), length, info)
 
 
 def pairwise_sign(own: int, peer: int) -> int:

@@ -48,7 +48,7 @@ def recover_sum(
         shares = _enough(seed_shares.get(site, ()), threshold, f"self-mask seed of site {site}")
         total -= sa.self_mask(sa.combine_shares(shares), round_, length)
     for gone, shares in key_shares.items():
-        key = sa.combine_shares(_enough(shares, threshold, f"mask key of dropped site {gone}"))
+        key = sa.combine_shares(_enough(shares, threshold, f"mask-key seed of dropped site {gone}"))
         for site in masked:
             if gone in graph[site]:
                 pair = sa.pairwise_mask(key, pk_s[site], round_, length)
@@ -211,14 +211,16 @@ class SecureAggregation:
             if node in upcoming.index_of:
                 upcoming.pk_c[upcoming.index_of[node]] = bytes(keys["pk-c"])
                 upcoming.pk_s[upcoming.index_of[node]] = bytes(keys["pk-s"])
-        base = {"stage": "unmask", "active": sorted(masked), "dropped": dropped}
-        requests = {
-            current.node_of(i): base | (
-                {"next-round": upcoming.number, **upcoming.share_request(current.node_of(i))}
-                if current.node_of(i) in upcoming.index_of else {}
-            )
-            for i in masked
-        }
+        requests = {}
+        for i in masked:  # each site hears only about its own neighbours
+            node = current.node_of(i)
+            requests[node] = {
+                "stage": "unmask",
+                "active": [j for j in current.graph[i] if j in masked],
+                "dropped": [j for j in current.graph[i] if j in dropped],
+            }
+            if node in upcoming.index_of:
+                requests[node] |= {"next-round": upcoming.number, **upcoming.share_request(node)}
         seed_shares: dict[int, list[bytes]] = {}
         key_shares: dict[int, list[bytes]] = {d: [] for d in dropped}
         for node, reply in self._stage(current.number, requests):
