@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pm_common.models import plain_state_dict
-from pm_common.privacy import PrivacyPlan
+from pm_common.privacy import PrivacyPlan, cumulative_epsilon
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def train_round(
         steps,
         _mean(losses),
         engine.accountant.state_dict(),
-        float(engine.accountant.get_epsilon(delta=plan.delta)),
+        cumulative_epsilon(engine.accountant.history, plan.delta, plan.accountant),  # shares its cache
     )
 
 
