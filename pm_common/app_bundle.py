@@ -1,9 +1,11 @@
 """What `flwr run` packs into the study app: its hash, and whether local state would ride along.
 
-Why: Flower builds the app bundle (FAB) from every `*.py`, `*.toml`, `*.json`, `*.jsonl`, `*.md`, ...
-under the app's source directory that git does not ignore. A coordinator or site directory inside
-that tree (its `site.toml`, ledgers, accountant state, unpacked apps) would be shipped to every site
-and would change the hash the sites approved. Both sides check before they build or approve.
+Why: Flower builds the app bundle (FAB) from the files under the app's source directory that match
+`[tool.flwr.app] fab-include` in its pyproject.toml (pmfl's: the `client`, `server` and `pm_common`
+packages), are of a type Flower packs (`*.py`, `*.toml`, `*.md`, `*.json`, ...) and that git does
+not ignore. A coordinator or site directory inside those packages (its `site.toml`, ledgers,
+accountant state, unpacked apps) would be shipped to every site and would change the hash the sites
+approved. Both sides check before they build or approve.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ def bundle_hash(app_dir: Path) -> str:
     return hashlib.sha256(build_bundle(app_dir)).hexdigest()
 
 
+def bundle_files(app_dir: Path) -> list[str]:
+    """The paths inside the bundle of `app_dir` (Flower's manifest `.info/CONTENT` included)."""
+    return zipfile.ZipFile(io.BytesIO(build_bundle(app_dir))).namelist()
+
+
 def packed_state(app_dir: Path, *state_dirs: Path) -> list[str]:
     """Files of `state_dirs` that the bundle of `app_dir` would contain (should be none)."""
     app = Path(app_dir).resolve()
@@ -36,5 +43,4 @@ def packed_state(app_dir: Path, *state_dirs: Path) -> list[str]:
     ]
     if not inside:
         return []
-    names = zipfile.ZipFile(io.BytesIO(build_bundle(app))).namelist()
-    return [n for n in names if any(n == d or n.startswith(d + "/") for d in inside)]
+    return [n for n in bundle_files(app) if any(n == d or n.startswith(d + "/") for d in inside)]

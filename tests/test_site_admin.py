@@ -142,3 +142,25 @@ def test_a_site_inside_the_app_tree_would_ship_its_files_and_is_refused(tmp_path
     ignored = init_site(app / "runs" / "b", "b", DATA / "cleveland.csv")
     shutil.rmtree(site)
     assert len(app_hash(app, ignored)) == 64  # a git-ignored folder is not packed
+
+
+def test_the_approved_hash_covers_the_apps_code_not_docs_or_tests(tmp_path: Path) -> None:
+    """pyproject's fab-include: the bundle a site approves holds the app packages only."""
+    from client.approval import app_hash
+    from pm_common.app_bundle import bundle_files
+
+    app = tmp_path / "app"
+    skip = shutil.ignore_patterns(".*", "__pycache__", "*.egg-info", "runs", "artifacts")
+    shutil.copytree(REPO, app, ignore=skip)
+    approved = app_hash(app)
+    packed = bundle_files(app)
+    assert "client/app.py" in packed and "server/app.py" in packed and "pm_common/privacy.py" in packed
+    left_out = {"docs", "tests", "benchmarks", "docker", "simulations", "README.md"}
+    assert not [n for n in packed if n.split("/")[0] in left_out]
+    (app / "README.md").write_text("edited\n")
+    (app / "docs" / "deployment.md").write_text("edited\n")
+    (app / "tests" / "test_new.py").write_text("def test_x() -> None: ...\n")
+    assert app_hash(app) == approved
+    with (app / "client" / "app.py").open("a") as fh:
+        fh.write("# one more line of code\n")
+    assert app_hash(app) != approved
