@@ -5,20 +5,25 @@ For each configuration, in a fresh directory: `pmfl coordinator pki` + `start`, 
 of a 5-round DP heart-disease study. Measured:
 - setup-to-results: from the first `pmfl site init` to the finished run (the README target);
 - round wall times, from the checkpoints the ServerApp writes at the end of each round;
+- the ClientApp calls (each warm task logs `[clientapp] app ... s`: data, accounting, training);
 - the sites' own work per round without Flower (evaluation + DP training, sequential, as in
-  benchmarks/study_time.py), divided by min(cores, sites) that run at once.
-Per-round overhead = median round wall - compute per round / parallel workers.
+  benchmarks/study_time.py), divided by min(cores, sites) that run at once;
+- CPU seconds per round, from /proc: of the processes this benchmark started (the deployment) and
+  of every other process on the machine (other users' jobs share its cores).
+Per-round overhead = median round wall - compute per round / parallel workers; "above the slowest
+app call" = each round's wall time minus the longest ClientApp call of that round, median.
 
-Configurations: `flower-defaults` (Flower's polls: SuperNode 3 s, SuperExec 1 s, HTTP grid 3 s,
-and a cold `flwr-clientapp` process per message) and `pmfl` (the shipped defaults: SuperNode
-0.5 s, gate 0.1 s, grid 0.1 s, a warm ClientApp process). Both run back to back under the same
-machine load; the load average is recorded with them.
+Configurations: `flower-defaults` (Flower's waits: SuperNode 3 s idle poll and 0.5 s local waits,
+SuperExec 1 s, HTTP grid 3 s, a cold `flwr-clientapp` process per message) and `pmfl` (the shipped
+defaults: SuperNode 0.5 s, gate 0.1 s, grid 0.1 s, a warm ClientApp process, sooner retries of
+message contents). They run back to back; the load average is recorded with each run.
 
-    python -m benchmarks.deploy_latency
+    python -m benchmarks.deploy_latency [--configs pmfl] [--repeat 3]
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import re
@@ -28,6 +33,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -76,10 +82,84 @@ def _snapshot(dest: Path) -> Path:
     return dest
 
 
-def run_config(name: str, root: Path) -> dict:
+class CpuSampler:
+    """CPU ticks of every process, sampled from /proc every `interval` seconds in a thread.
+
+    Why: the machine is shared, so a round's wall time alone mixes this deployment's work with
+    other users' jobs; the CPU each side used per round says how much of the wall time was ours.
+    Short-lived processes count up to their last sample (the forked ClientApp tasks live ~1 s).
+    """
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, dict[int, int]]] = []
+        self.parents: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            ticks: dict[int, int] = {}
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{entry.name}/stat") as fh:
+                        fields = fh.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                pid = int(entry.name)
+                self.parents.setdefault(pid, int(fields[1]))
+                ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
+            self.samples.append((time.time(), ticks))
+
+    def cpu_seconds(self, start: float, end: float) -> tuple[float, float]:
+        """CPU seconds used in [start, end] by this process's descendants, and by all others."""
+        window = [ticks for t, ticks in self.samples if start <= t <= end]
+        if len(window) < 2:
+            return float("nan"), float("nan")
+        first, peak = window[0], {}
+        for ticks in window:
+            for pid, value in ticks.items():
+                peak[pid] = max(peak.get(pid, 0), value)
+        ours = others = 0.0
+        for pid, value in peak.items():
+            used = (value - first.get(pid, 0)) / os.sysconf("SC_CLK_TCK")
+            if self._descends(pid):
+                ours += used
+            else:
+                others += used
+        return ours, others
+
+    def _descends(self, pid: int) -> bool:
+        me = os.getpid()
+        while pid > 1:
+            pid = self.parents.get(pid, 0)
+            if pid == me:
+                return True
+        return False
+
+
+def run_config(name: str, root: Path, sampler: CpuSampler | None = None) -> dict:
     """The README flow in `root` under configuration `name`; its timings."""
     config = CONFIGS[name]
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", **config["env"]}
+    env = {
+        **os.environ,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # 3 sites share 2 cores here: one torch thread each, as if each had its own machine (with
+        # more threads than free cores, a tiny model's step takes milliseconds instead of 40 us).
+        "OMP_NUM_THREADS": "1",
+        **config["env"],
+    }
     port = _free_port()
     app = _snapshot(root / "app")
     study = root / "study.toml"
@@ -172,11 +252,24 @@ def run_config(name: str, root: Path) -> dict:
     stamps = sorted(p.stat().st_mtime for p in (root / "run" / "checkpoints").glob("round-*.pt"))
     # The warm ClientApp processes log the time of the app's own call (data, accounting, training).
     log_text = (root / "processes.log").read_text(errors="replace")
-    return {
+    calls = [float(m) for m in re.findall(r"\[clientapp\] app ([0-9.]+) s", log_text)]
+    walls = [b - a for a, b in itertools.pairwise(stamps)]
+    result = {
         "setup_to_results_s": total,
-        "round_wall_s": [b - a for a, b in itertools.pairwise(stamps)],
-        "clientapp_call_s": [float(m) for m in re.findall(r"\[clientapp\] app ([0-9.]+) s", log_text)],
+        "round_wall_s": walls,
+        "clientapp_call_s": calls,
+        # Round k+1 (between checkpoints k and k+1) waits for its slowest site; the calls come in
+        # groups of one per site and round (no site fails in this benchmark).
+        "round_above_slowest_app_s": [
+            wall - max(calls[(k + 1) * len(SITES) : (k + 2) * len(SITES)])
+            for k, wall in enumerate(walls)
+            if len(calls) >= (k + 2) * len(SITES)
+        ],
     }
+    if sampler is not None and len(stamps) > 1:
+        ours, others = sampler.cpu_seconds(stamps[0], stamps[-1])
+        result["cpu_s_per_round"] = {"deployment": ours / len(walls), "other_processes": others / len(walls)}
+    return result
 
 
 def site_compute_per_round(rounds: int) -> list[float]:
@@ -222,46 +315,72 @@ def site_compute_per_round(rounds: int) -> list[float]:
     return per_round
 
 
-def main() -> None:
-    results: dict[str, dict] = {}
-    for name in CONFIGS:
-        with tempfile.TemporaryDirectory(prefix=f"pmfl-{name}-") as tmp:
-            load_before = os.getloadavg()[0]
-            results[name] = run_config(name, Path(tmp))
-            results[name]["load_average_1min"] = [load_before, os.getloadavg()[0]]
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--repeat", type=int, default=1, help="runs per configuration")
+    args = parser.parse_args(argv)
+    runs: dict[str, list[dict]] = {name: [] for name in args.configs}
+    with CpuSampler() as sampler:
+        for _ in range(args.repeat):
+            for name in args.configs:
+                with tempfile.TemporaryDirectory(prefix=f"pmfl-{name}-") as tmp:
+                    load_before = os.getloadavg()[0]
+                    res = run_config(name, Path(tmp), sampler)
+                    res["load_average_1min"] = [load_before, os.getloadavg()[0]]
+                    runs[name].append(res)
     rounds = load_study(STUDY).rounds
     compute = site_compute_per_round(rounds)
     workers = min(os.cpu_count() or 1, len(SITES))
-    rows = []
-    for name, res in results.items():
-        res["per_round_overhead_s"] = median(res["round_wall_s"]) - median(compute) / workers
-        app = res["clientapp_call_s"]  # only the warm processes log it
-        res["per_round_overhead_above_app_s"] = median(res["round_wall_s"]) - median(app) if app else None
-        rows.append(
-            [
-                name,
-                res["setup_to_results_s"],
-                median(res["round_wall_s"]),
-                res["per_round_overhead_s"],
-                res["per_round_overhead_above_app_s"],
-                f"{res['load_average_1min'][0]:.1f}-{res['load_average_1min'][1]:.1f}",
-            ]
-        )
-    rows.append(["sites' compute per round (3 sequential)", None, median(compute), None, None, None])
+    rows, summary = [], {}
+    for name, results in runs.items():
+        walls = [w for r in results for w in r["round_wall_s"]]
+        above = [w for r in results for w in r["round_above_slowest_app_s"]]
+        apps = [c for r in results for c in r["clientapp_call_s"]]  # only the warm processes log it
+        cpu = [r["cpu_s_per_round"] for r in results if "cpu_s_per_round" in r]
+        loads = [x for r in results for x in r["load_average_1min"]]
+        summary[name] = {
+            "runs": len(results),
+            "median_setup_to_results_s": median([r["setup_to_results_s"] for r in results]),
+            "median_round_wall_s": median(walls),
+            "per_round_overhead_s": median(walls) - median(compute) / workers,
+            "per_round_overhead_above_app_s": median(walls) - median(apps) if apps else None,
+            "median_round_above_slowest_app_s": median(above) if above else None,
+            "deployment_cpu_s_per_round": median([c["deployment"] for c in cpu]) if cpu else None,
+            "other_processes_cpu_s_per_round": median([c["other_processes"] for c in cpu]) if cpu else None,
+            "load_average_1min_range": [min(loads), max(loads)],
+        }
+        row = summary[name]
+        rows.append([
+            name,
+            row["median_setup_to_results_s"],
+            row["median_round_wall_s"],
+            row["per_round_overhead_s"],
+            row["median_round_above_slowest_app_s"],
+            row["deployment_cpu_s_per_round"],
+            row["other_processes_cpu_s_per_round"],
+            f"{min(loads):.1f}-{max(loads):.1f}",
+        ])
+    rows.append(["sites' compute per round (3 sequential)", None, median(compute), *[None] * 5])
     print_table(
-        f"Deployed heart-disease study, 3 sites x {rounds} rounds, DP (seconds)",
+        f"Deployed heart-disease study, 3 sites x {rounds} rounds, DP, {args.repeat} run(s) each (seconds)",
         [
             "configuration",
             "site init -> results",
             "median round",
             "overhead/round",
-            "above app call",
+            "above slowest app",
+            "CPU/round: ours",
+            "others'",
             "load avg",
         ],
         rows,
     )
     write_results(
-        "deploy_latency", {"configs": results, "compute_per_round_s": compute, "parallel_workers": workers}
+        "deploy_latency",
+        {"summary": summary, "runs": runs, "compute_per_round_s": compute, "parallel_workers": workers},
     )
 
 

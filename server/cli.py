@@ -84,13 +84,25 @@ def start(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="plain HTTP, no site authentication: local tests only")
     ] = False,
+    remote_control: Annotated[
+        bool,
+        typer.Option(
+            "--remote-control",
+            help="also answer the Control and Runtime APIs (no user authentication) to other hosts",
+        ),
+    ] = False,
 ) -> None:
-    """Start the SuperLink: TLS, site-key authentication, state in DIR/state/superlink.db."""
+    """Start the SuperLink: TLS, site-key authentication, state in DIR/state/superlink.db.
+
+    Sites reach its Fleet API on HOST:PORT; its Control API (runs, site keys) and Runtime API answer
+    this host only, unless --remote-control."""
     coord = Coordinator(directory.resolve())
     if insecure:
         console.print("[bold red]--insecure: no TLS and no site authentication. Never with real data.")
+    if remote_control:
+        console.print("[bold red]--remote-control: whoever reaches the port can run code here and add sites.")
     try:
-        proc = start_superlink(coord, host, port, insecure)
+        proc = start_superlink(coord, host, port, insecure, remote_control=remote_control)
     except (PkiError, CoordinatorError) as exc:
         _fail(exc)
     console.print(f"SuperLink on {host}:{port} (pid {proc.pid}); state in {coord.database}; Ctrl-C stops it")

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
@@ -26,7 +28,11 @@ from pm_common.app_bundle import packed_state
 from pm_common.processes import console_script, flower_env
 from server.pki import PkiPaths, check_pki_files
 
+if TYPE_CHECKING:  # flwr is imported where it is used: `pmfl` commands start fast
+    from flwr.supercore.control import ControlHttpClient
+
 CONNECTION = "pmfl"  # the name of the SuperLink connection in flwr-home/config.toml
+LAUNCHER = "server.superlink_launcher"
 DEFAULT_PORT = 8000
 _NODE = re.compile(r"node (\d+)")
 
@@ -93,13 +99,21 @@ def configure(coord: Coordinator, port: int = DEFAULT_PORT, insecure: bool = Fal
 
 
 def superlink_command(
-    coord: Coordinator, host: str = "127.0.0.1", port: int = DEFAULT_PORT, insecure: bool = False
+    coord: Coordinator,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    insecure: bool = False,
+    remote_control: bool = False,
 ) -> list[str]:
     """`flower-superlink` with TLS, SuperNode authentication and a database file (or plain HTTP
-    without authentication when `insecure`: Flower does not allow authentication without TLS)."""
+    without authentication when `insecure`: Flower does not allow authentication without TLS).
+
+    Its Control and Runtime APIs answer this host only (`server.superlink_launcher`: Flower serves
+    them on the Fleet API's port, without user authentication), unless `remote_control`."""
     coord.database.parent.mkdir(parents=True, exist_ok=True)
+    launcher = [_script("flower-superlink")] if remote_control else [sys.executable, "-P", "-m", LAUNCHER]
     cmd = [
-        _script("flower-superlink"),
+        *launcher,
         "--host",
         host,
         "--port",
@@ -129,11 +143,12 @@ def start_superlink(
     port: int = DEFAULT_PORT,
     insecure: bool = False,
     stdout: Any = None,
+    remote_control: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start the SuperLink (returns at once). Its ServerApps inherit the environment, so
     PMFL_ROUND_TIMEOUT and PMFL_GRID_POLL_INTERVAL set here apply to every study."""
     configure(coord, port, insecure)
-    cmd = superlink_command(coord, host, port, insecure)
+    cmd = superlink_command(coord, host, port, insecure, remote_control)
     err = subprocess.STDOUT if stdout is not None else None
     return subprocess.Popen(cmd, env=coord.env(), stdout=stdout, stderr=err, cwd=coord.directory)
 
@@ -225,36 +240,85 @@ def run_info(coord: Coordinator, run_id: int) -> dict[str, Any]:
     return flwr(coord, "ls", CONNECTION, "--run-id", str(run_id))["runs"][0]
 
 
+@contextmanager
+def control_client(coord: Coordinator) -> Iterator[ControlHttpClient]:
+    """Flower's own Control API client (what the `flwr` CLI uses), in this process, for the loopback
+    SuperLink of this coordinator.
+
+    Why not `flwr ls` in a loop: every `flwr` command is a new Python process that costs about 1 s
+    of CPU; polled once a second while a study runs, that took half of a 2-core coordinator from
+    the SuperLink and the ServerApp, and slowed every round.
+    """
+    from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+    from flwr.supercore.control import ControlHttpClient
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+    settings = coord.settings()
+    insecure = bool(settings.get("insecure", False))
+    client = ControlHttpClient.from_server_address(
+        server_address=f"127.0.0.1:{settings['port']}",
+        insecure=insecure,
+        root_certificates=None if insecure else str(coord.pki.ca_cert.resolve()),
+        interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+    )
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def run_status(client: ControlHttpClient, run_id: int) -> str:
+    """The run's status as `flwr ls` shows it: "running", "finished:completed", ..."""
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=E0611
+
+    try:
+        runs = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict
+    except Exception as exc:  # transport or Flower error: name the run, keep Flower's message
+        raise CoordinatorError(f"cannot read the status of run {run_id}: {exc}") from exc
+    if run_id not in runs:
+        raise CoordinatorError(f"the SuperLink knows no run {run_id}")
+    status = run_from_proto(runs[run_id]).status
+    return f"{status.status}:{status.sub_status}" if status.sub_status else status.status
+
+
 def follow(
     coord: Coordinator,
     run_id: int,
     run_dir: Path,
     on_round: Callable[[dict[str, Any]], None] | None = None,
-    poll: float = 1.0,
+    poll: float = 0.5,
     timeout: float | None = None,
 ) -> dict[str, Any]:
-    """Wait for the run to finish, reporting each round that lands in RUN/metrics.json."""
+    """Wait for the run to finish, reporting each round that lands in RUN/metrics.json; then
+    `flwr ls`'s record of the run."""
     deadline = None if timeout is None else time.monotonic() + timeout
     seen = 0
     metrics_path = Path(run_dir) / "metrics.json"
-    while True:
-        info = run_info(coord, run_id)
-        if metrics_path.exists() and on_round is not None:
-            try:
-                rounds = json.loads(metrics_path.read_text(encoding="utf-8"))["rounds"]
-            except (json.JSONDecodeError, KeyError):
-                rounds = []
-            for entry in rounds[seen:]:
-                if entry["round"] > 0:
-                    on_round(entry)
-            seen = max(seen, len(rounds))
-        if str(info["status"]).startswith("finished"):
-            return info
-        if deadline is not None and time.monotonic() > deadline:
-            raise CoordinatorError(
-                f"run {run_id} did not finish in {timeout:.0f} s (status {info['status']})"
-            )
-        time.sleep(poll)
+    with control_client(coord) as client:
+        while not (status := run_status(client, run_id)).startswith("finished"):
+            seen = _report_rounds(metrics_path, seen, on_round)
+            if deadline is not None and time.monotonic() > deadline:
+                raise CoordinatorError(f"run {run_id} did not finish in {timeout:.0f} s (status {status})")
+            time.sleep(poll)
+    _report_rounds(metrics_path, seen, on_round)
+    return run_info(coord, run_id)
+
+
+def _report_rounds(
+    metrics_path: Path, seen: int, on_round: Callable[[dict[str, Any]], None] | None
+) -> int:
+    """Call `on_round` for each round in metrics.json after the first `seen` entries; the new count."""
+    if on_round is None or not metrics_path.exists():
+        return seen
+    try:
+        rounds = json.loads(metrics_path.read_text(encoding="utf-8"))["rounds"]
+    except (json.JSONDecodeError, KeyError):
+        return seen
+    for entry in rounds[seen:]:
+        if entry["round"] > 0:
+            on_round(entry)
+    return max(seen, len(rounds))
 
 
 def collect(coord: Coordinator, run_id: int, run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:

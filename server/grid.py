@@ -4,10 +4,16 @@ Why: in deployment `send_and_receive` sleeps a fixed 3 s between pulls (superlin
 so every round (and the final evaluation) ends on average 1.5 s after the last reply arrived.
 This wrapper runs the same push/pull cycle through the Grid's public API with a short interval;
 everything else is delegated unchanged, so strategies see an ordinary Grid.
+
+Polling sooner exposes a second fixed wait: the SuperLink lists a site's reply as soon as the site
+has sent the message, before its contents are uploaded, and Flower's HttpGrid then retries the
+contents after 1 s, 2 s, ... (`pull_objects`, PULL_INITIAL_BACKOFF). `fast_content_retries` makes
+that module retry from `RETRY_START` seconds (this ServerApp process only).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -20,6 +26,17 @@ from flwr.supercore.run import Run
 log = logging.getLogger("pmfl.server")
 POLL_ENV = "PMFL_GRID_POLL_INTERVAL"
 DEFAULT_POLL = 0.1  # seconds; a pull is one small HTTPS request to the SuperLink
+RETRY_START, RETRY_CAP = 0.05, 1.0  # seconds, retries of reply contents still uploading (Flower: 1, 10)
+
+
+def fast_content_retries() -> None:
+    """Make Flower's HttpGrid retry unavailable reply contents from RETRY_START seconds on."""
+    from flwr.superlink.grid import http_grid
+
+    if not isinstance(http_grid.pull_objects, functools.partial):
+        http_grid.pull_objects = functools.partial(
+            http_grid.pull_objects, initial_backoff=RETRY_START, backoff_cap=RETRY_CAP
+        )
 
 
 class PollingGrid(Grid):
@@ -27,6 +44,7 @@ class PollingGrid(Grid):
 
     def __init__(self, inner: Grid, poll_interval: float | None = None) -> None:
         self.inner = inner
+        fast_content_retries()
         self.poll_interval = (
             float(os.environ.get(POLL_ENV, DEFAULT_POLL)) if poll_interval is None else poll_interval
         )

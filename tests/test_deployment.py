@@ -9,6 +9,7 @@ coordinator restarts from its database and runs the next study with the sites th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import socket
@@ -24,6 +25,7 @@ from client.approval import app_hash, approve_app
 from client.site_admin import SiteProcesses, init_site, site_env, start_site, write_key_pair
 from pm_common.config import load_study
 from server.coordinator import (
+    LAUNCHER,
     Coordinator,
     collect,
     follow,
@@ -32,8 +34,10 @@ from server.coordinator import (
     site_status,
     start_superlink,
     submit,
+    superlink_command,
 )
 from server.pki import write_pilot_pki
+from server.superlink_launcher import LocalOnlyOutsideFleet
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "pm_common" / "datasets" / "heart_disease"
@@ -199,6 +203,35 @@ def test_unregistered_site_is_refused(federation: Federation, tmp_path: Path) ->
         site,
     )
     assert "Failed to activate SuperNode" in log
+
+
+def test_other_hosts_reach_the_fleet_api_only(tmp_path: Path) -> None:
+    """`pmfl coordinator start` runs the SuperLink through server.superlink_launcher, whose middleware
+    answers the Control and Runtime APIs to this host only (Flower serves all three on one port)."""
+    assert LAUNCHER in superlink_command(Coordinator(tmp_path), insecure=True)
+    assert LAUNCHER not in superlink_command(Coordinator(tmp_path), insecure=True, remote_control=True)
+    passed: list[str] = []
+
+    async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        passed.append(scope["path"])
+
+    def status(path: str, peer: str, own: str = "10.0.0.5") -> int:
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "path": path, "client": (peer, 40000), "server": (own, 8000)}
+        asyncio.run(LocalOnlyOutsideFleet(app)(scope, None, send))  # type: ignore[arg-type]
+        return sent[0]["status"] if sent else 200
+
+    remote = "192.0.2.7"
+    for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/acquire-task", "/docs"):
+        assert status(path, remote) == 403, path
+        for local in ("127.0.0.1", "::1", "10.0.0.5", "::ffff:10.0.0.5"):  # or this host's own address
+            assert status(path, local) == 200, (path, local)
+    assert status("/v1/fleet/pull-messages", remote) == 200
+    assert passed.count("/v1/fleet/pull-messages") == 1
 
 
 def test_study_survives_dropout_and_coordinator_restart(federation: Federation, tmp_path: Path) -> None:
