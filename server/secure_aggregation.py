@@ -126,7 +126,7 @@ class SecureAggregation:
     def _plan(self, number: int, nodes: Sequence[int]) -> _Round:
         nodes = sorted(nodes)
         graph = sa.neighbourhoods(len(nodes), self.config.neighbours, random.SystemRandom())
-        holders = len(next(iter(graph.values()))) if graph else 0
+        holders = len(next(iter(graph.values()))) if graph else 2
         return _Round(
             number,
             {node: i + 1 for i, node in enumerate(nodes)},
@@ -136,13 +136,14 @@ class SecureAggregation:
         )
 
     def _key_round(self, number: int, nodes: Sequence[int]) -> _Round:
-        """The `setup` and `share-keys` stages for a round nobody holds keys for yet."""
-        current = self._plan(number, nodes)
-        for node, reply in self._stage(number, {n: {"stage": "setup"} for n in current.index_of}):
+        """The `setup` and `share-keys` stages for a round nobody holds keys for yet; the graph and
+        threshold are those of the sites that answered `setup`."""
+        keys = dict(self._stage(number, {n: {"stage": "setup"} for n in nodes}))
+        current = self._plan(number, sorted(keys))
+        for node, reply in keys.items():
             current.pk_c[current.index_of[node]] = bytes(reply["pk-c"])
             current.pk_s[current.index_of[node]] = bytes(reply["pk-s"])
-        keyed = [n for n in current.index_of if current.index_of[n] in current.pk_c]
-        requests = {n: {"stage": "share-keys", **current.share_request(n)} for n in keyed}
+        requests = {n: {"stage": "share-keys", **current.share_request(n)} for n in current.index_of}
         for node, reply in self._stage(number, requests):
             current.collect(node, reply)
         return current

@@ -80,8 +80,8 @@ def snapshot_app(dest: Path) -> Path:
     return dest
 
 
-def study_file(tmp: Path, name: str, rounds: int) -> Path:
-    raw = dict(load_study(STUDY).raw)
+def study_file(tmp: Path, name: str, rounds: int, **tables: dict) -> Path:
+    raw = {**load_study(STUDY).raw, **tables}
     raw["study"] = {**raw["study"], "rounds": rounds}
     path = tmp / name
     path.write_text(tomli_w.dumps(raw), encoding="utf-8")
@@ -249,10 +249,12 @@ def test_study_survives_dropout_and_coordinator_restart(federation: Federation, 
         "four sites online",
     )
 
-    # A 2-round DP study; the third site is killed (no goodbye) once round 1 is in.
+    # A 2-round DP study with secure aggregation; the third site is killed (no goodbye) once
+    # round 1 is in: its pairwise masks, already in round 2's plan, are removed from its shares.
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    run_id = submit(fed.coord, study_file(tmp_path, "study.toml", rounds=2), run_dir, app, expected_sites=4)
+    study = study_file(tmp_path, "study.toml", rounds=2, secure_aggregation={"enabled": True})
+    run_id = submit(fed.coord, study, run_dir, app, expected_sites=4)
     metrics_path = run_dir / "metrics.json"
 
     def round_one_recorded() -> bool:
@@ -277,6 +279,9 @@ def test_study_survives_dropout_and_coordinator_restart(federation: Federation, 
     assert deployment["dropped_out"] == [victim], deployment
     refusals = [f for f in deployment["failures"] if f["site"] == UNAPPROVED_SITE]
     assert refusals and all("has not approved this app" in f["reason"] for f in refusals)
+    # it refused the secure-aggregation key set-up of each round (then the final evaluation)
+    assert {f["round"] for f in refusals if f["reason"].startswith("secure aggregation setup")} == {1, 2}
+    assert not list(run_dir.rglob("update-*.npz"))  # no single update kept
     assert not (sites[UNAPPROVED_SITE] / "flwr-home" / "apps").exists()  # its code never reached disk
     assert metrics["rounds"][-1]["sites"].keys() == {"cleveland", "hungary"}  # final evaluation
     assert (run_dir / "model.pt").exists() and (run_dir / "serverapp.log").stat().st_size > 0
