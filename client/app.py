@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import secrets
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -23,6 +24,7 @@ from client.site import load_site_data, parse_study_text, resolve_site
 from client.state import SiteState, StateStore
 from client.training import LocalTraining, pick_device, predict, train_round
 from pm_common import protocol as p
+from pm_common import secure_aggregation as sa
 from pm_common.config import SiteSpec, StudyConfig
 from pm_common.hospital_dp import clip_and_noise, site_noise_std
 from pm_common.ledger import DECLINED, TRAINED, LedgerEntry
@@ -59,17 +61,16 @@ def _record_and_reply(
     state: SiteState,
     entry: LedgerEntry,
     evaluation: MetricRecord | None,
-    update: ArrayRecord | None,
+    update: Mapping[str, ArrayRecord | ConfigRecord],
     num_examples: int,
     train_loss: float,
     next_round_fits: bool | None,
-    update_key: str = p.ARRAYS,
-    extra_metrics: dict[str, float] | None = None,
-    secagg_reply: ConfigRecord | None = None,
+    extra_metrics: Mapping[str, float] | None = None,
 ) -> Message:
     """Sign the round's ledger line onto the site's hash chain, save the state, then reply.
 
-    Saving comes first: if the reply is lost, the spend is still on the site's books.
+    `update`: the records that carry the site's update (none when it declines). Saving comes
+    first: if the reply is lost, the spend is still on the site's books.
     """
     key = store.signing_key()
     signed = sign_entry(asdict(entry), chain_head([json.loads(line) for line in state.ledger]), key)
@@ -93,10 +94,8 @@ def _record_and_reply(
         ),
         p.SITE: site_record,
     })
-    if update is not None:
-        content[update_key] = update
-    if secagg_reply:
-        content[p.SECAGG] = secagg_reply
+    for key, record in update.items():
+        content[key] = record
     if evaluation is not None:
         content[p.EVAL_METRICS] = evaluation
     return Message(content, reply_to=msg)
@@ -165,7 +164,7 @@ def train(msg: Message, context: Context) -> Message:
         entry = replace(base, status=DECLINED, epsilon=epsilon, reason=reason)
         log.warning("site %s declines round %d: %s", site.name, server_round, reason)
         return _record_and_reply(
-            msg, site, store, state, entry, evaluation, None, n_train, float("nan"), next_round_fits=False
+            msg, site, store, state, entry, evaluation, {}, n_train, float("nan"), next_round_fits=False
         )
 
     strategy_mu = float(config.get(p.PROXIMAL_MU, 0.0))
@@ -198,15 +197,17 @@ def train(msg: Message, context: Context) -> Message:
     request = msg.content.config_records.get(p.SECAGG)
     if request is None:
         return _record_and_reply(
-            msg, site, store, state, entry, evaluation, ArrayRecord(weights), weight, outcome.mean_loss,
-            next_round_fits=fits,
+            msg, site, store, state, entry, evaluation, {p.ARRAYS: ArrayRecord(weights)}, weight,
+            outcome.mean_loss, next_round_fits=fits,
         )
     vector = _weighted_delta(msg, weights, weight, study, float(request["max-weight"]))
     masked, clipped, keys = secagg.mask_update(request, context.state, vector)
+    update: dict[str, ArrayRecord | ConfigRecord] = {p.MASKED: ArrayRecord({p.MASKED: Array(masked)})}
+    if keys:  # this site's public keys for the next round
+        update[p.SECAGG] = keys
     return _record_and_reply(
-        msg, site, store, state, entry, evaluation, ArrayRecord({p.MASKED: Array(masked)}), weight,
-        outcome.mean_loss, next_round_fits=fits, update_key=p.MASKED,
-        extra_metrics={"secagg-clipped": clipped}, secagg_reply=keys,
+        msg, site, store, state, entry, evaluation, update, weight, outcome.mean_loss,
+        next_round_fits=fits, extra_metrics={"secagg-clipped": clipped},
     )
 
 
@@ -220,7 +221,9 @@ def _weighted_delta(
     and refuses to send a non-finite one.
     """
     received = msg.content[p.ARRAYS].to_torch_state_dict()
-    delta = torch.cat([(trained[k].cpu().double() - received[k].double()).flatten() for k in received])
+    delta = torch.from_numpy(
+        sa.flatten({k: (trained[k].cpu().double() - received[k].double()).numpy() for k in received})
+    )
     if not bool(torch.isfinite(delta).all()):
         raise ValueError("the trained update holds NaN or Inf values: not sent")
     bound = study.strategy.max_update_norm

@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import (
 from pm_common import protocol as p
 from pm_common.config import StrategyConfig
 from pm_common.ledger import DECLINED, TRAINED
+from pm_common.secure_aggregation import unflatten
 from server.recorder import RunRecorder, SiteRound
 from server.secure_aggregation import SecureAggregation
 from server.validation import (
@@ -37,7 +38,6 @@ from server.validation import (
     in_layout_dtypes,
     masked_problem,
     norm_problem,
-    unflatten,
     update_problem,
 )
 
@@ -188,7 +188,7 @@ class SiteReportingStrategy(Strategy):
         if not total[-1] > 0:
             self.recorder.record_failure(self.secure.round_number, "secure aggregation: total weight 0")
             return []
-        mean_delta = unflatten(total[:-1] / total[-1], self._layout)
+        mean_delta = unflatten(total[:-1] / total[-1], self._layout)  # the sites' flatten, inverted
         model = {
             k: Array((self._sent_arrays[k] + mean_delta[k]).astype(dtype))
             for k, (_, dtype) in self._layout.items()

@@ -78,13 +78,3 @@ def masked_problem(arrays: ArrayRecord | None, expected: Expected) -> str:
     if values.dtype != np.uint32 or values.shape != (size,):
         return f"masked update of dtype {values.dtype} and shape {values.shape}, expected uint32 ({size},)"
     return ""
-
-
-def unflatten(vector: np.ndarray, expected: Expected) -> dict[str, np.ndarray]:
-    """A flat vector cut back into the global model's arrays (in the order the model was sent)."""
-    arrays, start = {}, 0
-    for name, (shape, dtype) in expected.items():
-        size = int(np.prod(shape))
-        arrays[name] = vector[start : start + size].reshape(shape).astype(dtype)
-        start += size
-    return arrays
