@@ -3,7 +3,10 @@
 Why: in deployment `send_and_receive` sleeps a fixed 3 s between pulls (superlink/grid/http_grid.py),
 so every round (and the final evaluation) ends on average 1.5 s after the last reply arrived.
 This wrapper runs the same push/pull cycle through the Grid's public API with a short interval;
-everything else is delegated unchanged, so strategies see an ordinary Grid.
+everything else is delegated unchanged, so strategies see an ordinary Grid. A pull that brought
+replies is followed by the next one at once: it spent its time downloading their contents (while
+the sites uploaded them), and another site's reply listed meanwhile would otherwise wait another
+interval (0.1-0.16 s at the end of a round, traced).
 
 Polling sooner exposes a second fixed wait: the SuperLink lists a site's reply as soon as the site
 has sent the message, before its contents are uploaded, and Flower's HttpGrid then retries the
@@ -92,7 +95,8 @@ class PollingGrid(Grid):
             pending.difference_update(m.metadata.reply_to_message_id for m in received)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(self.poll_interval)
+            if not received:  # a pull that brought replies took a while (their contents): look again now
+                time.sleep(self.poll_interval)
         if sent:
             log.info("%d of %d replies in %.2f s", len(replies), sent, time.monotonic() - started)
         return replies
