@@ -8,8 +8,11 @@ of a 5-round DP heart-disease study. Measured:
 - the ClientApp calls (each warm task logs `[clientapp] app ... s`: data, accounting, training);
 - the sites' own work per round without Flower (evaluation + DP training, sequential, as in
   benchmarks/study_time.py), divided by min(cores, sites) that run at once;
-- CPU seconds per round, from /proc: of the processes this benchmark started (the deployment) and
-  of every other process on the machine (other users' jobs share its cores).
+- CPU seconds per round, from /proc: of the processes this benchmark started (the deployment, and
+  per role: SuperLink, SuperNodes, ClientApp tasks, ServerApp, gates) and of every other process on
+  the machine (other users' jobs share its cores);
+- the SuperLink's requests per round, by API path (its request trace, `PMFL_TRACE_REQUESTS`): every
+  object of a message is one HTTPS request, and the SuperLink's CPU per request sets a round's pace.
 Per-round overhead = median round wall - compute per round / parallel workers; "above the slowest
 app call" = each round's wall time minus the longest ClientApp call of that round, median.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import re
 import shutil
@@ -94,6 +98,7 @@ class CpuSampler:
         self.interval = interval
         self.samples: list[tuple[float, dict[int, int]]] = []
         self.parents: dict[int, int] = {}
+        self.commands: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -118,26 +123,36 @@ class CpuSampler:
                     continue
                 pid = int(entry.name)
                 self.parents.setdefault(pid, int(fields[1]))
+                if pid not in self.commands:
+                    try:
+                        with open(f"/proc/{entry.name}/cmdline", "rb") as fh:
+                            self.commands[pid] = fh.read().replace(b"\0", b" ").decode(errors="replace")
+                    except OSError:
+                        self.commands[pid] = ""
                 ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
             self.samples.append((time.time(), ticks))
 
-    def cpu_seconds(self, start: float, end: float) -> tuple[float, float]:
-        """CPU seconds used in [start, end] by this process's descendants, and by all others."""
+    def cpu_seconds(self, start: float, end: float) -> tuple[float, float, dict[str, float]]:
+        """CPU seconds used in [start, end] by this process's descendants, by all others, and
+        by the descendants per role (SuperLink, SuperNodes, ClientApp tasks, ...)."""
         window = [ticks for t, ticks in self.samples if start <= t <= end]
         if len(window) < 2:
-            return float("nan"), float("nan")
+            return float("nan"), float("nan"), {}
         first, peak = window[0], {}
         for ticks in window:
             for pid, value in ticks.items():
                 peak[pid] = max(peak.get(pid, 0), value)
         ours = others = 0.0
+        roles: dict[str, float] = {}
         for pid, value in peak.items():
             used = (value - first.get(pid, 0)) / os.sysconf("SC_CLK_TCK")
             if self._descends(pid):
                 ours += used
+                role = _role(self.commands.get(pid, ""))
+                roles[role] = roles.get(role, 0.0) + used
             else:
                 others += used
-        return ours, others
+        return ours, others, roles
 
     def _descends(self, pid: int) -> bool:
         me = os.getpid()
@@ -146,6 +161,37 @@ class CpuSampler:
             if pid == me:
                 return True
         return False
+
+
+ROLES = (  # command-line marker -> role, first match wins (SuperLink and SuperNodes name each other)
+    ("warm_worker", "ClientApp tasks"),
+    ("flwr-clientapp", "ClientApp tasks"),
+    ("client.gate", "site gates"),
+    ("flwr-serverapp", "ServerApp"),
+    ("superlink_launcher", "SuperLink"),
+    ("flower-superlink", "SuperLink"),
+    ("supernode", "SuperNodes"),
+)
+
+
+def _role(command: str) -> str:
+    return next((role for marker, role in ROLES if marker in command), "other (CLI, SuperExec)")
+
+
+def _requests_per_round(trace: Path, stamps: list[float]) -> list[dict[str, int]]:
+    """The SuperLink's requests between consecutive checkpoints, counted by API path."""
+    if not trace.exists():
+        return []
+    rows = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
+    counts = []
+    for a, b in itertools.pairwise(stamps):
+        kinds: dict[str, int] = {}
+        for row in rows:
+            if a <= row["t"] < b:
+                kind = row["path"].removeprefix("/v1/")
+                kinds[kind] = kinds.get(kind, 0) + 1
+        counts.append(dict(sorted(kinds.items(), key=lambda kv: -kv[1])))
+    return counts
 
 
 def run_config(name: str, root: Path, sampler: CpuSampler | None = None) -> dict:
@@ -158,6 +204,8 @@ def run_config(name: str, root: Path, sampler: CpuSampler | None = None) -> dict
         # 3 sites share 2 cores here: one torch thread each, as if each had its own machine (with
         # more threads than free cores, a tiny model's step takes milliseconds instead of 40 us).
         "OMP_NUM_THREADS": "1",
+        # The SuperLink writes one line per request (server/superlink_launcher.py): requests per round.
+        "PMFL_TRACE_REQUESTS": str(root / "requests.jsonl"),
         **config["env"],
     }
     port = _free_port()
@@ -266,9 +314,17 @@ def run_config(name: str, root: Path, sampler: CpuSampler | None = None) -> dict
             if len(calls) >= (k + 2) * len(SITES)
         ],
     }
+    requests = _requests_per_round(root / "requests.jsonl", stamps)
+    if requests:
+        result["requests_per_round"] = [sum(r.values()) for r in requests]
+        result["requests_by_kind_per_round"] = requests
     if sampler is not None and len(stamps) > 1:
-        ours, others = sampler.cpu_seconds(stamps[0], stamps[-1])
-        result["cpu_s_per_round"] = {"deployment": ours / len(walls), "other_processes": others / len(walls)}
+        ours, others, roles = sampler.cpu_seconds(stamps[0], stamps[-1])
+        result["cpu_s_per_round"] = {
+            "deployment": ours / len(walls),
+            "other_processes": others / len(walls),
+            "by_role": {role: used / len(walls) for role, used in sorted(roles.items())},
+        }
     return result
 
 
@@ -341,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         apps = [c for r in results for c in r["clientapp_call_s"]]  # only the warm processes log it
         cpu = [r["cpu_s_per_round"] for r in results if "cpu_s_per_round" in r]
         loads = [x for r in results for x in r["load_average_1min"]]
+        requests = [n for r in results for n in r.get("requests_per_round", [])]
+        roles = sorted({role for c in cpu for role in c.get("by_role", {})})
         summary[name] = {
             "runs": len(results),
             "median_setup_to_results_s": median([r["setup_to_results_s"] for r in results]),
@@ -350,6 +408,10 @@ def main(argv: list[str] | None = None) -> None:
             "median_round_above_slowest_app_s": median(above) if above else None,
             "deployment_cpu_s_per_round": median([c["deployment"] for c in cpu]) if cpu else None,
             "other_processes_cpu_s_per_round": median([c["other_processes"] for c in cpu]) if cpu else None,
+            "deployment_cpu_s_per_round_by_role": {
+                role: median([c["by_role"].get(role, 0.0) for c in cpu if "by_role" in c]) for role in roles
+            },
+            "median_requests_per_round": median(requests) if requests else None,
             "load_average_1min_range": [min(loads), max(loads)],
         }
         row = summary[name]
@@ -360,10 +422,12 @@ def main(argv: list[str] | None = None) -> None:
             row["per_round_overhead_s"],
             row["median_round_above_slowest_app_s"],
             row["deployment_cpu_s_per_round"],
+            row["deployment_cpu_s_per_round_by_role"].get("SuperLink"),
             row["other_processes_cpu_s_per_round"],
+            row["median_requests_per_round"],
             f"{min(loads):.1f}-{max(loads):.1f}",
         ])
-    rows.append(["sites' compute per round (3 sequential)", None, median(compute), *[None] * 5])
+    rows.append(["sites' compute per round (3 sequential)", None, median(compute), *[None] * 7])
     print_table(
         f"Deployed heart-disease study, 3 sites x {rounds} rounds, DP, {args.repeat} run(s) each (seconds)",
         [
@@ -373,7 +437,9 @@ def main(argv: list[str] | None = None) -> None:
             "overhead/round",
             "above slowest app",
             "CPU/round: ours",
+            "of it SuperLink",
             "others'",
+            "requests/round",
             "load avg",
         ],
         rows,
