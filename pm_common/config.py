@@ -59,6 +59,7 @@ class StrategyConfig:
     trim_fraction: float = 0.25  # trimmed-mean: share cut at each end per coordinate (4 sites: 1 each)
     krum_malicious: int = 1  # krum: sites assumed malicious (f)
     krum_select: int = 1  # krum: updates averaged (1: Krum; more: Multi-Krum)
+    krum_history: float = 0.0  # krum: 0 scores this round's updates; in (0, 1) each site's moving average
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,18 @@ def _check_robustness(strategy: StrategyConfig) -> None:
         raise StudyConfigError("[strategy] trim_fraction must be in [0, 0.5)")
     if strategy.krum_malicious < 0 or strategy.krum_select < 1:
         raise StudyConfigError("[strategy] need krum_malicious >= 0 and krum_select >= 1")
+    if not 0 <= strategy.krum_history < 1:
+        raise StudyConfigError("[strategy] krum_history must be in [0, 1) (0: no history)")
+
+
+def _hospital_dp(table: Mapping[str, Any], strategy: StrategyConfig) -> HospitalDPConfig:
+    config = _build(HospitalDPConfig, table, "hospital_dp")
+    if config.enabled and strategy.name in ROBUST_STRATEGIES:
+        raise StudyConfigError(
+            f"[hospital_dp] cannot combine with strategy {strategy.name!r}: its guarantee needs the "
+            "sum of every site's noise share, and a robust aggregator keeps only some of them"
+        )
+    return config
 
 
 def _secure_aggregation(table: Mapping[str, Any], strategy: StrategyConfig) -> SecureAggregationConfig:
@@ -309,7 +322,7 @@ def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
         strategy=strategy,
         privacy=privacy,
         split=_build(SplitConfig, _table(raw, "split"), "split"),
-        hospital_dp=_build(HospitalDPConfig, _table(raw, "hospital_dp"), "hospital_dp"),
+        hospital_dp=_hospital_dp(_table(raw, "hospital_dp"), strategy),
         secure_aggregation=_secure_aggregation(_table(raw, "secure_aggregation"), strategy),
         sites=tuple(sites),
         min_report_count=int(study.get("min_report_count", 10)),

@@ -74,6 +74,7 @@ class RunRecorder:
     evaluations: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     participation: dict[int, list[SiteRound]] = field(default_factory=dict)
     failures: dict[int, list[str]] = field(default_factory=dict)
+    left_out: dict[int, list[str]] = field(default_factory=dict)  # valid updates a robust rule skipped
     next_round_fits: dict[str, bool] = field(default_factory=dict)
     record_updates_of: str = field(default_factory=lambda: os.environ.get(RECORD_UPDATES_ENV, ""))
 
@@ -128,6 +129,10 @@ class RunRecorder:
     def record_failure(self, server_round: int, description: str) -> None:
         self.failures.setdefault(server_round, []).append(description)
 
+    def record_left_out(self, server_round: int, sites: list[str]) -> None:
+        """Sites whose valid updates the robust aggregator did not use (their spend still counts)."""
+        self.left_out[server_round] = list(sites)
+
     # -- what the coordinator calls -------------------------------------------------------
     def checkpoint(
         self,
@@ -163,6 +168,8 @@ class RunRecorder:
                 self.participation[r] = reports
             if item["failures"]:
                 self.failures[r] = list(item["failures"])
+            if item.get("left_out"):
+                self.left_out[r] = list(item["left_out"])
 
     def round_finished(self, server_round: int) -> None:
         if self.on_round is None:
@@ -220,6 +227,7 @@ class RunRecorder:
                     "declined": {s.site: s.reason for s in reports if s.status == "declined"},
                     "rejected": {s.site: s.rejected for s in reports if s.rejected},
                     "failures": self.failures.get(r, []),
+                    "left_out": self.left_out.get(r, []),
                 }
             )
         metrics = {

@@ -32,6 +32,7 @@ from pm_common.config import StrategyConfig
 from pm_common.ledger import DECLINED, TRAINED
 from pm_common.secure_aggregation import unflatten
 from server.recorder import RunRecorder, SiteRound
+from server.robust import HistoryKrum
 from server.secure_aggregation import SecureAggregation
 from server.validation import (
     expected_layout,
@@ -87,14 +88,20 @@ def _robust(config: StrategyConfig, common: dict) -> FedAvg:
     """Flower's Byzantine-robust aggregators (coordinate-wise trimmed mean and median, Krum)."""
     if config.name == "trimmed-mean":
         if int(config.trim_fraction * common["min_train_nodes"]) == 0:
-            log.warning("trim_fraction %g trims no update with %d sites; use at least 1/%d",
-                        config.trim_fraction, common["min_train_nodes"], common["min_train_nodes"])
+            log.warning(
+                "trim_fraction %g trims no update with %d sites; use at least 1/%d",
+                config.trim_fraction,
+                common["min_train_nodes"],
+                common["min_train_nodes"],
+            )
         return FedTrimmedAvg(**common, beta=config.trim_fraction)
     if config.name == "median":
         return FedMedian(**common)
     if config.name == "krum":  # Flower's Krum is MultiKrum selecting one update
-        return MultiKrum(**common, num_malicious_nodes=config.krum_malicious,
-                         num_nodes_to_select=config.krum_select)
+        krum = {"num_malicious_nodes": config.krum_malicious, "num_nodes_to_select": config.krum_select}
+        if config.krum_history > 0:
+            return HistoryKrum(**common, **krum, history=config.krum_history)
+        return MultiKrum(**common, **krum)
     raise ValueError(f"unknown strategy {config.name!r}")
 
 
@@ -170,6 +177,8 @@ class SiteReportingStrategy(Strategy):
             )
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, contributions)
+        if isinstance(self.inner, HistoryKrum) and server_round in self.inner.excluded:
+            self.recorder.record_left_out(server_round, self.inner.excluded.pop(server_round))
         return (None if arrays is None else in_layout_dtypes(arrays, self._layout)), metrics
 
     def _unmasked_sum(self, replies: list[Message]) -> list[Message]:
@@ -195,12 +204,15 @@ class SiteReportingStrategy(Strategy):
         }
         metrics = [m.content[p.TRAIN_METRICS] for m in replies]
         examples = sum(float(m[p.NUM_EXAMPLES]) for m in metrics)
-        merged = MetricRecord({
-            p.NUM_EXAMPLES: examples,
-            "train-loss": sum(float(m["train-loss"]) * float(m[p.NUM_EXAMPLES]) for m in metrics) / examples,
-            "secagg-sites": count,
-            "secagg-clipped": sum(int(m.get("secagg-clipped", 0)) for m in metrics),
-        })
+        merged = MetricRecord(
+            {
+                p.NUM_EXAMPLES: examples,
+                "train-loss": sum(float(m["train-loss"]) * float(m[p.NUM_EXAMPLES]) for m in metrics)
+                / examples,
+                "secagg-sites": count,
+                "secagg-clipped": sum(int(m.get("secagg-clipped", 0)) for m in metrics),
+            }
+        )
         stand_in = replies[0]
         stand_in.content = RecordDict({p.ARRAYS: ArrayRecord(model), p.TRAIN_METRICS: merged})
         return [stand_in]
@@ -217,16 +229,12 @@ class SiteReportingStrategy(Strategy):
         """Store the site's report; return the aggregatable part of its reply, if any."""
         site_record = content.config_records.get(p.SITE)
         if site_record is None:
-            self.recorder.record_failure(
-                server_round, "reply without a site record (not a pmfl site?)"
-            )
+            self.recorder.record_failure(server_round, "reply without a site record (not a pmfl site?)")
             return None
         site = str(site_record[p.SITE_NAME])
         ledger_line = str(site_record.get(p.LEDGER_LINE, ""))
         epsilon = json.loads(ledger_line).get("epsilon") if ledger_line else None
-        report = SiteRound(
-            site, str(site_record[p.STATUS]), str(site_record.get(p.REASON, "")), epsilon
-        )
+        report = SiteRound(site, str(site_record[p.STATUS]), str(site_record.get(p.REASON, "")), epsilon)
         evaluation = content.metric_records.get(p.EVAL_METRICS)
         if evaluation is not None:
             self.recorder.record_evaluation(server_round - 1, site, dict(evaluation))
@@ -252,7 +260,13 @@ class SiteReportingStrategy(Strategy):
                 report.rejected = problem
                 log.warning("round %d: update from %s rejected: %s", server_round, site, problem)
             else:
-                update = RecordDict({p.ARRAYS: arrays, p.TRAIN_METRICS: content[p.TRAIN_METRICS]})
+                update = RecordDict(
+                    {
+                        p.ARRAYS: arrays,
+                        p.TRAIN_METRICS: content[p.TRAIN_METRICS],
+                        p.SITE: site_record,  # who sent it: robust strategies keep per-site state
+                    }
+                )
                 self.recorder.record_update(server_round, site, arrays)  # likewise
         elif report.status == DECLINED:
             log.info("round %d: %s declined: %s", server_round, site, report.reason)
@@ -270,9 +284,7 @@ class SiteReportingStrategy(Strategy):
     ) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None  # evaluations arrive with the training replies and go to the recorder
 
     def start(
@@ -297,6 +309,11 @@ class SiteReportingStrategy(Strategy):
             return evaluate_fn(flower_round + offset, arrays) if evaluate_fn else None
 
         return super().start(
-            grid, initial_arrays, max(0, num_rounds - offset), timeout, train_config, evaluate_config,
+            grid,
+            initial_arrays,
+            max(0, num_rounds - offset),
+            timeout,
+            train_config,
+            evaluate_config,
             shifted if evaluate_fn else None,
         )

@@ -11,6 +11,8 @@ sites named. With the global model g sent and the honest model w, the update is 
 
 - "sign-flip[:K]" sends g - K d (K = 1 by default): gradient ascent on the site's loss;
 - "scale:K" sends g + K d: a boosted update that dominates a plain average;
+- "nan" sends a model of NaNs (a broken client): the coordinator's validation rejects it, so the
+  run shows what the study reaches without that site's updates (and with its evaluations);
 - "drop-out:R" is not an attack but a failure: the site vanishes in round R when its training
   message arrives (after any secure-aggregation key sharing), and answers again from round R + 1.
 """
@@ -30,7 +32,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from pm_common import protocol as p
 from pm_common.config import StudyConfig, StudyConfigError, study_from_dict
 
-KINDS = ("sign-flip", "scale", "drop-out")
+KINDS = ("sign-flip", "scale", "nan", "drop-out")
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,12 @@ class Attack:
 
 
 def parse_attack(spec: str) -> Attack:
-    """"sign-flip", "sign-flip:K", "scale:K" (K > 0) or "drop-out:R" (R: the round)."""
+    """"sign-flip", "sign-flip:K", "scale:K" (K > 0), "nan" or "drop-out:R" (R: the round)."""
     kind, _, factor = str(spec).partition(":")
     if kind not in KINDS or (kind in ("scale", "drop-out") and not factor):
         raise StudyConfigError(
-            f"[simulation] attacks: {spec!r} is not 'sign-flip', 'sign-flip:K', 'scale:K' or 'drop-out:R'"
+            f"[simulation] attacks: {spec!r} is not 'sign-flip', 'sign-flip:K', 'scale:K', 'nan' "
+            "or 'drop-out:R'"
         )
     try:
         value = float(factor) if factor else 1.0
@@ -82,6 +85,8 @@ def poison(
     update: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], attack: Attack
 ) -> dict[str, np.ndarray]:
     """The malicious model a site sends instead of its honest `update` to the global model `sent`."""
+    if attack.kind == "nan":
+        return {name: np.full_like(w, np.nan) for name, w in update.items()}
     sign = -1.0 if attack.kind == "sign-flip" else 1.0
     return {
         name: (sent[name] + sign * attack.factor * (w - sent[name])).astype(w.dtype)

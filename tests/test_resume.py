@@ -11,10 +11,12 @@ import torch
 from flwr.serverapp.strategy import FedAdam, FedAvgM
 
 from pm_common.audit import audit_directory
+from pm_common.config import StrategyConfig
 from pm_common.ledger import LedgerEntry, read_ledger
 from pm_common.privacy import cumulative_epsilon
 from server.recorder import RoundProgress
 from server.resume import load_resume_point, restore_strategy_state, strategy_state
+from server.strategy import build_strategy
 from simulations.runner import simulate
 from tests.conftest import heart_study
 from tests.test_privacy import dp_accounting_rdp
@@ -56,6 +58,16 @@ def test_strategy_state_survives_a_checkpoint(tmp_path: Path) -> None:
             for key, value in (getattr(saved, name, None) or {}).items():
                 np.testing.assert_array_equal(getattr(fresh, name)[key], value)
     np.testing.assert_array_equal(fresh.momentum_vector[0], [1.0, 2.0])
+
+
+def test_history_krum_keeps_each_sites_history_across_a_checkpoint(tmp_path: Path) -> None:
+    config = StrategyConfig(name="krum", krum_select=3, krum_history=0.5)
+    saved, fresh = build_strategy(config, 4), build_strategy(config, 4)
+    saved.site_history = {"hungary": np.array([0.5, -1.0]), "cleveland": np.array([2.0, 0.0])}
+    torch.save({"strategy_state": strategy_state(saved)}, tmp_path / "c.pt")
+    restore_strategy_state(fresh, torch.load(tmp_path / "c.pt", weights_only=True)["strategy_state"])
+    assert set(fresh.site_history) == {"hungary", "cleveland"}
+    np.testing.assert_array_equal(fresh.site_history["hungary"], [0.5, -1.0])
 
 
 def _crash_in_round(crash_round: int):  # type: ignore[no-untyped-def]

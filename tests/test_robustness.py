@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, MultiKrum
+from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from pm_common import protocol as p
 from pm_common.config import StrategyConfig, StudyConfigError, study_text_for_sites
 from server.recorder import RunRecorder
+from server.robust import HistoryKrum, krum_scores, select_lowest, smoothed
 from server.strategy import SiteReportingStrategy, build_strategy
 from server.validation import norm_problem, update_norm
 from simulations.attacks import Attack, attack_mod, parse_attack, poison, study_attacks, with_attacks
@@ -72,11 +74,78 @@ def test_robust_strategies_are_flowers_own() -> None:
 
 
 @pytest.mark.parametrize(
-    "strategy", [{"trim_fraction": 0.5}, {"max_update_norm": 0.0}, {"krum_select": 0}, {"name": "mean"}]
+    "strategy",
+    [
+        {"trim_fraction": 0.5},
+        {"max_update_norm": 0.0},
+        {"krum_select": 0},
+        {"name": "mean"},
+        {"name": "krum", "krum_history": 1.0},
+        {"name": "krum", "krum_history": -0.1},
+    ],
 )
 def test_study_rejects_bad_robustness_settings(tmp_path: Path, strategy: dict) -> None:
     with pytest.raises(StudyConfigError, match=r"\[strategy\]"):
         heart_study(tmp_path, strategy=strategy)
+
+
+def test_hospital_dp_is_refused_with_a_robust_aggregator(tmp_path: Path) -> None:
+    """Hospital-level DP is accounted for the sum of every site's noise share; Krum or a median
+    keeps only some, so the reported epsilon would be wrong."""
+    with pytest.raises(StudyConfigError, match=r"\[hospital_dp\] cannot combine with strategy 'krum'"):
+        heart_study(tmp_path, strategy={"name": "krum"}, hospital_dp={"enabled": True})
+    heart_study(tmp_path, strategy={"name": "krum"}, hospital_dp={"enabled": False})
+
+
+def test_krum_scores_select_what_flowers_multikrum_selects() -> None:
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(6, 5))
+    contents = [RecordDict({"a": _arrays({"x": row}), "m": MetricRecord({"n": 1})}) for row in points]
+    for f, select in ((1, 1), (1, 3), (2, 2)):
+        ours = select_lowest(krum_scores(points, f), select)
+        theirs = select_multikrum(contents, num_malicious_nodes=f, num_nodes_to_select=select)
+        assert sorted(ours) == sorted(contents.index(c) for c in theirs)
+
+
+def test_history_is_an_exponential_moving_average() -> None:
+    first = smoothed(None, np.array([2.0, 0.0]), 0.5)
+    np.testing.assert_array_equal(first, [2.0, 0.0])  # the first round is the update itself
+    np.testing.assert_array_equal(smoothed(first, np.array([0.0, 4.0]), 0.5), [1.0, 2.0])
+    assert select_lowest(np.array([3.0, 1.0, 2.0, 1.0]), 2) == [1, 3]
+
+
+def test_history_krum_leaves_out_a_sign_flipped_site_that_one_round_cannot_tell_apart(
+    tmp_path: Path,
+) -> None:
+    """Honest updates are a common direction plus noise 2.5x its size per coordinate (like DP-SGD
+    updates); Cleveland sends its update flipped. One round's distances do not single it out; the
+    sites' histories do, and it is left out of every round once they have built up, recorded in
+    metrics.json; the aggregate is FedAvg of the other three sites' current updates."""
+    _, study = heart_study(tmp_path)
+    recorder = RunRecorder(tmp_path / "run", study, {})
+    config = StrategyConfig(name="krum", krum_select=3, krum_history=0.8)
+    strategy = SiteReportingStrategy(build_strategy(config, 4), recorder)
+    assert isinstance(strategy.inner, HistoryKrum)
+    rng = np.random.default_rng(1)
+    direction = {"w": np.ones(4, dtype=np.float32), "b": np.ones(1, dtype=np.float32)}
+    sent = {k: np.zeros_like(v) for k, v in direction.items()}
+    single_round_picks, rounds = [], 30
+    for r in range(1, rounds + 1):
+        messages = list(strategy.configure_train(r, _arrays(sent), ConfigRecord(), _Grid()))  # type: ignore[arg-type]
+        models = [{k: sent[k] + v + rng.normal(0, 2.5, v.shape) for k, v in direction.items()} for _ in SITES]
+        models[0] = poison(models[0], sent, Attack("sign-flip", 1.0))
+        flat = np.stack([np.concatenate([m["w"] - sent["w"], m["b"] - sent["b"]]) for m in models])
+        single_round_picks.append(int(np.argmax(krum_scores(flat, 1))))
+        replies = [_reply(site, model, msg) for site, model, msg in zip(SITES, models, messages, strict=True)]
+        arrays, _ = strategy.aggregate_train(r, replies)
+        assert arrays is not None
+        if r > 10:
+            expected = np.mean([models[i]["w"] for i in (1, 2, 3)], axis=0)
+            np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert single_round_picks.count(0) < 0.6 * rounds  # one round alone: often wrong
+    metrics = recorder.write_metrics()["rounds"]
+    assert all(metrics[r]["left_out"] == ["cleveland"] for r in range(11, rounds + 1))
+    assert sorted(metrics[rounds]["trained"]) == sorted(SITES)  # left out, not rejected: it did train
 
 
 def test_update_norm_is_the_l2_norm_of_model_minus_model_sent() -> None:
@@ -129,6 +198,8 @@ def test_round_goes_on_without_dropped_sites_while_min_sites_reply(tmp_path: Pat
 
 def test_attack_spec_and_study_table(tmp_path: Path) -> None:
     assert parse_attack("sign-flip") == Attack("sign-flip", 1.0)
+    assert parse_attack("nan") == Attack("nan", 1.0)
+    assert np.isnan(poison(_honest(0), GLOBAL, Attack("nan"))["w"]).all()
     assert parse_attack("scale:10") == Attack("scale", 10.0)
     for bad in ("scale", "flip", "scale:-1", "scale:x"):
         with pytest.raises(StudyConfigError):
