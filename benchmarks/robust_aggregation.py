@@ -1,10 +1,15 @@
 """Robust aggregation against one poisoned site: FLamby's metric (mean over sites of local test
 accuracy) of the final model for each aggregator, clean and with one of the four hospitals
 poisoned (simulations/attacks.py: the site trains honestly, then sends a sign-flipped or a 10x
-scaled update), medians over seeds. Default study: heart disease, DP-SGD at epsilon 3 per site.
+scaled update), medians over seeds. Default study: heart disease, 20 rounds, DP-SGD at epsilon 3
+per site.
 
-    python -m benchmarks.robust_aggregation [--seeds 3] [--rounds 4] [--attacker cleveland]
-        [--norm-bound 3.0]   # adds a row: FedAvg with [strategy] max_update_norm
+A reference row shows what FedAvg reaches when the poisoned site's updates are never used (it
+sends NaNs, which validation rejects; it still evaluates): the best any rule that excludes the
+attacker can do, since excluding it also loses its honest data.
+
+    python -m benchmarks.robust_aggregation [--seeds 3] [--rounds 20] [--attacker cleveland]
+        [--aggregators fedavg,history-krum] [--norm-bound 3.0]   # adds a row: FedAvg with a bound
 """
 
 from __future__ import annotations
@@ -22,15 +27,21 @@ from simulations.attacks import with_attacks
 from simulations.runner import simulate
 from simulations.scenarios import scenario_path
 
-AGGREGATORS = ("fedavg", "trimmed-mean", "median", "krum")
+AGGREGATORS: dict[str, dict[str, Any]] = {  # row -> [strategy] settings
+    "fedavg": {"name": "fedavg"},
+    "trimmed-mean": {"name": "trimmed-mean"},
+    "median": {"name": "median"},
+    "krum": {"name": "krum"},
+    "multi-krum": {"name": "krum", "krum_select": 3},
+    "history-krum": {"name": "krum", "krum_history": 0.5},
+}
 ATTACKS: tuple[str | None, ...] = (None, "sign-flip", "scale:10")  # None: the clean run
+REFERENCE = "fedavg, attacker's updates never used (reference)"
 
 
-def _study(base: StudyConfig, aggregator: str, norm_bound: float | None) -> StudyConfig:
+def _study(base: StudyConfig, strategy: dict[str, Any]) -> StudyConfig:
     raw: dict[str, Any] = copy.deepcopy(dict(base.raw))
-    raw.setdefault("strategy", {})["name"] = aggregator
-    if norm_bound is not None:
-        raw["strategy"]["max_update_norm"] = norm_bound
+    raw.setdefault("strategy", {}).update(strategy)
     return study_from_dict(raw, Path("."))
 
 
@@ -43,32 +54,38 @@ def _median(values: list[float | None]) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--attacker", default="cleveland", help="the poisoned site (default: the largest)")
     parser.add_argument("--norm-bound", type=float, default=None, help="also run FedAvg with this bound")
+    parser.add_argument("--aggregators", default=",".join(AGGREGATORS), help="rows to run (fedavg first)")
     args = parser.parse_args()
-    settings: list[tuple[str, str, float | None]] = [(a, a, None) for a in AGGREGATORS]
+    settings = {name: AGGREGATORS[name] for name in args.aggregators.split(",")}
     if args.norm_bound is not None:
-        settings.append((f"fedavg, max_update_norm {args.norm_bound:g}", "fedavg", args.norm_bound))
+        settings["fedavg"] = {"name": "fedavg"}
+        settings["fedavg, bounded"] = {"name": "fedavg", "max_update_norm": args.norm_bound}
     started = time.perf_counter()
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, aggregator, bound in settings:
-            finals: dict[str, list[float]] = {}
-            for attack in ATTACKS:
-                name = attack or "clean"
-                finals[name] = []
-                for seed in range(args.seeds):
-                    base = with_overrides(load_study(scenario_path("heart-disease")), rounds=args.rounds,
-                                          seed=seed)
-                    study = with_attacks(_study(base, aggregator, bound),
-                                         {args.attacker: attack} if attack else {})
-                    out = Path(tmp) / f"{aggregator}-{bound}-{name}-{seed}"
-                    finals[name].append(simulate(study, out)["rounds"][-1]["mean_site_accuracy"])
-            results.append({"aggregator": label, "strategy": aggregator, "max_update_norm": bound,
-                            "mean_site_accuracy": finals})
-            rows.append([label, *(_median(finals[a or "clean"]) for a in ATTACKS)])
-    clean = rows[0][1]  # clean FedAvg: the reference
+
+        def final_metric(strategy: dict[str, Any], attack: str | None, seed: int) -> float | None:
+            base = with_overrides(load_study(scenario_path("heart-disease")), rounds=args.rounds, seed=seed)
+            study = with_attacks(_study(base, strategy), {args.attacker: attack} if attack else {})
+            out = Path(tmp) / f"{len(results)}-{attack}-{seed}"
+            return simulate(study, out)["rounds"][-1]["mean_site_accuracy"]
+
+        for label, strategy in settings.items():
+            finals = {
+                a or "clean": [final_metric(strategy, a, s) for s in range(args.seeds)] for a in ATTACKS
+            }
+            results.append({"aggregator": label, "strategy": strategy, "mean_site_accuracy": finals})
+            settings_text = ", ".join(f"{k} {v}" for k, v in strategy.items() if k != "name")
+            row_label = f"{label} ({settings_text})" if settings_text else label
+            rows.append([row_label, *(_median(finals[a or "clean"]) for a in ATTACKS)])
+        withheld = [final_metric({"name": "fedavg"}, "nan", s) for s in range(args.seeds)]
+        results.append({"aggregator": REFERENCE, "strategy": {"name": "fedavg"},
+                        "mean_site_accuracy": {"nan": withheld}})
+        rows.append([REFERENCE, None, *[_median(withheld)] * (len(ATTACKS) - 1)])
+    clean = rows[0][1]  # the first row's clean run (FedAvg by default): the reference
     for row in rows:
         poisoned = [v for v in row[2:4] if v is not None]
         row.append(100 * (min(poisoned) - clean) if poisoned and clean is not None else None)

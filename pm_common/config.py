@@ -59,7 +59,8 @@ class StrategyConfig:
     trim_fraction: float = 0.25  # trimmed-mean: share cut at each end per coordinate (4 sites: 1 each)
     krum_malicious: int = 1  # krum: sites assumed malicious (f)
     krum_select: int = 1  # krum: updates averaged (1: Krum; more: Multi-Krum)
-    krum_history: float = 0.0  # krum: 0 scores this round's updates; in (0, 1) each site's moving average
+    krum_history: float = 0.0  # krum: 0 scores this round's updates; in (0, 1) each site's history
+    krum_outlier_ratio: float = 1.3  # history-Krum: leave out sites this much more suspect than the median
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,13 @@ def _check_robustness(strategy: StrategyConfig) -> None:
         raise StudyConfigError("[strategy] need krum_malicious >= 0 and krum_select >= 1")
     if not 0 <= strategy.krum_history < 1:
         raise StudyConfigError("[strategy] krum_history must be in [0, 1) (0: no history)")
+    if strategy.krum_history > 0 and strategy.krum_select != 1:
+        raise StudyConfigError(
+            "[strategy] krum_select does not apply with krum_history: history-Krum leaves out at most "
+            "krum_malicious sites, those whose suspicion exceeds krum_outlier_ratio"
+        )
+    if not strategy.krum_outlier_ratio >= 1:
+        raise StudyConfigError("[strategy] krum_outlier_ratio must be at least 1")
 
 
 def _hospital_dp(table: Mapping[str, Any], strategy: StrategyConfig) -> HospitalDPConfig:

@@ -29,7 +29,7 @@ RESUME_ENV = "PMFL_RESUME"  # "1": the ServerApp resumes the run directory's stu
 _CHECKPOINT = re.compile(r"round-(\d+)\.pt")
 _MOMENTS = ("m_t", "v_t")  # FedAdam / FedYogi / FedAdagrad: {array name: ndarray}
 _MOMENTUM = "momentum_vector"  # FedAvgM: [ndarray] in the ArrayRecord's order
-_SITE_HISTORY = "site_history"  # HistoryKrum: {site name: ndarray}
+_SITE_MEMORY = ("site_history", "site_suspicion")  # HistoryKrum: {site name: ndarray}
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,10 @@ def load_resume_point(run_dir: Path) -> ResumePoint:
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
     """What a Flower strategy carries from round to round beyond the model: FedOpt's moments,
-    FedAvgM's momentum, HistoryKrum's per-site histories. As tensors, so checkpoints load with
+    FedAvgM's momentum, HistoryKrum's per-site memories. As tensors, so checkpoints load with
     `torch.load(weights_only=True)`."""
     state: dict[str, Any] = {}
-    for name in (*_MOMENTS, _SITE_HISTORY):
+    for name in (*_MOMENTS, *_SITE_MEMORY):
         moments = getattr(strategy, name, None)
         if moments:
             state[name] = {k: torch.from_numpy(np.array(v)) for k, v in moments.items()}
@@ -96,7 +96,7 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
 
 
 def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
-    for name in (*_MOMENTS, _SITE_HISTORY):
+    for name in (*_MOMENTS, *_SITE_MEMORY):
         if name in state:
             setattr(strategy, name, {k: v.numpy() for k, v in state[name].items()})
     if _MOMENTUM in state:

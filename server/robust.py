@@ -1,13 +1,20 @@
-"""Multi-Krum scored on each site's update history: a poisoned site shows over rounds, not in one.
+"""History-Krum: a poisoned site shows over rounds, not in one, so judge each site on its record.
 
 Under DP-SGD a single round's honest updates are mostly noise (their pairwise cosines are near 0
-in the heart-disease study), so Krum on one round picks at chance. An exponential moving average
-of each site's updates over the rounds averages the independent noise away while a poisoned
-site's systematic direction (a sign flip: gradient ascent on its own loss) stays. The sites whose
-histories score best under Krum are selected, and their *current* updates are averaged as FedAvg
-would; the others are left out of this round and logged.
+in the heart-disease study), so Krum on one round picks at chance, and at the federation's
+optimum the honest updates cancel out, leaving a sign-flipped one nothing to stand out against.
+Two memories fix this:
+- each site's *history*, an exponential moving average of its updates, averages the independent
+  noise away while a poisoned site's systematic direction stays;
+- each site's *suspicion*, the mean over the rounds it took part in of its Krum score on the
+  histories (relative to that round's median score), keeps the evidence of the early rounds,
+  when honest sites still agree and a poisoned one stands out most.
+A site whose suspicion exceeds `outlier_ratio` times the median site's is left out (at most
+`num_malicious_nodes` of them, the most suspicious first); the other sites' *current* updates are
+averaged as FedAvg would. With no outlier every update is used, so a clean federation loses no
+data, unlike Multi-Krum, which always drops f sites.
 
-Aggregation stays post-processing of DP outputs: the history is built from the updates the
+Aggregation stays post-processing of DP outputs: the memories are built from the updates the
 coordinator received, so no privacy guarantee changes.
 """
 
@@ -42,35 +49,43 @@ def krum_scores(points: np.ndarray, num_malicious: int) -> np.ndarray:
     return np.sort(distances, axis=1)[:, 1 : closest + 1].sum(axis=1)
 
 
-def select_lowest(scores: np.ndarray, count: int) -> list[int]:
-    """Indices of the `count` lowest scores, in their original order (ties: the earlier)."""
-    return sorted(np.argsort(scores, kind="stable")[:count].tolist())
+def relative(values: np.ndarray) -> np.ndarray:
+    """Values over their median (all ones when the median is 0: nothing to tell apart)."""
+    middle = float(np.median(values))
+    return values / middle if middle > 0 else np.ones_like(values)
+
+
+def outliers(suspicion: np.ndarray, ratio: float, at_most: int) -> list[int]:
+    """Indices whose suspicion exceeds `ratio` times the median's, the `at_most` highest."""
+    above = [i for i in np.argsort(-suspicion, kind="stable") if relative(suspicion)[i] > ratio]
+    return sorted(int(i) for i in above[:at_most])
 
 
 class HistoryKrum(FedAvg):
-    """Multi-Krum on per-site exponential moving averages of the updates (see the module doc).
+    """Leave out the sites whose update histories Krum has found outlying round after round.
 
-    Sites are recognised by the name in their reply's site record, so a site's history survives
-    the site reconnecting under a new node id; replies without one fall back to the node id.
+    Sites are recognised by the name in their reply's site record, so their memories survive a
+    site reconnecting under a new node id; replies without one fall back to the node id.
     """
 
     def __init__(
-        self, *, history: float, num_malicious_nodes: int, num_nodes_to_select: int, **kwargs
+        self, *, history: float, outlier_ratio: float, num_malicious_nodes: int, **kwargs
     ) -> None:
         super().__init__(**kwargs)
         self.history_beta = history
+        self.outlier_ratio = outlier_ratio
         self.num_malicious_nodes = num_malicious_nodes
-        self.num_nodes_to_select = num_nodes_to_select
         self.site_history: dict[str, np.ndarray] = {}
+        self.site_suspicion: dict[str, np.ndarray] = {}  # [sum of relative scores, rounds]
         self.excluded: dict[int, list[str]] = {}  # round -> sites left out
         self._sent: np.ndarray | None = None
 
     def summary(self) -> None:
         log.info(
-            "HistoryKrum(history=%g, f=%d, select=%d)",
+            "HistoryKrum(history=%g, outlier_ratio=%g, f=%d)",
             self.history_beta,
+            self.outlier_ratio,
             self.num_malicious_nodes,
-            self.num_nodes_to_select,
         )
 
     def configure_train(
@@ -88,18 +103,18 @@ class HistoryKrum(FedAvg):
         contents = [m.content for m in valid]
         names = [site_key(m) for m in valid]
         points = np.stack([self._remember(name, c) for name, c in zip(names, contents, strict=True)])
-        scores = krum_scores(points, self.num_malicious_nodes)
-        keep = select_lowest(scores, min(self.num_nodes_to_select, len(valid)))
-        left_out = [names[i] for i in range(len(valid)) if i not in keep]
+        scores = relative(krum_scores(points, self.num_malicious_nodes))
+        suspicion = np.array([self._suspect(name, s) for name, s in zip(names, scores, strict=True)])
+        left_out = outliers(suspicion, self.outlier_ratio, self.num_malicious_nodes)
         if left_out:
-            self.excluded[server_round] = left_out
-            log.info(
-                "round %d: history-Krum left out %s (scores %s)",
+            self.excluded[server_round] = [names[i] for i in left_out]
+            log.warning(
+                "round %d: history-Krum left out %s (suspicion relative to the median site: %s)",
                 server_round,
-                ", ".join(left_out),
-                ", ".join(f"{n} {s:.3g}" for n, s in zip(names, scores, strict=True)),
+                ", ".join(self.excluded[server_round]),
+                ", ".join(f"{n} {s:.2f}" for n, s in zip(names, relative(suspicion), strict=True)),
             )
-        selected = [contents[i] for i in keep]
+        selected = [c for i, c in enumerate(contents) if i not in left_out]
         arrays = aggregate_arrayrecords(selected, self.weighted_by_key)
         return arrays, self.train_metrics_aggr_fn(selected, self.weighted_by_key)
 
@@ -109,6 +124,12 @@ class HistoryKrum(FedAvg):
         update = flatten({k: a.numpy() for k, a in arrays.items()}) - self._sent
         self.site_history[name] = smoothed(self.site_history.get(name), update, self.history_beta)
         return self.site_history[name]
+
+    def _suspect(self, name: str, score: float) -> float:
+        """Add this round's relative score to the site's record; its mean over its rounds."""
+        total = self.site_suspicion.get(name, np.zeros(2)) + np.array([score, 1.0])
+        self.site_suspicion[name] = total
+        return float(total[0] / total[1])
 
 
 def site_key(reply: Message) -> str:

@@ -98,10 +98,12 @@ def _robust(config: StrategyConfig, common: dict) -> FedAvg:
     if config.name == "median":
         return FedMedian(**common)
     if config.name == "krum":  # Flower's Krum is MultiKrum selecting one update
-        krum = {"num_malicious_nodes": config.krum_malicious, "num_nodes_to_select": config.krum_select}
         if config.krum_history > 0:
-            return HistoryKrum(**common, **krum, history=config.krum_history)
-        return MultiKrum(**common, **krum)
+            return HistoryKrum(**common, history=config.krum_history,
+                               outlier_ratio=config.krum_outlier_ratio,
+                               num_malicious_nodes=config.krum_malicious)
+        return MultiKrum(**common, num_malicious_nodes=config.krum_malicious,
+                         num_nodes_to_select=config.krum_select)
     raise ValueError(f"unknown strategy {config.name!r}")
 
 

@@ -61,13 +61,15 @@ def test_strategy_state_survives_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_history_krum_keeps_each_sites_history_across_a_checkpoint(tmp_path: Path) -> None:
-    config = StrategyConfig(name="krum", krum_select=3, krum_history=0.5)
+    config = StrategyConfig(name="krum", krum_history=0.5)
     saved, fresh = build_strategy(config, 4), build_strategy(config, 4)
     saved.site_history = {"hungary": np.array([0.5, -1.0]), "cleveland": np.array([2.0, 0.0])}
+    saved.site_suspicion = {"hungary": np.array([3.5, 3.0]), "cleveland": np.array([6.0, 3.0])}
     torch.save({"strategy_state": strategy_state(saved)}, tmp_path / "c.pt")
     restore_strategy_state(fresh, torch.load(tmp_path / "c.pt", weights_only=True)["strategy_state"])
-    assert set(fresh.site_history) == {"hungary", "cleveland"}
+    assert set(fresh.site_history) == set(fresh.site_suspicion) == {"hungary", "cleveland"}
     np.testing.assert_array_equal(fresh.site_history["hungary"], [0.5, -1.0])
+    np.testing.assert_array_equal(fresh.site_suspicion["cleveland"], [6.0, 3.0])
 
 
 def _crash_in_round(crash_round: int):  # type: ignore[no-untyped-def]
