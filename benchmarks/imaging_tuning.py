@@ -129,7 +129,7 @@ class Sweep:
                     self.settings(a.epochs, self.schedule[r]),
                     plan=plans[name],
                     accountant_state=accountants[name],
-                    seed=noise_seed(seed, r, name),
+                    seed=noise_seed(a.salt, seed, r, name) if a.salt else noise_seed(seed, r, name),
                     device=CPU,
                 )
                 accountants[name] = out.accountant
@@ -150,7 +150,7 @@ class Sweep:
             self.settings(epochs),
             plan=self.plan(len(data.train_y), epochs, 1),
             accountant_state={},
-            seed=noise_seed(seed, "alone", name),
+            seed=noise_seed(a.salt, seed, "alone", name) if a.salt else noise_seed(seed, "alone", name),
             device=CPU,
         )
         return self.score(model)
@@ -186,6 +186,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--fed-only", action="store_true")
+    ap.add_argument("--alone-only", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=3, help="local epochs per round")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -201,6 +202,7 @@ def main() -> None:
     ap.add_argument("--widths", default="8,16,32")
     ap.add_argument("--normalize", action="store_true", help="z-score each image")
     ap.add_argument("--no-head-bias", action="store_true")
+    ap.add_argument("--salt", default="", help="another set of noise draws for the same seeds")
     ap.add_argument("--log", type=Path, default=Path("imaging_tuning.log"))
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
@@ -217,9 +219,10 @@ def main() -> None:
             for n, d in sites.items()
         }
     sweep = Sweep(a, study, sites)
-    results: dict[str, list[Scores]] = {"federated": []}
+    results: dict[str, list[Scores]] = {} if a.alone_only else {"federated": []}
     for seed in range(a.first_seed, a.first_seed + a.seeds):
-        results["federated"].append(sweep.federated(seed))
+        if not a.alone_only:
+            results["federated"].append(sweep.federated(seed))
         if not a.fed_only:
             for name in sites:
                 results.setdefault(f"{name} alone", []).append(sweep.alone(seed, name))
@@ -231,8 +234,8 @@ def main() -> None:
             f"{k} {statistics.median(s[0] for s in v):.3f}/{statistics.median(s[1] for s in v):.3f}"
             for k, v in results.items()
         )
-        + "\n  federated per seed: "
-        + " ".join(f"{s[0]:.3f}/{s[1]:.3f}" for s in results["federated"])
+        + "\n  per seed: "
+        + " ".join(f"{s[0]:.3f}/{s[1]:.3f}" for s in next(iter(results.values())))
         + f"  [{time.perf_counter() - started:.0f} s]"
     )
     print(line)
