@@ -51,7 +51,9 @@ class TrainingConfig:
 class StrategyConfig:
     name: str = "fedavg"
     proximal_mu: float = 0.01  # FedProx
-    server_learning_rate: float = 0.1  # FedAdam / FedYogi / FedAdagrad (eta)
+    # FedAvgM's step along its momentum (unset: 1.0), or FedAdam / FedYogi / FedAdagrad's eta (unset: 0.1).
+    # The server only rescales the sites' DP updates: post-processing, no privacy cost.
+    server_learning_rate: float | None = None
     server_momentum: float = 0.9  # FedAvgM
     tau: float = 1e-3  # FedOpt adaptivity
     min_sites: int = 1  # fewest replying sites a round needs
@@ -222,7 +224,16 @@ def _training(table: Mapping[str, Any], model: ModelConfig) -> TrainingConfig:
     return replace(training, grad_sample_mode=mode)
 
 
+def server_learning_rate(strategy: StrategyConfig) -> float:
+    """The server's learning rate, or the strategy's own default when the study sets none."""
+    if strategy.server_learning_rate is not None:
+        return strategy.server_learning_rate
+    return 1.0 if strategy.name == "fedavgm" else 0.1
+
+
 def _check_robustness(strategy: StrategyConfig) -> None:
+    if strategy.server_learning_rate is not None and not strategy.server_learning_rate > 0:
+        raise StudyConfigError("[strategy] server_learning_rate must be positive")
     if strategy.max_update_norm is not None and not strategy.max_update_norm > 0:
         raise StudyConfigError("[strategy] max_update_norm must be positive")
     if not 0 <= strategy.trim_fraction < 0.5:

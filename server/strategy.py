@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import (
 )
 
 from pm_common import protocol as p
-from pm_common.config import StrategyConfig
+from pm_common.config import StrategyConfig, server_learning_rate
 from pm_common.ledger import DECLINED, TRAINED
 from pm_common.secure_aggregation import unflatten
 from server.recorder import RunRecorder, SiteRound
@@ -73,8 +73,12 @@ def _construct(config: StrategyConfig, common: dict) -> FedAvg:
     if config.name == "fedprox":
         return FedProx(**common, proximal_mu=config.proximal_mu)
     if config.name == "fedavgm":
-        return FedAvgM(**common, server_learning_rate=1.0, server_momentum=config.server_momentum)
-    opt = {"eta": config.server_learning_rate, "tau": config.tau}
+        return FedAvgM(
+            **common,
+            server_learning_rate=server_learning_rate(config),
+            server_momentum=config.server_momentum,
+        )
+    opt = {"eta": server_learning_rate(config), "tau": config.tau}
     if config.name == "fedadam":
         return FedAdam(**common, **opt)
     if config.name == "fedyogi":

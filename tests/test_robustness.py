@@ -274,3 +274,18 @@ def test_poisoned_site_degrades_fedavg_and_the_norm_bound_rejects_it(poisoned_ru
         assert list(r["rejected"]) == ["cleveland"]
         assert "exceeds the study's bound 3" in r["rejected"]["cleveland"]
         assert sorted(r["trained"]) == ["hungary", "switzerland", "va_long_beach"]
+
+
+def test_fedavgm_takes_the_studys_server_learning_rate(tmp_path: Path) -> None:
+    """FedAvgM steps server_learning_rate times the (momentum) pseudo-gradient; unset, 1.0 as in Flower.
+    FedAdam and kin keep eta 0.1 when it is unset."""
+    models = [_honest(i) for i in range(4)]  # mean update: w +1.15, b +1.0 from the zero model
+    plain, _ = _round(tmp_path / "a", StrategyConfig(name="fedavgm"), models)
+    doubled, _ = _round(tmp_path / "b", StrategyConfig(name="fedavgm", server_learning_rate=2.0), models)
+    np.testing.assert_allclose(plain["w"].numpy(), np.full(4, 1.15), rtol=1e-6)
+    np.testing.assert_allclose(doubled["w"].numpy(), np.full(4, 2.3), rtol=1e-6)
+    np.testing.assert_allclose(doubled["b"].numpy(), [2.0], rtol=1e-6)
+    assert build_strategy(StrategyConfig(name="fedadam"), 4).eta == 0.1
+    assert build_strategy(StrategyConfig(name="fedyogi", server_learning_rate=0.03), 4).eta == 0.03
+    with pytest.raises(StudyConfigError, match=r"\[strategy\] server_learning_rate must be positive"):
+        heart_study(tmp_path / "c", strategy={"name": "fedavgm", "server_learning_rate": 0.0})
