@@ -21,7 +21,11 @@ SuperExec 1 s, HTTP grid 3 s, a cold `flwr-clientapp` process per message) and `
 defaults: SuperNode 0.5 s, gate 0.1 s, grid 0.1 s, a warm ClientApp process, sooner retries of
 message contents). They run back to back; the load average is recorded with each run.
 
-    python -m benchmarks.deploy_latency [--configs pmfl] [--repeat 3]
+`--baseline DIR` also runs each configuration with the code of another checkout (e.g. `git archive`
+of main), labelled `CONFIG@baseline`, alternating with this checkout's runs: an A/B under the same
+machine load (every process it starts imports DIR's code, and the sites install DIR's app).
+
+    python -m benchmarks.deploy_latency [--configs pmfl] [--repeat 3] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -78,11 +82,11 @@ def _pmfl(*args: str, env: dict[str, str], cwd: Path) -> None:
     )
 
 
-def _snapshot(dest: Path) -> Path:
+def _snapshot(dest: Path, repo: Path = REPO) -> Path:
     ignore = shutil.ignore_patterns(
         ".venv", ".git", "runs", "__pycache__", "*.egg-info", ".*_cache", "artifacts", "results"
     )
-    shutil.copytree(REPO, dest, ignore=ignore)
+    shutil.copytree(repo, dest, ignore=ignore)
     return dest
 
 
@@ -194,11 +198,12 @@ def _requests_per_round(trace: Path, stamps: list[float]) -> list[dict[str, int]
     return counts
 
 
-def run_config(name: str, root: Path, sampler: CpuSampler | None = None) -> dict:
-    """The README flow in `root` under configuration `name`; its timings."""
+def run_config(name: str, root: Path, sampler: CpuSampler | None = None, repo: Path = REPO) -> dict:
+    """The README flow in `root` under configuration `name`, with the code of `repo`; its timings."""
     config = CONFIGS[name]
     env = {
         **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(repo), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         # 3 sites share 2 cores here: one torch thread each, as if each had its own machine (with
@@ -209,7 +214,7 @@ def run_config(name: str, root: Path, sampler: CpuSampler | None = None) -> dict
         **config["env"],
     }
     port = _free_port()
-    app = _snapshot(root / "app")
+    app = _snapshot(root / "app", repo)
     study = root / "study.toml"
     study.write_text(tomli_w.dumps(dict(load_study(STUDY).raw)))
     procs: list[subprocess.Popen[bytes]] = []
@@ -328,6 +333,16 @@ def run_config(name: str, root: Path, sampler: CpuSampler | None = None) -> dict
     return result
 
 
+def _describe(repo: Path) -> str:
+    """Which code a run used: the checkout's commit (and `+changes` if it has uncommitted ones)."""
+    git = ["git", "-C", str(repo)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return str(repo)
+    dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def site_compute_per_round(rounds: int) -> list[float]:
     """Each site's evaluation + DP training per round, one after another, without Flower."""
     torch.set_num_threads(1)
@@ -377,16 +392,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration")
+    parser.add_argument("--baseline", type=Path, help="checkout whose code to run alternately (A/B)")
     args = parser.parse_args(argv)
-    runs: dict[str, list[dict]] = {name: [] for name in args.configs}
+    variants = [(name, REPO) for name in args.configs]
+    if args.baseline is not None:
+        baseline = args.baseline.resolve()
+        variants = [v for name in args.configs for v in ((f"{name}@baseline", baseline), (name, REPO))]
+    runs: dict[str, list[dict]] = {label: [] for label, _ in variants}
     with CpuSampler() as sampler:
         for _ in range(args.repeat):
-            for name in args.configs:
+            for label, repo in variants:
+                name = label.removesuffix("@baseline")
                 with tempfile.TemporaryDirectory(prefix=f"pmfl-{name}-") as tmp:
                     load_before = os.getloadavg()[0]
-                    res = run_config(name, Path(tmp), sampler)
+                    res = run_config(name, Path(tmp), sampler, repo)
                     res["load_average_1min"] = [load_before, os.getloadavg()[0]]
-                    runs[name].append(res)
+                    res["code"] = _describe(repo)
+                    runs[label].append(res)
     rounds = load_study(STUDY).rounds
     compute = site_compute_per_round(rounds)
     workers = min(os.cpu_count() or 1, len(SITES))

@@ -15,7 +15,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
@@ -24,7 +24,7 @@ from client.site import load_site_data, parse_study_text, resolve_site
 from client.state import SiteState, StateStore
 from client.training import LocalTraining, pick_device, predict, train_round
 from pm_common import protocol as p
-from pm_common import secure_aggregation as sa
+from pm_common import wire
 from pm_common.config import SiteSpec, StudyConfig
 from pm_common.hospital_dp import clip_and_noise, site_noise_std
 from pm_common.ledger import DECLINED, TRAINED, LedgerEntry
@@ -42,16 +42,21 @@ def _study_of(msg: Message) -> tuple[StudyConfig, str]:
     return parse_study_text(text), text
 
 
-def _model_from(msg: Message, study: StudyConfig) -> nn.Module:
+def _received(msg: Message) -> dict[str, torch.Tensor]:
+    """The global model the coordinator sent (packed: pm_common/wire.py)."""
+    return {k: torch.from_numpy(v) for k, v in wire.unpacked(msg.content[p.MODEL]).items()}
+
+
+def _model_from(received: Mapping[str, torch.Tensor], study: StudyConfig) -> nn.Module:
     model = task_of(study).build_model(study)
-    model.load_state_dict(msg.content[p.ARRAYS].to_torch_state_dict())
+    model.load_state_dict(received)
     return model
 
 
-def _evaluation(model: nn.Module, data: SiteTensors, study: StudyConfig) -> MetricRecord | None:
+def _evaluation(model: nn.Module, data: SiteTensors, study: StudyConfig) -> dict[str, float] | None:
     """Aggregate test metrics of the received model, or None when too few rows to be safe to send."""
     metrics = task_of(study).metrics(predict(model, data.test_x), data.test_y)
-    return MetricRecord(metrics) if reportable(metrics, study.min_report_count) else None
+    return metrics if reportable(metrics, study.min_report_count) else None
 
 
 def _record_and_reply(
@@ -60,8 +65,8 @@ def _record_and_reply(
     store: StateStore,
     state: SiteState,
     entry: LedgerEntry,
-    evaluation: MetricRecord | None,
-    update: Mapping[str, ArrayRecord | ConfigRecord],
+    evaluation: Mapping[str, float] | None,
+    update: Mapping[str, ConfigRecord],
     num_examples: int,
     train_loss: float,
     next_round_fits: bool | None,
@@ -70,7 +75,8 @@ def _record_and_reply(
     """Sign the round's ledger line onto the site's hash chain, save the state, then reply.
 
     `update`: the records that carry the site's update (none when it declines). Saving comes
-    first: if the reply is lost, the spend is still on the site's books.
+    first: if the reply is lost, the spend is still on the site's books. The evaluation rides in
+    the metrics record: each record is one more request to and from the SuperLink.
     """
     key = store.signing_key()
     signed = sign_entry(asdict(entry), chain_head([json.loads(line) for line in state.ledger]), key)
@@ -88,16 +94,10 @@ def _record_and_reply(
     if next_round_fits is not None:
         site_record[p.NEXT_ROUND_FITS] = next_round_fits
     loss = train_loss if math.isfinite(train_loss) else 0.0
-    content = RecordDict({
-        p.TRAIN_METRICS: MetricRecord(
-            {p.NUM_EXAMPLES: num_examples, "train-loss": loss, **(extra_metrics or {})}
-        ),
-        p.SITE: site_record,
-    })
+    train = {p.NUM_EXAMPLES: num_examples, "train-loss": loss, **(extra_metrics or {})}
+    content = RecordDict({p.TRAIN_METRICS: wire.metrics_record(train, evaluation), p.SITE: site_record})
     for key, record in update.items():
         content[key] = record
-    if evaluation is not None:
-        content[p.EVAL_METRICS] = evaluation
     return Message(content, reply_to=msg)
 
 
@@ -117,7 +117,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[p.CONFIG]
     server_round = int(config[p.SERVER_ROUND])
     data = load_site_data(site, study_text)
-    model = _model_from(msg, study)
+    received = _received(msg)
+    model = _model_from(received, study)
     evaluation = _evaluation(model, data, study)
     state = store.load() or SiteState(study=study.name)
     privacy = site.privacy
@@ -192,17 +193,18 @@ def train(msg: Message, context: Context) -> Message:
     fits = check_next_round(plan, state.history).allowed if plan else None
     weights, weight = outcome.state_dict, n_train
     if study.hospital_dp.enabled:
-        weights = _hospital_dp(msg, weights, study)
+        weights = _hospital_dp(msg, received, weights, study)
         weight = 1  # uniform weights: one hospital's influence is bounded by the clip norm alone
     request = msg.content.config_records.get(p.SECAGG)
     if request is None:
+        trained = {k: v.detach().cpu().numpy() for k, v in weights.items()}
         return _record_and_reply(
-            msg, site, store, state, entry, evaluation, {p.ARRAYS: ArrayRecord(weights)}, weight,
+            msg, site, store, state, entry, evaluation, {p.MODEL: wire.packed_record(trained)}, weight,
             outcome.mean_loss, next_round_fits=fits,
         )
-    vector = _weighted_delta(msg, weights, weight, study, float(request["max-weight"]))
+    vector = _weighted_delta(received, weights, weight, study, float(request["max-weight"]))
     masked, clipped, keys = secagg.mask_update(request, context.state, vector)
-    update: dict[str, ArrayRecord | ConfigRecord] = {p.MASKED: ArrayRecord({p.MASKED: Array(masked)})}
+    update = {p.MASKED: wire.packed_record({p.MASKED: masked})}
     if keys:  # this site's public keys for the next round
         update[p.SECAGG] = keys
     return _record_and_reply(
@@ -212,7 +214,11 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _weighted_delta(
-    msg: Message, trained: dict[str, torch.Tensor], weight: int, study: StudyConfig, max_weight: float
+    received: Mapping[str, torch.Tensor],
+    trained: Mapping[str, torch.Tensor],
+    weight: int,
+    study: StudyConfig,
+    max_weight: float,
 ) -> np.ndarray:
     """What secure aggregation sums: [w * (trained - received) flattened, w], w = this site's weight
     relative to `max_weight` (1 under hospital-level DP, whose weights are uniform).
@@ -220,9 +226,8 @@ def _weighted_delta(
     The coordinator cannot check a masked update, so the site applies the study's norm bound itself
     and refuses to send a non-finite one.
     """
-    received = msg.content[p.ARRAYS].to_torch_state_dict()
     delta = torch.from_numpy(
-        sa.flatten({k: (trained[k].cpu().double() - received[k].double()).numpy() for k in received})
+        wire.flatten({k: (trained[k].cpu().double() - received[k].double()).numpy() for k in received})
     )
     if not bool(torch.isfinite(delta).all()):
         raise ValueError("the trained update holds NaN or Inf values: not sent")
@@ -235,10 +240,12 @@ def _weighted_delta(
 
 
 def _hospital_dp(
-    msg: Message, trained: dict[str, torch.Tensor], study: StudyConfig
+    msg: Message,
+    received: Mapping[str, torch.Tensor],
+    trained: Mapping[str, torch.Tensor],
+    study: StudyConfig,
 ) -> dict[str, torch.Tensor]:
     """Clip this hospital's model delta and add its share of the aggregate's Gaussian noise."""
-    received = msg.content[p.ARRAYS].to_torch_state_dict()
     planned = int(msg.content[p.CONFIG].get(p.PLANNED_SITES, 1))
     delta = {k: trained[k].cpu() - received[k] for k in received}
     noise = site_noise_std(study.hospital_dp, planned)
@@ -260,13 +267,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     study, study_text = _study_of(msg)
     site, _ = resolve_site(context, study.name)
     data = load_site_data(site, study_text)
-    evaluation = _evaluation(_model_from(msg, study), data, study)
+    evaluation = _evaluation(_model_from(_received(msg), study), data, study)
     content = RecordDict(
         {
             p.SITE: ConfigRecord({p.SITE_NAME: site.name}),
-            p.TRAIN_METRICS: MetricRecord({p.NUM_EXAMPLES: len(data.test_y)}),
+            p.TRAIN_METRICS: wire.metrics_record({p.NUM_EXAMPLES: len(data.test_y)}, evaluation),
         }
     )
-    if evaluation is not None:
-        content[p.EVAL_METRICS] = evaluation
     return Message(content, reply_to=msg)

@@ -1,15 +1,19 @@
 """Record keys both sides of a study agree on: what the coordinator asks and what a site replies.
 
 Only model arrays and aggregate metrics cross the wire; a site's ledger line travels as text so
-the coordinator stores it byte for byte as the site wrote it.
+the coordinator stores it byte for byte as the site wrote it. Arrays travel packed into one record
+each (pm_common/wire.py): every record is one request to and from the SuperLink.
 """
 
 from __future__ import annotations
 
-ARRAYS = "arrays"
+ARRAYS = "arrays"  # Flower's own key for a strategy's ArrayRecord (never on pmfl's wire)
 CONFIG = "config"
-TRAIN_METRICS = "metrics"  # the one MetricRecord Flower strategies aggregate (holds NUM_EXAMPLES)
-EVAL_METRICS = "evaluation"  # the received global model on the site's test set
+MODEL = "model"  # packed ConfigRecord: the global model sent, or the model a site trained
+PACKED = "packed"  # in a packed record: the arrays' bytes back to back
+LAYOUT = "layout"  # in a packed record: their names, shapes and dtypes (JSON)
+TRAIN_METRICS = "metrics"  # the MetricRecord Flower strategies aggregate (holds NUM_EXAMPLES)
+EVAL_PREFIX = "eval-"  # in TRAIN_METRICS: the received global model on the site's test set
 SITE = "site"  # ConfigRecord: SITE_NAME, STATUS, REASON, LEDGER_LINE
 NUM_EXAMPLES = "num-examples"
 
@@ -21,7 +25,7 @@ LEDGER_PUBLIC_KEY = "ledger-public-key"  # PEM of the key that verifies the site
 EPSILON = "epsilon"
 
 # Secure aggregation (pm_common/secure_aggregation.py): the stage requests and replies, the
-# training message's relayed shares, and the masked update a site sends instead of ARRAYS.
+# training message's relayed shares, and the masked update (packed) a site sends instead of MODEL.
 SECAGG = "secagg"
 SECAGG_ACTION = "secagg"
 SECAGG_MESSAGE = f"query.{SECAGG_ACTION}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,25 +63,6 @@ class Quantiser:
     def dequantise_sum(self, total: np.ndarray, count: int) -> np.ndarray:
         """The float sum of `count` inputs from the sum of their quantised values."""
         return total.astype(np.float64) * self.step - count * self.clip_range
-
-
-def flatten(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-    """A model's arrays as one float64 vector, in the mapping's order (the order the model was
-    sent): the layout of the update a site masks."""
-    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays.values()])
-
-
-Layout = Mapping[str, tuple[tuple[int, ...], np.dtype]]  # name -> shape, dtype, in the order sent
-
-
-def unflatten(vector: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
-    """`flatten`'s inverse: the vector cut back into arrays of the layout's names, shapes and dtypes."""
-    arrays, start = {}, 0
-    for name, (shape, dtype) in layout.items():
-        size = int(np.prod(shape))
-        arrays[name] = vector[start : start + size].reshape(shape).astype(dtype)
-        start += size
-    return arrays
 
 
 def new_private_key() -> bytes:

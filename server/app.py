@@ -19,20 +19,20 @@ from flwr.app import (
     Message,
     MessageType,
     MetricRecord,
-    RecordDict,
 )
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.http_grid import HttpGrid
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from pm_common import protocol as p
+from pm_common import wire
 from pm_common.config import StudyConfig, load_study, study_text_for_sites
 from pm_common.tasks import task_of
 from server.grid import PollingGrid
 from server.recorder import ProgressCallback, RunRecorder
 from server.resume import RESUME_ENV, resume_study, strategy_state
 from server.secure_aggregation import SecureAggregation
-from server.strategy import SiteReportingStrategy, build_strategy
+from server.strategy import SiteReportingStrategy, build_strategy, model_content
 
 log = logging.getLogger("pmfl.server")
 STUDY_ENV = "PMFL_STUDY"
@@ -154,12 +154,7 @@ def _final_evaluation(
     timeout: float,
 ) -> None:
     """Every site evaluates the final model on its own test rows (training rounds carried the rest)."""
-    content = RecordDict(
-        {
-            p.ARRAYS: arrays,
-            p.CONFIG: ConfigRecord({p.SERVER_ROUND: study.rounds, p.STUDY_TOML: study_text}),
-        }
-    )
+    content = model_content(arrays, ConfigRecord({p.SERVER_ROUND: study.rounds, p.STUDY_TOML: study_text}))
     messages = [
         Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
         for node in grid.get_node_ids()
@@ -171,9 +166,10 @@ def _final_evaluation(
             recorder.record_failure(study.rounds, f"final evaluation: node {node}: {reply.error.reason}")
             continue
         site = str(reply.content[p.SITE][p.SITE_NAME])
-        evaluation = reply.content.metric_records.get(p.EVAL_METRICS)
+        metrics = reply.content.metric_records.get(p.TRAIN_METRICS)
+        evaluation = wire.split_metrics(metrics)[1] if metrics is not None else None
         if evaluation is not None:
-            recorder.record_evaluation(study.rounds, site, dict(evaluation))
+            recorder.record_evaluation(study.rounds, site, evaluation)
 
 
 @app.main()

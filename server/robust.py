@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from pm_common import protocol as p
-from pm_common.secure_aggregation import flatten
+from pm_common.wire import flatten
 
 log = logging.getLogger("pmfl.server")
 

@@ -2,7 +2,8 @@
 
 `SiteReportingStrategy` wraps any `flwr.serverapp.strategy` strategy (like Flower's own DP
 wrappers do): it stores each site's ledger line and evaluation, drops declined or invalid
-replies, and hands only genuine updates to the wrapped strategy's aggregation.
+replies, and hands only genuine updates to the wrapped strategy's aggregation. On the wire a
+model travels packed into one record (pm_common/wire.py); the wrapped strategy sees ArrayRecords.
 """
 
 from __future__ import annotations
@@ -28,21 +29,46 @@ from flwr.serverapp.strategy import (
 )
 
 from pm_common import protocol as p
+from pm_common import wire
 from pm_common.config import StrategyConfig, server_learning_rate
 from pm_common.ledger import DECLINED, TRAINED
-from pm_common.secure_aggregation import unflatten
 from server.recorder import RunRecorder, SiteRound
 from server.robust import HistoryKrum
 from server.secure_aggregation import SecureAggregation
 from server.validation import (
     expected_layout,
     in_layout_dtypes,
-    masked_problem,
+    masked_layout,
     norm_problem,
-    update_problem,
+    unpacked_update,
 )
 
 log = logging.getLogger("pmfl.server")
+
+
+def model_content(arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
+    """What the sites receive: the config and the model packed into one record (pm_common/wire.py)."""
+    return RecordDict({
+        p.CONFIG: config,
+        p.MODEL: wire.packed_record({name: a.numpy() for name, a in arrays.items()}),
+    })
+
+
+def _packed(messages: Iterable[Message]) -> list[Message]:
+    """A Flower strategy's messages ({ARRAYS, CONFIG}) with the model packed; one content object
+    for all of them, as the strategy shares one among a round's messages."""
+    messages, packed = list(messages), {}
+    for msg in messages:
+        key = id(msg.content)
+        if key not in packed:
+            packed[key] = model_content(msg.content[p.ARRAYS], msg.content[p.CONFIG])
+        msg.content = packed[key]
+    return messages
+
+
+def _metrics_problem(train: dict[str, float]) -> str:
+    """Why a trained reply's metrics cannot be aggregated ('' if they can)."""
+    return "" if p.NUM_EXAMPLES in train else f"no {p.NUM_EXAMPLES} in a 'trained' reply's metrics"
 
 
 def build_strategy(config: StrategyConfig, num_sites: int) -> FedAvg:
@@ -151,7 +177,7 @@ class SiteReportingStrategy(Strategy):
         if self.max_update_norm is not None or self.secure is not None:
             self._sent_arrays = {k: a.numpy().astype("float64") for k, a in arrays.items()}
         self.recorder.record_sent(server_round, arrays)  # kept only for an empirical audit
-        self._sent = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._sent = _packed(self.inner.configure_train(server_round, arrays, config, grid))
         if self.secure is not None:
             self._sent = self.secure.prepare(grid, server_round, self._sent)
         return self._sent
@@ -192,7 +218,7 @@ class SiteReportingStrategy(Strategy):
         applied to the global model (all the coordinator learns), for the wrapped strategy to use
         like any site's reply: FedAvg returns it as is, FedAdam and kin take it as the mean."""
         assert self.secure is not None
-        masked = {self._destination(m): next(iter(m.content[p.MASKED].values())).numpy() for m in replies}
+        masked = {self._destination(m): m.content[p.MASKED][p.MASKED].numpy() for m in replies}
         next_keys = {
             self._destination(m): m.content[p.SECAGG] for m in replies if p.SECAGG in m.content.config_records
         }
@@ -203,7 +229,7 @@ class SiteReportingStrategy(Strategy):
         if not total[-1] > 0:
             self.recorder.record_failure(self.secure.round_number, "secure aggregation: total weight 0")
             return []
-        mean_delta = unflatten(total[:-1] / total[-1], self._layout)  # the sites' flatten, inverted
+        mean_delta = wire.unflatten(total[:-1] / total[-1], self._layout)  # the sites' flatten, inverted
         model = {
             k: Array((self._sent_arrays[k] + mean_delta[k]).astype(dtype))
             for k, (_, dtype) in self._layout.items()
@@ -241,39 +267,46 @@ class SiteReportingStrategy(Strategy):
         ledger_line = str(site_record.get(p.LEDGER_LINE, ""))
         epsilon = json.loads(ledger_line).get("epsilon") if ledger_line else None
         report = SiteRound(site, str(site_record[p.STATUS]), str(site_record.get(p.REASON, "")), epsilon)
-        evaluation = content.metric_records.get(p.EVAL_METRICS)
+        metrics = content.metric_records.get(p.TRAIN_METRICS)
+        train, evaluation = wire.split_metrics(metrics) if metrics is not None else ({}, None)
         if evaluation is not None:
-            self.recorder.record_evaluation(server_round - 1, site, dict(evaluation))
+            self.recorder.record_evaluation(server_round - 1, site, evaluation)
         update = None
         if report.status == TRAINED and self.secure is not None:
-            masked = content.array_records.get(p.MASKED)
-            if problem := masked_problem(masked, self._layout):
+            masked, problem = unpacked_update(
+                content.config_records.get(p.MASKED), masked_layout(self._layout), "masked update"
+            )
+            problem = problem or _metrics_problem(train)
+            if problem:
                 report.rejected = problem
                 log.warning("round %d: update from %s rejected: %s", server_round, site, problem)
             else:
-                update = RecordDict({p.MASKED: masked, p.TRAIN_METRICS: content[p.TRAIN_METRICS]})
+                update = RecordDict({
+                    p.MASKED: ArrayRecord({p.MASKED: Array(masked[p.MASKED])}),
+                    p.TRAIN_METRICS: MetricRecord(train),
+                })
                 if p.SECAGG in content.config_records:  # the site's keys for the next round
                     update[p.SECAGG] = content[p.SECAGG]
         elif report.status == TRAINED:
-            arrays = content.array_records.get(p.ARRAYS)
+            arrays, problem = unpacked_update(content.config_records.get(p.MODEL), self._layout)
             problem = (
-                "no model update in a 'trained' reply"
-                if arrays is None
-                else update_problem(arrays, self._layout)
+                problem
+                or _metrics_problem(train)
                 or norm_problem(arrays, self._sent_arrays, self.max_update_norm)
             )
             if problem:
                 report.rejected = problem
                 log.warning("round %d: update from %s rejected: %s", server_round, site, problem)
             else:
+                record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
                 update = RecordDict(
                     {
-                        p.ARRAYS: arrays,
-                        p.TRAIN_METRICS: content[p.TRAIN_METRICS],
+                        p.ARRAYS: record,
+                        p.TRAIN_METRICS: MetricRecord(train),
                         p.SITE: site_record,  # who sent it: robust strategies keep per-site state
                     }
                 )
-                self.recorder.record_update(server_round, site, arrays)  # likewise
+                self.recorder.record_update(server_round, site, record)  # likewise
         elif report.status == DECLINED:
             log.info("round %d: %s declined: %s", server_round, site, report.reason)
         public_key = site_record.get(p.LEDGER_PUBLIC_KEY)
@@ -288,7 +321,7 @@ class SiteReportingStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        return _packed(self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None  # evaluations arrive with the training replies and go to the recorder

@@ -5,46 +5,73 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
-Expected = Mapping[str, tuple[tuple[int, ...], np.dtype]]
+from pm_common import protocol as p
+from pm_common import wire
+from pm_common.wire import Layout
 
 
 def expected_layout(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Names, shapes and dtypes of the global model the coordinator sent out."""
-    return {name: (tuple(a.shape), np.dtype(a.numpy().dtype)) for name, a in arrays.items()}
+    return wire.layout_of({name: a.numpy() for name, a in arrays.items()})
 
 
-def update_problem(arrays: ArrayRecord, expected: Expected) -> str:
-    """Why an update must be rejected ('' if it is acceptable): wrong keys, shapes, dtypes, NaN/Inf."""
-    names = set(arrays.keys())
-    if names != set(expected):
-        missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+def layout_problem(layout: Layout, expected: Layout) -> str:
+    """Why arrays of `layout` cannot be an update of the `expected` model ('' if they can)."""
+    if set(layout) != set(expected):
+        missing, extra = sorted(set(expected) - set(layout)), sorted(set(layout) - set(expected))
         return (
             f"parameter names differ from the global model (missing {missing}, unexpected {extra})"
         )
-    for name, array in arrays.items():
-        shape, dtype = expected[name]
-        values = array.numpy()
-        if tuple(values.shape) != shape:
-            return f"{name}: shape {tuple(values.shape)}, expected {shape}"
-        if values.dtype != dtype:
-            return f"{name}: dtype {values.dtype}, expected {dtype}"
-        if not np.isfinite(values).all():
+    for name, (shape, dtype) in layout.items():
+        want_shape, want_dtype = expected[name]
+        if tuple(shape) != tuple(want_shape):
+            return f"{name}: shape {tuple(shape)}, expected {tuple(want_shape)}"
+        if dtype != want_dtype:
+            return f"{name}: dtype {dtype}, expected {want_dtype}"
+    return ""
+
+
+def update_problem(arrays: Mapping[str, np.ndarray], expected: Layout) -> str:
+    """Why an update must be rejected ('' if it is acceptable): wrong keys, shapes, dtypes, NaN/Inf."""
+    if problem := layout_problem(wire.layout_of(arrays), expected):
+        return problem
+    for name, values in arrays.items():
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
             return f"{name}: contains NaN or Inf"
     return ""
 
 
-def update_norm(arrays: ArrayRecord, sent: Mapping[str, np.ndarray]) -> float:
+def unpacked_update(
+    record: ConfigRecord | None, expected: Layout, what: str = "model update"
+) -> tuple[dict[str, np.ndarray], str]:
+    """A site's packed update (pm_common/wire.py) as arrays, and why it must be rejected ('' if
+    it is acceptable). The layout the site declares is checked before its bytes are read, so a
+    wrong shape or dtype is reported as such rather than as a length mismatch."""
+    if record is None:
+        return {}, f"no {what} in a 'trained' reply"
+    try:
+        layout = wire.record_layout(record)
+        problem = layout_problem(layout, expected)
+        arrays = {} if problem else wire.unpack(bytes(record[p.PACKED]), layout)
+    except (TypeError, ValueError) as exc:
+        return {}, f"malformed {what}: {exc}"
+    return arrays, problem or update_problem(arrays, expected)
+
+
+def update_norm(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
     """L2 norm of a site's update: its returned model minus the global model it was sent."""
     total = sum(
-        float(np.sum(np.square(array.numpy().astype(np.float64) - sent[name])))
+        float(np.sum(np.square(np.asarray(array, dtype=np.float64) - sent[name])))
         for name, array in arrays.items()
     )
     return float(np.sqrt(total))
 
 
-def norm_problem(arrays: ArrayRecord, sent: Mapping[str, np.ndarray], max_norm: float | None) -> str:
+def norm_problem(
+    arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray], max_norm: float | None
+) -> str:
     """Why an update is too large to accept ('' if within the study's bound, or no bound is set).
 
     A bound stops a scaled (boosted) update from dominating the average; it cannot see a
@@ -56,7 +83,7 @@ def norm_problem(arrays: ArrayRecord, sent: Mapping[str, np.ndarray], max_norm: 
     return f"update norm {norm:.4g} exceeds the study's bound {max_norm:g}" if norm > max_norm else ""
 
 
-def in_layout_dtypes(arrays: ArrayRecord, expected: Expected) -> ArrayRecord:
+def in_layout_dtypes(arrays: ArrayRecord, expected: Layout) -> ArrayRecord:
     """The aggregate cast back to the global model's dtypes.
 
     FedAdam/FedYogi/FedAdagrad's update promotes float32 to float64 (NumPy 2 promotes with their
@@ -68,13 +95,8 @@ def in_layout_dtypes(arrays: ArrayRecord, expected: Expected) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in cast.items()})
 
 
-def masked_problem(arrays: ArrayRecord | None, expected: Expected) -> str:
-    """Why a masked update (secure aggregation) is malformed: one uint32 vector of the model's size
+def masked_layout(expected: Layout) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The layout of a masked update (secure aggregation): one uint32 vector of the model's size
     plus its weight. Its values cannot be checked: the site bounds and checks them before masking."""
     size = sum(int(np.prod(shape)) for shape, _ in expected.values()) + 1
-    if arrays is None or len(arrays) != 1:
-        return "no masked update in a 'trained' reply under secure aggregation"
-    values = next(iter(arrays.values())).numpy()
-    if values.dtype != np.uint32 or values.shape != (size,):
-        return f"masked update of dtype {values.dtype} and shape {values.shape}, expected uint32 ({size},)"
-    return ""
+    return {p.MASKED: ((size,), np.dtype(np.uint32))}

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from pm_common import protocol as p
+from pm_common import wire
 from pm_common.config import StudyConfig, StudyConfigError, study_from_dict
 
 KINDS = ("sign-flip", "scale", "nan", "drop-out")
@@ -107,16 +108,14 @@ def attack_mod(attacks: Mapping[str, Attack], site_names: Sequence[str] = ()) ->
             if int(msg.content[p.CONFIG][p.SERVER_ROUND]) == int(planned.factor):
                 raise RuntimeError("simulated drop-out: the site went silent mid-round")
             return call_next(msg, context)
-        sent = {k: a.numpy().copy() for k, a in msg.content[p.ARRAYS].items()}
+        sent = wire.unpacked(msg.content[p.MODEL])
         reply = call_next(msg, context)
-        if reply.has_error() or p.ARRAYS not in reply.content.array_records:
+        if reply.has_error() or p.MODEL not in reply.content.config_records:
             return reply
         attack = attacks.get(str(reply.content[p.SITE][p.SITE_NAME]))
         if attack is not None:
-            honest = {k: a.numpy() for k, a in reply.content[p.ARRAYS].items()}
-            reply.content[p.ARRAYS] = ArrayRecord(
-                {k: Array(v) for k, v in poison(honest, sent, attack).items()}
-            )
+            honest = wire.unpacked(reply.content[p.MODEL])
+            reply.content[p.MODEL] = wire.packed_record(poison(honest, sent, attack))
         return reply
 
     return mod

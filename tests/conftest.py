@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 from pm_common import protocol as p
+from pm_common import wire
 from pm_common.config import StudyConfig, load_study, study_from_dict, study_text_for_sites, write_study
 from pm_common.models import build_tabular_model
 from simulations.scenarios import scenario_path
@@ -48,7 +49,7 @@ def train_message(study: StudyConfig, server_round: int, arrays: ArrayRecord | N
         arrays = ArrayRecord(model.state_dict())
     content = RecordDict(
         {
-            p.ARRAYS: arrays,
+            p.MODEL: wire.packed_record({k: a.numpy() for k, a in arrays.items()}),
             p.CONFIG: ConfigRecord(
                 {
                     p.SERVER_ROUND: server_round,

@@ -10,6 +10,7 @@ from flwr.app import Context
 
 from client.app import app as client_app
 from pm_common import protocol as p
+from pm_common import wire
 from pm_common.models import build_tabular_model
 from pm_common.privacy import cumulative_epsilon
 from tests.conftest import heart_study, site_context, train_message
@@ -26,13 +27,14 @@ def test_site_trains_sends_plain_keys_and_its_ledger_line(tmp_path: Path, heart_
     path, study = heart_study(tmp_path, heart_sites, study={"rounds": 5})
     reply, site, entry = _run_round(study, site_context(path, partition=0), 1)
     model_keys = set(build_tabular_model("logreg", study.contract.num_inputs).state_dict())
-    assert set(reply.content[p.ARRAYS].keys()) == model_keys  # no Opacus "_module." prefix
+    assert set(wire.unpacked(reply.content[p.MODEL])) == model_keys  # no Opacus "_module." prefix
     assert site[p.SITE_NAME] == "cleveland" and site[p.STATUS] == "trained"
     assert entry["steps"] == 13 and entry["sample_rate"] == pytest.approx(1 / 13)
     assert entry["epsilon"] == pytest.approx(
         cumulative_epsilon([(entry["noise_multiplier"], entry["sample_rate"], 13)], entry["delta"])
     )
-    evaluation = reply.content[p.EVAL_METRICS]
+    train, evaluation = wire.split_metrics(reply.content[p.TRAIN_METRICS])
+    assert train[p.NUM_EXAMPLES] > 0 and "train-loss" in train and evaluation is not None
     assert evaluation["n"] == 102 and 0 <= evaluation["accuracy"] <= 1 and "auc" in evaluation
 
 
@@ -48,7 +50,7 @@ def test_site_declines_past_its_budget_and_sends_no_update(tmp_path: Path, heart
     assert site[p.NEXT_ROUND_FITS] is False
     reply, site, entry = _run_round(study, context, 4)  # the coordinator asks for one round more
     assert site[p.STATUS] == "declined" and "privacy budget" in site[p.REASON]
-    assert p.ARRAYS not in reply.content
+    assert p.MODEL not in reply.content
     assert entry["steps"] == 0 and entry["epsilon"] == pytest.approx(epsilons[-1])
 
 
@@ -71,7 +73,7 @@ def test_no_dp_site_says_there_is_no_guarantee(tmp_path: Path, heart_sites: list
 def test_small_test_sets_send_no_metrics(tmp_path: Path, heart_sites: list) -> None:
     path, study = heart_study(tmp_path, heart_sites, study={"min_report_count": 50})
     reply, _, _ = _run_round(study, site_context(path, partition=2), 1)  # 41 test rows < 50
-    assert p.EVAL_METRICS not in reply.content
+    assert wire.split_metrics(reply.content[p.TRAIN_METRICS])[1] is None
 
 
 def test_deployed_site_keeps_state_in_its_directory(tmp_path: Path, heart_sites: list) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from client.app import app as client_app
 from pm_common import protocol as p
+from pm_common import wire
 from pm_common.config import HospitalDPConfig
 from pm_common.hospital_dp import clip_and_noise, hospital_epsilon, site_noise_std
 from tests.conftest import heart_study, site_context, train_message
@@ -48,10 +49,10 @@ def test_site_sends_a_clipped_update_with_uniform_weight(tmp_path: Path, heart_s
         "enabled": True, "clip_norm": 0.05, "noise_multiplier": 0.0})
     msg = train_message(study, 1)
     msg.content[p.CONFIG][p.PLANNED_SITES] = 4
-    sent = msg.content[p.ARRAYS].to_torch_state_dict()
+    sent = wire.unpacked(msg.content[p.MODEL])
     reply = client_app(msg, site_context(path, partition=0))
-    received = reply.content[p.ARRAYS].to_torch_state_dict()
-    assert _norm({k: received[k] - sent[k] for k in sent}) <= 0.05 + 1e-6
+    received = wire.unpacked(reply.content[p.MODEL])
+    assert _norm({k: torch.from_numpy(received[k] - sent[k]) for k in sent}) <= 0.05 + 1e-6
     assert reply.content[p.TRAIN_METRICS][p.NUM_EXAMPLES] == 1
 
 

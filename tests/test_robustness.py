@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, MultiKrum
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from pm_common import protocol as p
+from pm_common import wire
 from pm_common.config import StrategyConfig, StudyConfigError, study_text_for_sites
 from server.recorder import RunRecorder
 from server.robust import HistoryKrum, krum_scores, outliers, relative, smoothed
@@ -42,7 +43,7 @@ def _reply(site: str, model: dict[str, np.ndarray], sent: Message) -> Message:
             {
                 p.SITE: ConfigRecord({p.SITE_NAME: site, p.STATUS: "trained", p.REASON: ""}),
                 p.TRAIN_METRICS: MetricRecord({p.NUM_EXAMPLES: 100}),
-                p.ARRAYS: _arrays(model),
+                p.MODEL: wire.packed_record({k: np.asarray(v, dtype=np.float32) for k, v in model.items()}),
             }
         ),
         reply_to=sent,
@@ -173,7 +174,7 @@ def test_history_krum_uses_every_honest_update(tmp_path: Path) -> None:
 
 
 def test_update_norm_is_the_l2_norm_of_model_minus_model_sent() -> None:
-    model = _arrays({"w": np.array([3.0, 0, 0, 0]), "b": np.array([4.0])})
+    model = {"w": np.array([3.0, 0, 0, 0]), "b": np.array([4.0])}
     assert update_norm(model, GLOBAL) == pytest.approx(5.0)
     assert norm_problem(model, GLOBAL, None) == ""
     assert norm_problem(model, GLOBAL, 5.0) == ""
@@ -239,7 +240,7 @@ def test_attack_spec_and_study_table(tmp_path: Path) -> None:
 def test_attack_mod_poisons_only_the_named_sites_train_reply(tmp_path: Path) -> None:
     _, study = heart_study(tmp_path)
     sent = train_message(study, 1)
-    g = {k: a.numpy().copy() for k, a in sent.content[p.ARRAYS].items()}
+    g = wire.unpacked(sent.content[p.MODEL])
     honest = {k: v + 0.5 for k, v in g.items()}
 
     def hospital(site: str):  # type: ignore[no-untyped-def]
@@ -247,11 +248,11 @@ def test_attack_mod_poisons_only_the_named_sites_train_reply(tmp_path: Path) -> 
 
     mod = attack_mod({"hungary": Attack("sign-flip", 1.0)})
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    flipped = mod(sent, context, hospital("hungary")).content[p.ARRAYS]
-    untouched = mod(sent, context, hospital("cleveland")).content[p.ARRAYS]
+    flipped = wire.unpacked(mod(sent, context, hospital("hungary")).content[p.MODEL])
+    untouched = wire.unpacked(mod(sent, context, hospital("cleveland")).content[p.MODEL])
     for name, value in g.items():
-        np.testing.assert_allclose(flipped[name].numpy(), value - 0.5, atol=1e-6)
-        np.testing.assert_allclose(untouched[name].numpy(), value + 0.5, atol=1e-6)
+        np.testing.assert_allclose(flipped[name], value - 0.5, atol=1e-6)
+        np.testing.assert_allclose(untouched[name], value + 0.5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from client import secure_aggregation as site_secagg
 from client.app import secure_aggregation as site_handler
 from pm_common import protocol as p
 from pm_common import secure_aggregation as sa
+from pm_common import wire
 from pm_common.config import SecureAggregationConfig, StrategyConfig, StudyConfigError
 from server.recorder import RunRecorder
 from server.secure_aggregation import SecureAggregation
@@ -88,7 +89,7 @@ class _Federation:
             content = RecordDict({
                 p.SITE: ConfigRecord({p.SITE_NAME: f"site-{node}", p.STATUS: "trained", p.REASON: ""}),
                 p.TRAIN_METRICS: MetricRecord({p.NUM_EXAMPLES: weights[node - 1], "train-loss": 0.5}),
-                p.MASKED: ArrayRecord({p.MASKED: Array(masked)}),
+                p.MASKED: wire.packed_record({p.MASKED: masked}),
             })
             if keys:
                 content[p.SECAGG] = keys
