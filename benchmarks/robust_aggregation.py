@@ -8,6 +8,10 @@ A reference row shows what FedAvg reaches when the poisoned site's updates are n
 sends NaNs, which validation rejects; it still evaluates): the best any rule that excludes the
 attacker can do, since excluding it also loses its honest data.
 
+Two tables: the mean over all four sites (the attacker's own patients included), and the mean over
+the three honest sites (the same three sites in the clean run): what the federation delivers to
+the hospitals that played fair.
+
     python -m benchmarks.robust_aggregation [--seeds 3] [--rounds 20] [--attacker cleveland]
         [--aggregators fedavg,history-krum] [--norm-bound 3.0]   # adds a row: FedAvg with a bound
 """
@@ -23,6 +27,7 @@ from typing import Any
 
 from benchmarks.common import median, print_table, write_results
 from pm_common.config import StudyConfig, load_study, study_from_dict, with_overrides
+from pm_common.metrics import mean_over_sites
 from simulations.attacks import with_attacks
 from simulations.runner import simulate
 from simulations.scenarios import scenario_path
@@ -64,40 +69,58 @@ def main() -> None:
         settings["fedavg"] = {"name": "fedavg"}
         settings["fedavg, bounded"] = {"name": "fedavg", "max_update_norm": args.norm_bound}
     started = time.perf_counter()
-    rows, results = [], []
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
 
-        def final_metric(strategy: dict[str, Any], attack: str | None, seed: int) -> float | None:
+        def final_accuracies(strategy: dict[str, Any], attack: str | None, seed: int) -> dict[str, float]:
+            """Each site's accuracy on its own test rows, final model."""
             base = with_overrides(load_study(scenario_path("heart-disease")), rounds=args.rounds, seed=seed)
             study = with_attacks(_study(base, strategy), {args.attacker: attack} if attack else {})
             out = Path(tmp) / f"{len(results)}-{attack}-{seed}"
-            return simulate(study, out)["rounds"][-1]["mean_site_accuracy"]
+            sites = simulate(study, out)["rounds"][-1]["sites"]
+            return {site: float(m["accuracy"]) for site, m in sites.items()}
 
         for label, strategy in settings.items():
-            finals = {
-                a or "clean": [final_metric(strategy, a, s) for s in range(args.seeds)] for a in ATTACKS
+            runs = {
+                a or "clean": [final_accuracies(strategy, a, s) for s in range(args.seeds)] for a in ATTACKS
             }
-            results.append({"aggregator": label, "strategy": strategy, "mean_site_accuracy": finals})
-            settings_text = ", ".join(f"{k} {v}" for k, v in strategy.items() if k != "name")
-            row_label = f"{label} ({settings_text})" if settings_text else label
-            rows.append([row_label, *(_median(finals[a or "clean"]) for a in ATTACKS)])
-        withheld = [final_metric({"name": "fedavg"}, "nan", s) for s in range(args.seeds)]
-        results.append({"aggregator": REFERENCE, "strategy": {"name": "fedavg"},
-                        "mean_site_accuracy": {"nan": withheld}})
-        rows.append([REFERENCE, None, *[_median(withheld)] * (len(ATTACKS) - 1)])
-    clean = rows[0][1]  # the first row's clean run (FedAvg by default): the reference
-    for row in rows:
-        poisoned = [v for v in row[2:4] if v is not None]
-        row.append(100 * (min(poisoned) - clean) if poisoned and clean is not None else None)
+            results.append({"aggregator": label, "strategy": strategy, "site_accuracy": runs})
+        withheld = [final_accuracies({"name": "fedavg"}, "nan", s) for s in range(args.seeds)]
+        results.append(
+            {"aggregator": REFERENCE, "strategy": {"name": "fedavg"}, "site_accuracy": {"nan": withheld}}
+        )
     minutes = (time.perf_counter() - started) / 60
-    title = (f"Heart disease, 4 sites x {args.rounds} rounds, DP eps 3, {args.attacker} poisoned, "
-             f"{args.seeds} seeds (medians of the final FLamby metric; {minutes:.1f} min)")
-    header = ["aggregator", "clean", "sign-flip", "scale:10", "worst vs clean FedAvg (points)"]
-    print_table(title, header, rows)
-    write_results("robust_aggregation", {
+    tables = {}
+    for view, honest_only in (("all sites", False), ("honest sites", True)):
+        rows = [_row(r, args.attacker if honest_only else None) for r in results]
+        clean = rows[0][1]  # the first row's clean run (FedAvg by default)
+        for row in rows:
+            poisoned = [v for v in row[2:4] if v is not None]
+            row.append(100 * (min(poisoned) - clean) if poisoned and clean is not None else None)
+        title = (f"Heart disease, 4 sites x {args.rounds} rounds, DP eps 3, {args.attacker} poisoned, "
+                 f"{args.seeds} seeds: mean accuracy over {view} (medians over seeds; {minutes:.1f} min)")
+        header = ["aggregator", "clean", "sign-flip", "scale:10", "worst vs clean FedAvg (points)"]
+        print_table(title, header, rows)
+        tables[view] = [dict(zip(header, row, strict=True)) for row in rows]
+    write_results(f"robust_aggregation_{args.attacker}", {
         "rounds": args.rounds, "seeds": args.seeds, "attacker": args.attacker, "epsilon": 3.0,
-        "attacks": [a or "clean" for a in ATTACKS], "minutes": minutes, "results": results,
+        "attacks": [a or "clean" for a in ATTACKS], "minutes": minutes, "tables": tables, "results": results,
     })
+
+
+def _row(result: dict[str, Any], leave_out: str | None) -> list[Any]:
+    """Aggregator label, then the median over seeds of the sites' mean accuracy for each attack
+    (the reference row: its withheld run under every attack), `leave_out`'s accuracy not counted."""
+    def mean_of(accuracies: dict[str, float]) -> float | None:
+        return mean_over_sites([a for site, a in accuracies.items() if site != leave_out])
+
+    runs = result["site_accuracy"]
+    if "nan" in runs:
+        withheld = _median([mean_of(r) for r in runs["nan"]])
+        return [result["aggregator"], None, *[withheld] * (len(ATTACKS) - 1)]
+    settings_text = ", ".join(f"{k} {v}" for k, v in result["strategy"].items() if k != "name")
+    label = f"{result['aggregator']} ({settings_text})" if settings_text else result["aggregator"]
+    return [label, *(_median([mean_of(r) for r in runs[a or "clean"]]) for a in ATTACKS)]
 
 
 if __name__ == "__main__":
