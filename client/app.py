@@ -70,6 +70,7 @@ def _record_and_reply(
     num_examples: int,
     train_loss: float,
     next_round_fits: bool | None,
+    files_skipped: int,
     extra_metrics: Mapping[str, float] | None = None,
 ) -> Message:
     """Sign the round's ledger line onto the site's hash chain, save the state, then reply.
@@ -93,6 +94,8 @@ def _record_and_reply(
     })
     if next_round_fits is not None:
         site_record[p.NEXT_ROUND_FITS] = next_round_fits
+    if files_skipped:
+        site_record[p.FILES_SKIPPED] = files_skipped
     loss = train_loss if math.isfinite(train_loss) else 0.0
     train = {p.NUM_EXAMPLES: num_examples, "train-loss": loss, **(extra_metrics or {})}
     content = RecordDict({p.TRAIN_METRICS: wire.metrics_record(train, evaluation), p.SITE: site_record})
@@ -165,7 +168,8 @@ def train(msg: Message, context: Context) -> Message:
         entry = replace(base, status=DECLINED, epsilon=epsilon, reason=reason)
         log.warning("site %s declines round %d: %s", site.name, server_round, reason)
         return _record_and_reply(
-            msg, site, store, state, entry, evaluation, {}, n_train, float("nan"), next_round_fits=False
+            msg, site, store, state, entry, evaluation, {}, n_train, float("nan"), next_round_fits=False,
+            files_skipped=len(data.skipped),
         )
 
     strategy_mu = float(config.get(p.PROXIMAL_MU, 0.0))
@@ -200,7 +204,7 @@ def train(msg: Message, context: Context) -> Message:
         trained = {k: v.detach().cpu().numpy() for k, v in weights.items()}
         return _record_and_reply(
             msg, site, store, state, entry, evaluation, {p.MODEL: wire.packed_record(trained)}, weight,
-            outcome.mean_loss, next_round_fits=fits,
+            outcome.mean_loss, next_round_fits=fits, files_skipped=len(data.skipped),
         )
     vector = _weighted_delta(received, weights, weight, study, float(request["max-weight"]))
     masked, clipped, keys = secagg.mask_update(request, context.state, vector)
@@ -209,7 +213,7 @@ def train(msg: Message, context: Context) -> Message:
         update[p.SECAGG] = keys
     return _record_and_reply(
         msg, site, store, state, entry, evaluation, update, weight, outcome.mean_loss,
-        next_round_fits=fits, extra_metrics={"secagg-clipped": clipped},
+        next_round_fits=fits, files_skipped=len(data.skipped), extra_metrics={"secagg-clipped": clipped},
     )
 
 

@@ -8,6 +8,7 @@ site-dir=...`): its data path, budget and round limit never come from the coordi
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -26,6 +27,8 @@ from pm_common.config import (
     study_from_dict,
 )
 from pm_common.tasks import SiteTensors, task_of
+
+log = logging.getLogger("pmfl.client")
 
 STUDY_ENV = "PMFL_STUDY"
 
@@ -96,7 +99,15 @@ def load_site_data(spec: SiteSpec, study_text: str) -> SiteTensors:
     """Validate, encode and split the site's data once per worker process (Flower calls the
     ClientApp afresh for every message; re-reading the files each round would dominate a round)."""
     study = parse_study_text(study_text)
-    return task_of(study).load_site(spec, study)
+    data = task_of(study).load_site(spec, study)
+    if data.skipped:  # the site chose to skip unusable files; say which, never silently
+        log.warning(
+            "site %s: %d unusable image file(s) left out (on_bad_file = \"skip\"):\n%s",
+            spec.name,
+            len(data.skipped),
+            "\n".join(f"  {name}: {why}" for name, why in data.skipped),
+        )
+    return data
 
 
 @functools.lru_cache(maxsize=4)

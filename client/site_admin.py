@@ -222,7 +222,7 @@ def check_site(site_dir: Path, study_path: Path) -> CheckReport:
         return report
     labels = torch.cat([data.train_y, data.test_y])
     report.train_rows, report.test_rows = len(data.train_y), len(data.test_y)
-    report.rows, report.rows_dropped = report.train_rows + report.test_rows, data.skipped
+    report.rows, report.rows_dropped = report.train_rows + report.test_rows, len(data.skipped)
     report.positives = int(labels.sum())
     report.inputs = study.contract.num_inputs if study.contract is not None else 0
     privacy = spec.privacy

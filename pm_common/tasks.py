@@ -31,7 +31,7 @@ class SiteTensors:
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    skipped: int = 0  # unusable files skipped by the site's `on_bad_file = "skip"` setting
+    skipped: tuple[tuple[str, str], ...] = ()  # (file, why) left out by `on_bad_file = "skip"`
 
 
 class Task(Protocol):
@@ -119,7 +119,7 @@ class ImageTask:
         source = {"path": str(spec.data), "test_fraction": study.split.test_fraction,
                   "seed": study.split.seed, **dict(spec.image_source)}
         data = load_image_site(source, study.images)
-        return SiteTensors(data.train_x, data.train_y, data.test_x, data.test_y, len(data.skipped))
+        return SiteTensors(data.train_x, data.train_y, data.test_x, data.test_y, tuple(data.skipped))
 
     def describe_model(self, study: StudyConfig) -> dict[str, Any]:
         assert study.images is not None

@@ -33,6 +33,7 @@ class SiteRound:
     reason: str = ""
     epsilon: float | None = None
     rejected: str = ""
+    files_skipped: int = 0  # unusable image files the site left out of its data (its setting)
 
 
 @dataclass
@@ -164,6 +165,8 @@ class RunRecorder:
             reports = [SiteRound(site, TRAINED) for site in item["trained"]]
             reports += [SiteRound(site, TRAINED, rejected=why) for site, why in item["rejected"].items()]
             reports += [SiteRound(site, DECLINED, reason) for site, reason in item["declined"].items()]
+            for report in reports:
+                report.files_skipped = int(item.get("files_skipped", {}).get(report.site, 0))
             if reports:
                 self.participation[r] = reports
             if item["failures"]:
@@ -228,6 +231,7 @@ class RunRecorder:
                     "rejected": {s.site: s.rejected for s in reports if s.rejected},
                     "failures": self.failures.get(r, []),
                     "left_out": self.left_out.get(r, []),
+                    "files_skipped": {s.site: s.files_skipped for s in reports if s.files_skipped},
                 }
             )
         metrics = {
