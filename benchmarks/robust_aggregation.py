@@ -12,7 +12,7 @@ Two tables: the mean over all four sites (the attacker's own patients included),
 the three honest sites (the same three sites in the clean run): what the federation delivers to
 the hospitals that played fair.
 
-    python -m benchmarks.robust_aggregation [--seeds 3] [--rounds 20] [--attacker cleveland]
+    python -m benchmarks.robust_aggregation [--seeds 3] [--rounds 20] [--attacker cleveland] [--tag _x]
         [--aggregators fedavg,history-krum] [--norm-bound 3.0]   # adds a row: FedAvg with a bound
 """
 
@@ -39,6 +39,7 @@ AGGREGATORS: dict[str, dict[str, Any]] = {  # row -> [strategy] settings
     "krum": {"name": "krum"},
     "multi-krum": {"name": "krum", "krum_select": 3},
     "history-krum": {"name": "krum", "krum_history": 0.5},
+    "history-krum-median": {"name": "krum", "krum_history": 0.5, "krum_aggregate": "median"},
 }
 ATTACKS: tuple[str | None, ...] = (None, "sign-flip", "scale:10")  # None: the clean run
 REFERENCE = "fedavg, attacker's updates never used (reference)"
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--attacker", default="cleveland", help="the poisoned site (default: the largest)")
     parser.add_argument("--norm-bound", type=float, default=None, help="also run FedAvg with this bound")
     parser.add_argument("--aggregators", default=",".join(AGGREGATORS), help="rows to run (fedavg first)")
+    parser.add_argument("--tag", default="", help="suffix of the results file (keeps earlier runs)")
     args = parser.parse_args()
     settings = {name: AGGREGATORS[name] for name in args.aggregators.split(",")}
     if args.norm_bound is not None:
@@ -102,7 +104,7 @@ def main() -> None:
         header = ["aggregator", "clean", "sign-flip", "scale:10", "worst vs clean FedAvg (points)"]
         print_table(title, header, rows)
         tables[view] = [dict(zip(header, row, strict=True)) for row in rows]
-    write_results(f"robust_aggregation_{args.attacker}", {
+    write_results(f"robust_aggregation_{args.attacker}{args.tag}", {
         "rounds": args.rounds, "seeds": args.seeds, "attacker": args.attacker, "epsilon": 3.0,
         "attacks": [a or "clean" for a in ATTACKS], "minutes": minutes, "tables": tables, "results": results,
     })

@@ -63,6 +63,7 @@ class StrategyConfig:
     krum_select: int = 1  # krum: updates averaged (1: Krum; more: Multi-Krum)
     krum_history: float = 0.0  # krum: 0 scores this round's updates; in (0, 1) each site's history
     krum_outlier_ratio: float = 1.3  # history-Krum: leave out sites this much more suspect than the median
+    krum_aggregate: str = "fedavg"  # history-Krum: combine the sites it keeps by "fedavg" or "median"
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,9 @@ def server_learning_rate(strategy: StrategyConfig) -> float:
     return 1.0 if strategy.name == "fedavgm" else 0.1
 
 
+KRUM_AGGREGATES = ("fedavg", "median")
+
+
 def _check_robustness(strategy: StrategyConfig) -> None:
     if strategy.server_learning_rate is not None and not strategy.server_learning_rate > 0:
         raise StudyConfigError("[strategy] server_learning_rate must be positive")
@@ -249,6 +253,10 @@ def _check_robustness(strategy: StrategyConfig) -> None:
         )
     if not strategy.krum_outlier_ratio >= 1:
         raise StudyConfigError("[strategy] krum_outlier_ratio must be at least 1")
+    if strategy.krum_aggregate not in KRUM_AGGREGATES:
+        raise StudyConfigError(f"[strategy] krum_aggregate must be one of {KRUM_AGGREGATES}")
+    if strategy.krum_aggregate != "fedavg" and strategy.krum_history == 0:
+        raise StudyConfigError("[strategy] krum_aggregate applies to history-Krum only (krum_history > 0)")
 
 
 def _hospital_dp(table: Mapping[str, Any], strategy: StrategyConfig) -> HospitalDPConfig:

@@ -12,7 +12,9 @@ Two memories fix this:
 A site whose suspicion exceeds `outlier_ratio` times the median site's is left out (at most
 `num_malicious_nodes` of them, the most suspicious first); the other sites' *current* updates are
 averaged as FedAvg would. With no outlier every update is used, so a clean federation loses no
-data, unlike Multi-Krum, which always drops f sites.
+data, unlike Multi-Krum, which always drops f sites. `aggregate="median"` combines the kept
+updates by their coordinate-wise median instead: a poisoned site that is not (yet) left out then
+moves the model no further than the honest sites' range, for the price of ignoring site sizes.
 
 Aggregation stays post-processing of DP outputs: the memories are built from the updates the
 coordinator received, so no privacy guarantee changes.
@@ -24,7 +26,7 @@ import logging
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -61,6 +63,16 @@ def outliers(suspicion: np.ndarray, ratio: float, at_most: int) -> list[int]:
     return sorted(int(i) for i in above[:at_most])
 
 
+def median_arrayrecords(contents: list[RecordDict]) -> ArrayRecord:
+    """Coordinate-wise median of each reply's (only) ArrayRecord, as Flower's FedMedian takes it."""
+    records = [next(iter(c.array_records.values())) for c in contents]
+    arrays = {}
+    for key in records[0]:
+        layers = np.stack([r[key].numpy() for r in records])
+        arrays[key] = Array(np.median(layers, axis=0).astype(layers.dtype))
+    return ArrayRecord(arrays)
+
+
 class HistoryKrum(FedAvg):
     """Leave out the sites whose update histories Krum has found outlying round after round.
 
@@ -69,12 +81,19 @@ class HistoryKrum(FedAvg):
     """
 
     def __init__(
-        self, *, history: float, outlier_ratio: float, num_malicious_nodes: int, **kwargs
+        self,
+        *,
+        history: float,
+        outlier_ratio: float,
+        num_malicious_nodes: int,
+        aggregate: str = "fedavg",
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.history_beta = history
         self.outlier_ratio = outlier_ratio
         self.num_malicious_nodes = num_malicious_nodes
+        self.aggregate = aggregate
         self.site_history: dict[str, np.ndarray] = {}
         self.site_suspicion: dict[str, np.ndarray] = {}  # [sum of relative scores, rounds]
         self.excluded: dict[int, list[str]] = {}  # round -> sites left out
@@ -82,10 +101,11 @@ class HistoryKrum(FedAvg):
 
     def summary(self) -> None:
         log.info(
-            "HistoryKrum(history=%g, outlier_ratio=%g, f=%d)",
+            "HistoryKrum(history=%g, outlier_ratio=%g, f=%d, aggregate=%s)",
             self.history_beta,
             self.outlier_ratio,
             self.num_malicious_nodes,
+            self.aggregate,
         )
 
     def configure_train(
@@ -115,7 +135,10 @@ class HistoryKrum(FedAvg):
                 ", ".join(f"{n} {s:.2f}" for n, s in zip(names, relative(suspicion), strict=True)),
             )
         selected = [c for i, c in enumerate(contents) if i not in left_out]
-        arrays = aggregate_arrayrecords(selected, self.weighted_by_key)
+        if self.aggregate == "median":
+            arrays = median_arrayrecords(selected)
+        else:
+            arrays = aggregate_arrayrecords(selected, self.weighted_by_key)
         return arrays, self.train_metrics_aggr_fn(selected, self.weighted_by_key)
 
     def _remember(self, name: str, content: RecordDict) -> np.ndarray:

@@ -131,7 +131,8 @@ def _robust(config: StrategyConfig, common: dict) -> FedAvg:
         if config.krum_history > 0:
             return HistoryKrum(**common, history=config.krum_history,
                                outlier_ratio=config.krum_outlier_ratio,
-                               num_malicious_nodes=config.krum_malicious)
+                               num_malicious_nodes=config.krum_malicious,
+                               aggregate=config.krum_aggregate)
         return MultiKrum(**common, num_malicious_nodes=config.krum_malicious,
                          num_nodes_to_select=config.krum_select)
     raise ValueError(f"unknown strategy {config.name!r}")

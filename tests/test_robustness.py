@@ -85,6 +85,8 @@ def test_robust_strategies_are_flowers_own() -> None:
         {"name": "krum", "krum_history": -0.1},
         {"name": "krum", "krum_history": 0.5, "krum_select": 3},
         {"name": "krum", "krum_history": 0.5, "krum_outlier_ratio": 0.9},
+        {"name": "krum", "krum_history": 0.5, "krum_aggregate": "mode"},
+        {"name": "krum", "krum_aggregate": "median"},  # history-Krum only
     ],
 )
 def test_study_rejects_bad_robustness_settings(tmp_path: Path, strategy: dict) -> None:
@@ -122,14 +124,16 @@ def test_history_and_outlier_maths() -> None:
     assert outliers(suspicion, 3.0, 2) == []  # nobody stands out: everyone's update is used
 
 
-def _history_krum_rounds(tmp_path: Path, flipped: bool, rounds: int = 30):  # type: ignore[no-untyped-def]
+def _history_krum_rounds(  # type: ignore[no-untyped-def]
+    tmp_path: Path, flipped: bool, rounds: int = 30, aggregate: str = "fedavg"
+):
     """Honest updates in 200 dimensions: a common direction, 3 per coordinate in round 1 and
     shrinking by 0.85 a round as the federation converges, plus noise of 5 per coordinate (DP-SGD
     updates are likewise noise-dominated); with `flipped`, Cleveland sends its update sign-flipped.
     Returns the per-round models, aggregates and single-round Krum picks, and metrics.json's rounds."""
     _, study = heart_study(tmp_path)
     recorder = RunRecorder(tmp_path / "run", study, {})
-    config = StrategyConfig(name="krum", krum_history=0.8)
+    config = StrategyConfig(name="krum", krum_history=0.8, krum_aggregate=aggregate)
     strategy = SiteReportingStrategy(build_strategy(config, 4), recorder)
     assert isinstance(strategy.inner, HistoryKrum)
     rng = np.random.default_rng(1)
@@ -171,6 +175,16 @@ def test_history_krum_uses_every_honest_update(tmp_path: Path) -> None:
     assert not any(m["left_out"] for m in metrics)
     models, w, _ = runs[-1]
     np.testing.assert_allclose(w, np.mean([m["w"] for m in models], axis=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("flipped", [True, False])
+def test_history_krum_can_combine_the_sites_it_keeps_by_their_median(tmp_path: Path, flipped: bool) -> None:
+    runs, metrics = _history_krum_rounds(tmp_path, flipped=flipped, rounds=10, aggregate="median")
+    kept = (1, 2, 3) if flipped else (0, 1, 2, 3)
+    for r, (models, w, _) in enumerate(runs, start=1):
+        assert metrics[r]["left_out"] == (["cleveland"] if flipped else [])
+        np.testing.assert_allclose(w, np.median([models[i]["w"] for i in kept], axis=0), atol=1e-5)
+        assert w.dtype == np.float32
 
 
 def test_update_norm_is_the_l2_norm_of_model_minus_model_sent() -> None:
