@@ -267,8 +267,13 @@ class SiteReportingStrategy(Strategy):
         site = str(site_record[p.SITE_NAME])
         ledger_line = str(site_record.get(p.LEDGER_LINE, ""))
         epsilon = json.loads(ledger_line).get("epsilon") if ledger_line else None
-        report = SiteRound(site, str(site_record[p.STATUS]), str(site_record.get(p.REASON, "")), epsilon)
-        report.files_skipped = int(site_record.get(p.FILES_SKIPPED, 0))
+        report = SiteRound(
+            site,
+            str(site_record[p.STATUS]),
+            str(site_record.get(p.REASON, "")),
+            epsilon,
+            files_skipped=int(site_record.get(p.FILES_SKIPPED, 0)),
+        )
         metrics = content.metric_records.get(p.TRAIN_METRICS)
         train, evaluation = wire.split_metrics(metrics) if metrics is not None else ({}, None)
         if evaluation is not None:
