@@ -32,14 +32,16 @@ from simulations.attacks import with_attacks
 from simulations.runner import simulate
 from simulations.scenarios import scenario_path
 
+_HISTORY: dict[str, Any] = {"name": "krum", "krum_history": 0.5}
 AGGREGATORS: dict[str, dict[str, Any]] = {  # row -> [strategy] settings
     "fedavg": {"name": "fedavg"},
     "trimmed-mean": {"name": "trimmed-mean"},
     "median": {"name": "median"},
     "krum": {"name": "krum"},
     "multi-krum": {"name": "krum", "krum_select": 3},
-    "history-krum": {"name": "krum", "krum_history": 0.5},
-    "history-krum-median": {"name": "krum", "krum_history": 0.5, "krum_aggregate": "median"},
+    "history-krum": _HISTORY,
+    "history-krum-median": {**_HISTORY, "krum_aggregate": "median"},
+    "history-median": {**_HISTORY, "krum_aggregate": "median", "krum_score": "median"},
 }
 ATTACKS: tuple[str | None, ...] = (None, "sign-flip", "scale:10")  # None: the clean run
 REFERENCE = "fedavg, attacker's updates never used (reference)"

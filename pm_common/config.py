@@ -64,6 +64,7 @@ class StrategyConfig:
     krum_history: float = 0.0  # krum: 0 scores this round's updates; in (0, 1) each site's history
     krum_outlier_ratio: float = 1.3  # history-Krum: leave out sites this much more suspect than the median
     krum_aggregate: str = "fedavg"  # history-Krum: combine the sites it keeps by "fedavg" or "median"
+    krum_score: str = "nearest"  # history-Krum: distance to the "nearest" other histories or their "median"
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,7 @@ def server_learning_rate(strategy: StrategyConfig) -> float:
 
 
 KRUM_AGGREGATES = ("fedavg", "median")
+KRUM_SCORES = ("nearest", "median")
 
 
 def _check_robustness(strategy: StrategyConfig) -> None:
@@ -255,8 +257,11 @@ def _check_robustness(strategy: StrategyConfig) -> None:
         raise StudyConfigError("[strategy] krum_outlier_ratio must be at least 1")
     if strategy.krum_aggregate not in KRUM_AGGREGATES:
         raise StudyConfigError(f"[strategy] krum_aggregate must be one of {KRUM_AGGREGATES}")
-    if strategy.krum_aggregate != "fedavg" and strategy.krum_history == 0:
-        raise StudyConfigError("[strategy] krum_aggregate applies to history-Krum only (krum_history > 0)")
+    if strategy.krum_score not in KRUM_SCORES:
+        raise StudyConfigError(f"[strategy] krum_score must be one of {KRUM_SCORES}")
+    for key, default in (("krum_aggregate", "fedavg"), ("krum_score", "nearest")):
+        if getattr(strategy, key) != default and strategy.krum_history == 0:
+            raise StudyConfigError(f"[strategy] {key} applies to history-Krum only (krum_history > 0)")
 
 
 def _hospital_dp(table: Mapping[str, Any], strategy: StrategyConfig) -> HospitalDPConfig:

@@ -15,6 +15,8 @@ averaged as FedAvg would. With no outlier every update is used, so a clean feder
 data, unlike Multi-Krum, which always drops f sites. `aggregate="median"` combines the kept
 updates by their coordinate-wise median instead: a poisoned site that is not (yet) left out then
 moves the model no further than the honest sites' range, for the price of ignoring site sizes.
+`score="median"` measures each history against the coordinate-wise median of the other sites'
+histories instead of Krum's nearest neighbours (one neighbour with 4 sites and f = 1).
 
 Aggregation stays post-processing of DP outputs: the memories are built from the updates the
 coordinator received, so no privacy guarantee changes.
@@ -49,6 +51,16 @@ def krum_scores(points: np.ndarray, num_malicious: int) -> np.ndarray:
     distances = np.maximum(sq[:, None] + sq[None, :] - 2.0 * points @ points.T, 0.0)
     closest = max(1, len(points) - num_malicious - 2)
     return np.sort(distances, axis=1)[:, 1 : closest + 1].sum(axis=1)
+
+
+def median_distance_scores(points: np.ndarray) -> np.ndarray:
+    """Per row: the squared distance to the coordinate-wise median of the other rows. With few
+    sites Krum's score is the distance to one nearest neighbour, which a poisoned site may happen
+    to have; the others' median is where most of them agree, whichever site sits near it."""
+    if len(points) < 2:
+        return np.zeros(len(points))
+    others_median = [np.median(np.delete(points, i, axis=0), axis=0) for i in range(len(points))]
+    return np.square(points - np.stack(others_median)).sum(axis=1)
 
 
 def relative(values: np.ndarray) -> np.ndarray:
@@ -87,6 +99,7 @@ class HistoryKrum(FedAvg):
         outlier_ratio: float,
         num_malicious_nodes: int,
         aggregate: str = "fedavg",
+        score: str = "nearest",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -94,6 +107,7 @@ class HistoryKrum(FedAvg):
         self.outlier_ratio = outlier_ratio
         self.num_malicious_nodes = num_malicious_nodes
         self.aggregate = aggregate
+        self.score = score
         self.site_history: dict[str, np.ndarray] = {}
         self.site_suspicion: dict[str, np.ndarray] = {}  # [sum of relative scores, rounds]
         self.excluded: dict[int, list[str]] = {}  # round -> sites left out
@@ -101,11 +115,12 @@ class HistoryKrum(FedAvg):
 
     def summary(self) -> None:
         log.info(
-            "HistoryKrum(history=%g, outlier_ratio=%g, f=%d, aggregate=%s)",
+            "HistoryKrum(history=%g, outlier_ratio=%g, f=%d, aggregate=%s, score=%s)",
             self.history_beta,
             self.outlier_ratio,
             self.num_malicious_nodes,
             self.aggregate,
+            self.score,
         )
 
     def configure_train(
@@ -123,7 +138,10 @@ class HistoryKrum(FedAvg):
         contents = [m.content for m in valid]
         names = [site_key(m) for m in valid]
         points = np.stack([self._remember(name, c) for name, c in zip(names, contents, strict=True)])
-        scores = relative(krum_scores(points, self.num_malicious_nodes))
+        if self.score == "median":
+            scores = relative(median_distance_scores(points))
+        else:
+            scores = relative(krum_scores(points, self.num_malicious_nodes))
         suspicion = np.array([self._suspect(name, s) for name, s in zip(names, scores, strict=True)])
         left_out = outliers(suspicion, self.outlier_ratio, self.num_malicious_nodes)
         if left_out:

@@ -132,7 +132,7 @@ def _robust(config: StrategyConfig, common: dict) -> FedAvg:
             return HistoryKrum(**common, history=config.krum_history,
                                outlier_ratio=config.krum_outlier_ratio,
                                num_malicious_nodes=config.krum_malicious,
-                               aggregate=config.krum_aggregate)
+                               aggregate=config.krum_aggregate, score=config.krum_score)
         return MultiKrum(**common, num_malicious_nodes=config.krum_malicious,
                          num_nodes_to_select=config.krum_select)
     raise ValueError(f"unknown strategy {config.name!r}")

@@ -15,7 +15,7 @@ from pm_common import protocol as p
 from pm_common import wire
 from pm_common.config import StrategyConfig, StudyConfigError, study_text_for_sites
 from server.recorder import RunRecorder
-from server.robust import HistoryKrum, krum_scores, outliers, relative, smoothed
+from server.robust import HistoryKrum, krum_scores, median_distance_scores, outliers, relative, smoothed
 from server.strategy import SiteReportingStrategy, build_strategy
 from server.validation import norm_problem, update_norm
 from simulations.attacks import Attack, attack_mod, parse_attack, poison, study_attacks, with_attacks
@@ -87,6 +87,8 @@ def test_robust_strategies_are_flowers_own() -> None:
         {"name": "krum", "krum_history": 0.5, "krum_outlier_ratio": 0.9},
         {"name": "krum", "krum_history": 0.5, "krum_aggregate": "mode"},
         {"name": "krum", "krum_aggregate": "median"},  # history-Krum only
+        {"name": "krum", "krum_history": 0.5, "krum_score": "mean"},
+        {"name": "krum", "krum_score": "median"},  # history-Krum only
     ],
 )
 def test_study_rejects_bad_robustness_settings(tmp_path: Path, strategy: dict) -> None:
@@ -124,8 +126,15 @@ def test_history_and_outlier_maths() -> None:
     assert outliers(suspicion, 3.0, 2) == []  # nobody stands out: everyone's update is used
 
 
+def test_median_distance_scores_measure_each_row_against_the_others_median() -> None:
+    points = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [4.0, 4.0]])
+    # the others' medians: (1, 2), (0, 2), (1, 0), (0, 0)
+    np.testing.assert_allclose(median_distance_scores(points), [5.0, 5.0, 5.0, 32.0])
+    np.testing.assert_array_equal(median_distance_scores(points[:1]), [0.0])
+
+
 def _history_krum_rounds(  # type: ignore[no-untyped-def]
-    tmp_path: Path, flipped: bool, rounds: int = 30, aggregate: str = "fedavg"
+    tmp_path: Path, flipped: bool, rounds: int = 30, aggregate: str = "fedavg", score: str = "nearest"
 ):
     """Honest updates in 200 dimensions: a common direction, 3 per coordinate in round 1 and
     shrinking by 0.85 a round as the federation converges, plus noise of 5 per coordinate (DP-SGD
@@ -133,7 +142,7 @@ def _history_krum_rounds(  # type: ignore[no-untyped-def]
     Returns the per-round models, aggregates and single-round Krum picks, and metrics.json's rounds."""
     _, study = heart_study(tmp_path)
     recorder = RunRecorder(tmp_path / "run", study, {})
-    config = StrategyConfig(name="krum", krum_history=0.8, krum_aggregate=aggregate)
+    config = StrategyConfig(name="krum", krum_history=0.8, krum_aggregate=aggregate, krum_score=score)
     strategy = SiteReportingStrategy(build_strategy(config, 4), recorder)
     assert isinstance(strategy.inner, HistoryKrum)
     rng = np.random.default_rng(1)
@@ -177,9 +186,14 @@ def test_history_krum_uses_every_honest_update(tmp_path: Path) -> None:
     np.testing.assert_allclose(w, np.mean([m["w"] for m in models], axis=0), atol=1e-5)
 
 
+@pytest.mark.parametrize("score", ["nearest", "median"])
 @pytest.mark.parametrize("flipped", [True, False])
-def test_history_krum_can_combine_the_sites_it_keeps_by_their_median(tmp_path: Path, flipped: bool) -> None:
-    runs, metrics = _history_krum_rounds(tmp_path, flipped=flipped, rounds=10, aggregate="median")
+def test_history_krum_can_combine_the_sites_it_keeps_by_their_median(
+    tmp_path: Path, flipped: bool, score: str
+) -> None:
+    runs, metrics = _history_krum_rounds(
+        tmp_path, flipped=flipped, rounds=10, aggregate="median", score=score
+    )
     kept = (1, 2, 3) if flipped else (0, 1, 2, 3)
     for r, (models, w, _) in enumerate(runs, start=1):
         assert metrics[r]["left_out"] == (["cleveland"] if flipped else [])
