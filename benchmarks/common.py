@@ -11,7 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from scipy.stats import bootstrap
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -29,6 +31,20 @@ def machine() -> dict[str, Any]:
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def median_difference_interval(
+    a: Sequence[float], b: Sequence[float], level: float = 0.9
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of median(a) - median(b), the two drawn independently: how far
+    run-to-run noise alone (here DP noise, which a seed does not fix) moves a difference of medians."""
+    def statistic(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.median(x, axis=axis) - np.median(y, axis=axis)
+
+    result = bootstrap((list(a), list(b)), statistic, confidence_level=level, method="percentile",
+                       n_resamples=4000, rng=np.random.default_rng(0))
+    low, high = result.confidence_interval
+    return float(low), float(high)
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -14,18 +14,23 @@ the hospitals that played fair.
 
     python -m benchmarks.robust_aggregation [--seeds 3] [--rounds 20] [--attacker cleveland] [--tag _x]
         [--aggregators fedavg,history-krum] [--norm-bound 3.0]   # adds a row: FedAvg with a bound
+    python -m benchmarks.robust_aggregation --tables-from benchmarks/results/F.json --tag _x  # no new runs
+
+The last column is a 90% percentile-bootstrap interval of the worst poisoned median minus the clean
+FedAvg median: DP noise draws from OS entropy, not the seed, so runs differ by more than their seed.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import median, print_table, write_results
+from benchmarks.common import median, median_difference_interval, print_table, write_results
 from pm_common.config import StudyConfig, load_study, study_from_dict, with_overrides
 from pm_common.metrics import mean_over_sites
 from simulations.attacks import with_attacks
@@ -67,7 +72,13 @@ def main() -> None:
     parser.add_argument("--norm-bound", type=float, default=None, help="also run FedAvg with this bound")
     parser.add_argument("--aggregators", default=",".join(AGGREGATORS), help="rows to run (fedavg first)")
     parser.add_argument("--tag", default="", help="suffix of the results file (keeps earlier runs)")
+    parser.add_argument("--tables-from", type=Path, help="redo the tables of a results file from its runs")
     args = parser.parse_args()
+    if args.tables_from:
+        saved = json.loads(args.tables_from.read_text())
+        report(saved["results"], attacker=saved["attacker"], rounds=saved["rounds"], seeds=saved["seeds"],
+               minutes=saved["minutes"], tag=args.tag)
+        return
     settings = {name: AGGREGATORS[name] for name in args.aggregators.split(",")}
     if args.norm_bound is not None:
         settings["fedavg"] = {"name": "fedavg"}
@@ -94,37 +105,56 @@ def main() -> None:
             {"aggregator": REFERENCE, "strategy": {"name": "fedavg"}, "site_accuracy": {"nan": withheld}}
         )
     minutes = (time.perf_counter() - started) / 60
+    report(results, attacker=args.attacker, rounds=args.rounds, seeds=args.seeds, minutes=minutes,
+           tag=args.tag)
+
+
+def report(results: list[dict[str, Any]], *, attacker: str, rounds: int, seeds: int, minutes: float,
+           tag: str) -> None:
+    """Print both tables and write them with every run's site accuracies."""
     tables = {}
     for view, honest_only in (("all sites", False), ("honest sites", True)):
-        rows = [_row(r, args.attacker if honest_only else None) for r in results]
-        clean = rows[0][1]  # the first row's clean run (FedAvg by default)
-        for row in rows:
-            poisoned = [v for v in row[2:4] if v is not None]
-            row.append(100 * (min(poisoned) - clean) if poisoned and clean is not None else None)
-        title = (f"Heart disease, 4 sites x {args.rounds} rounds, DP eps 3, {args.attacker} poisoned, "
-                 f"{args.seeds} seeds: mean accuracy over {view} (medians over seeds; {minutes:.1f} min)")
-        header = ["aggregator", "clean", "sign-flip", "scale:10", "worst vs clean FedAvg (points)"]
+        per_seed = [_per_seed(r, attacker if honest_only else None) for r in results]
+        clean = per_seed[0]["clean"]  # the first row's clean runs (FedAvg by default)
+        rows = []
+        for result, runs in zip(results, per_seed, strict=True):
+            medians = [_median(runs[a or "clean"]) if (a or "clean") in runs else None for a in ATTACKS]
+            poisoned = {a: m for a, m in zip(ATTACKS[1:], medians[1:], strict=True) if m is not None}
+            worst = min(poisoned, key=lambda a: poisoned[a], default=None)
+            if worst is None or not clean:
+                rows.append([_label(result), *medians, None, None])
+                continue
+            finished = [v for v in runs[worst] if v is not None]
+            low, high = median_difference_interval(finished, [v for v in clean if v is not None])
+            rows.append([_label(result), *medians, 100 * (poisoned[worst] - _median(clean)),
+                         f"{100 * low:+.1f} to {100 * high:+.1f}"])
+        title = (f"Heart disease, 4 sites x {rounds} rounds, DP eps 3, {attacker} poisoned, "
+                 f"{seeds} seeds: mean accuracy over {view} (medians over seeds; {minutes:.1f} min)")
+        header = ["aggregator", "clean", "sign-flip", "scale:10", "worst vs clean FedAvg (points)",
+                  "90% bootstrap interval"]
         print_table(title, header, rows)
         tables[view] = [dict(zip(header, row, strict=True)) for row in rows]
-    write_results(f"robust_aggregation_{args.attacker}{args.tag}", {
-        "rounds": args.rounds, "seeds": args.seeds, "attacker": args.attacker, "epsilon": 3.0,
+    write_results(f"robust_aggregation_{attacker}{tag}", {
+        "rounds": rounds, "seeds": seeds, "attacker": attacker, "epsilon": 3.0,
         "attacks": [a or "clean" for a in ATTACKS], "minutes": minutes, "tables": tables, "results": results,
     })
 
 
-def _row(result: dict[str, Any], leave_out: str | None) -> list[Any]:
-    """Aggregator label, then the median over seeds of the sites' mean accuracy for each attack
-    (the reference row: its withheld run under every attack), `leave_out`'s accuracy not counted."""
+def _per_seed(result: dict[str, Any], leave_out: str | None) -> dict[str, list[float | None]]:
+    """Each run's mean accuracy over the sites, `leave_out`'s not counted, by attack (the reference
+    row: its withheld runs stand for every attack)."""
     def mean_of(accuracies: dict[str, float]) -> float | None:
         return mean_over_sites([a for site, a in accuracies.items() if site != leave_out])
 
-    runs = result["site_accuracy"]
+    runs = {attack: [mean_of(r) for r in seeds] for attack, seeds in result["site_accuracy"].items()}
     if "nan" in runs:
-        withheld = _median([mean_of(r) for r in runs["nan"]])
-        return [result["aggregator"], None, *[withheld] * (len(ATTACKS) - 1)]
+        return {a: runs["nan"] for a in ATTACKS[1:]}
+    return runs
+
+
+def _label(result: dict[str, Any]) -> str:
     settings_text = ", ".join(f"{k} {v}" for k, v in result["strategy"].items() if k != "name")
-    label = f"{result['aggregator']} ({settings_text})" if settings_text else result["aggregator"]
-    return [label, *(_median([mean_of(r) for r in runs[a or "clean"]]) for a in ATTACKS)]
+    return f"{result['aggregator']} ({settings_text})" if settings_text else result["aggregator"]
 
 
 if __name__ == "__main__":
