@@ -6,6 +6,7 @@ budget (or its round limit) declines: it sends its reason and ledger line, and n
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -64,13 +65,13 @@ def _record_and_reply(
     site: SiteSpec,
     store: StateStore,
     state: SiteState,
-    entry: LedgerEntry,
     evaluation: Mapping[str, float] | None,
+    files_skipped: int,
+    entry: LedgerEntry,
     update: Mapping[str, ConfigRecord],
     num_examples: int,
     train_loss: float,
     next_round_fits: bool | None,
-    files_skipped: int,
     extra_metrics: Mapping[str, float] | None = None,
 ) -> Message:
     """Sign the round's ledger line onto the site's hash chain, save the state, then reply.
@@ -142,6 +143,7 @@ def train(msg: Message, context: Context) -> Message:
             accountant=privacy.accountant,
         )
     plan = state.plan if privacy.dp else None
+    reply = functools.partial(_record_and_reply, msg, site, store, state, evaluation, len(data.skipped))
     reason = _decline_reason(site, state)
     if not reason and plan is not None:
         decision = check_next_round(plan, state.history)
@@ -167,10 +169,7 @@ def train(msg: Message, context: Context) -> Message:
         )
         entry = replace(base, status=DECLINED, epsilon=epsilon, reason=reason)
         log.warning("site %s declines round %d: %s", site.name, server_round, reason)
-        return _record_and_reply(
-            msg, site, store, state, entry, evaluation, {}, n_train, float("nan"), next_round_fits=False,
-            files_skipped=len(data.skipped),
-        )
+        return reply(entry, {}, n_train, float("nan"), next_round_fits=False)
 
     strategy_mu = float(config.get(p.PROXIMAL_MU, 0.0))
     settings = LocalTraining(
@@ -202,19 +201,15 @@ def train(msg: Message, context: Context) -> Message:
     request = msg.content.config_records.get(p.SECAGG)
     if request is None:
         trained = {k: v.detach().cpu().numpy() for k, v in weights.items()}
-        return _record_and_reply(
-            msg, site, store, state, entry, evaluation, {p.MODEL: wire.packed_record(trained)}, weight,
-            outcome.mean_loss, next_round_fits=fits, files_skipped=len(data.skipped),
-        )
+        update = {p.MODEL: wire.packed_record(trained)}
+        return reply(entry, update, weight, outcome.mean_loss, next_round_fits=fits)
     vector = _weighted_delta(received, weights, weight, study, float(request["max-weight"]))
     masked, clipped, keys = secagg.mask_update(request, context.state, vector)
     update = {p.MASKED: wire.packed_record({p.MASKED: masked})}
     if keys:  # this site's public keys for the next round
         update[p.SECAGG] = keys
-    return _record_and_reply(
-        msg, site, store, state, entry, evaluation, update, weight, outcome.mean_loss,
-        next_round_fits=fits, files_skipped=len(data.skipped), extra_metrics={"secagg-clipped": clipped},
-    )
+    clipped_metric = {"secagg-clipped": clipped}
+    return reply(entry, update, weight, outcome.mean_loss, next_round_fits=fits, extra_metrics=clipped_metric)
 
 
 def _weighted_delta(
