@@ -1,18 +1,20 @@
-"""The hospital's ClientApp: evaluate the received model, check the budget, train with DP-SGD.
+"""The hospital's ClientApp: enrol in a run, then each round evaluate the received model, check the
+budget and train with DP-SGD; close the ledger at the final evaluation.
 
 Every train reply carries the site's ledger line for the round. A site that would exceed its
-budget (or its round limit) declines: it sends its reason and ledger line, and no update.
+budget (or its round limit, or cannot learn from its data) declines: it sends its reason and ledger
+line, and no update. A site answers only runs it enrolled in (it signed their roster), never the
+same round of the same attempt twice, and nothing of a run after it closed it.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -20,7 +22,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from client import enrollment
 from client import secure_aggregation as secagg
+from client.enrollment import SiteRefusal, append_signed_line
 from client.site import load_site_data, parse_study_text, resolve_site
 from client.state import SiteState, StateStore
 from client.training import LocalTraining, pick_device, predict, train_round
@@ -28,19 +32,42 @@ from pm_common import protocol as p
 from pm_common import wire
 from pm_common.config import SiteSpec, StudyConfig
 from pm_common.hospital_dp import clip_and_noise, site_noise_std
-from pm_common.ledger import DECLINED, TRAINED, LedgerEntry
+from pm_common.ledger import CLOSED, DECLINED, TRAINED, LedgerEntry
 from pm_common.metrics import reportable
-from pm_common.privacy import check_next_round, cumulative_epsilon, plan_study
-from pm_common.signing import chain_head, public_key_pem, sign_entry
+from pm_common.privacy import BudgetTooLow, PrivacyPlan, check_next_round, cumulative_epsilon, plan_study
 from pm_common.tasks import SiteTensors, task_of
 
 log = logging.getLogger("pmfl.client")
 app = ClientApp()
 
+FEW_TRAINING_ROWS = 20
+"""Below this many training rows a site still trains, but says that DP noise will likely drown
+what it learns (its reply carries the warning; the run shows it)."""
 
-def _study_of(msg: Message) -> tuple[StudyConfig, str]:
-    text = str(msg.content[p.CONFIG][p.STUDY_TOML])
-    return parse_study_text(text), text
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the coordinator asks in one message: the study, the run and the round."""
+
+    study: StudyConfig
+    study_text: str
+    run: str
+    attempt: int
+    server_round: int
+    num_rounds: int
+
+    @classmethod
+    def of(cls, msg: Message) -> RunRequest:
+        config = msg.content[p.CONFIG]
+        text = str(config[p.STUDY_TOML])
+        return cls(
+            study=parse_study_text(text),
+            study_text=text,
+            run=str(config.get(p.RUN, "")),
+            attempt=int(config.get(p.ATTEMPT, 0)),
+            server_round=int(config.get(p.SERVER_ROUND, 0)),
+            num_rounds=int(config.get(p.NUM_ROUNDS, 0)),
+        )
 
 
 def _received(msg: Message) -> dict[str, torch.Tensor]:
@@ -67,6 +94,7 @@ def _record_and_reply(
     state: SiteState,
     evaluation: Mapping[str, float] | None,
     files_skipped: int,
+    warning: str,
     entry: LedgerEntry,
     update: Mapping[str, ConfigRecord],
     num_examples: int,
@@ -80,23 +108,21 @@ def _record_and_reply(
     first: if the reply is lost, the spend is still on the site's books. The evaluation rides in
     the metrics record: each record is one more request to and from the SuperLink.
     """
-    key = store.signing_key()
-    signed = sign_entry(asdict(entry), chain_head([json.loads(line) for line in state.ledger]), key)
-    line = json.dumps(signed, sort_keys=True, allow_nan=False)
+    line = append_signed_line(state, store.signing_key(), entry)
     state.rounds.append(entry.round)
-    state.ledger.append(line)
     store.save(state)
     site_record = ConfigRecord({
         p.SITE_NAME: site.name,
         p.STATUS: entry.status,
         p.REASON: entry.reason,
         p.LEDGER_LINE: line,
-        p.LEDGER_PUBLIC_KEY: public_key_pem(key.public_key()).decode(),
     })
     if next_round_fits is not None:
         site_record[p.NEXT_ROUND_FITS] = next_round_fits
     if files_skipped:
         site_record[p.FILES_SKIPPED] = files_skipped
+    if warning:
+        site_record[p.WARNING] = warning
     loss = train_loss if math.isfinite(train_loss) else 0.0
     train = {p.NUM_EXAMPLES: num_examples, "train-loss": loss, **(extra_metrics or {})}
     content = RecordDict({p.TRAIN_METRICS: wire.metrics_record(train, evaluation), p.SITE: site_record})
@@ -105,53 +131,107 @@ def _record_and_reply(
     return Message(content, reply_to=msg)
 
 
-def _decline_reason(site: SiteSpec, state: SiteState) -> str:
-    """Why this site will not train another round, or '' if it will (before the budget check)."""
-    trained = sum(1 for line in state.ledger if LedgerEntry.from_json(line).status == TRAINED)
+def _round_limit_reason(site: SiteSpec, state: SiteState) -> str:
+    """Why this site will not train another round under its own round limit ('' if it will)."""
+    trained = sum(1 for e in state.entries() if e.status == TRAINED)
     limit = site.privacy.max_rounds
     if limit is not None and trained >= limit:
         return f"round limit: the site accepts at most {limit} rounds of training for this study"
     return ""
 
 
+def _plan(
+    state: SiteState, site: SiteSpec, request: RunRequest, n_train: int
+) -> tuple[PrivacyPlan | None, str]:
+    """The site's DP plan for the study, fixed once before its first round (None without DP), or
+    the reason why no plan can keep the study within the site's budget."""
+    privacy = site.privacy
+    if not privacy.dp:
+        return None, ""
+    if state.plan is None:
+        planned = request.num_rounds
+        if privacy.max_rounds is not None:
+            planned = min(planned, privacy.max_rounds)
+        training = request.study.training
+        try:
+            state.plan = plan_study(
+                epsilon_budget=privacy.epsilon,
+                delta=privacy.delta,
+                num_examples=n_train,
+                batch_size=training.batch_size,
+                local_epochs=training.local_epochs,
+                planned_rounds=planned,
+                max_grad_norm=training.max_grad_norm,
+                accountant=privacy.accountant,
+            )
+        except BudgetTooLow as exc:
+            return None, str(exc)
+    return state.plan, ""
+
+
+def _unlearnable_reason(data: SiteTensors, study: StudyConfig) -> str:
+    """Why training on this site's rows could teach the model nothing ('' if it could)."""
+    return task_of(study).unlearnable(data.train_y)
+
+
+def _few_rows_warning(data: SiteTensors) -> str:
+    n = len(data.train_y)
+    if n < FEW_TRAINING_ROWS:
+        return (
+            f"only {n} training rows: DP-SGD noise will likely drown what this site's data can teach "
+            f"(fewer than {FEW_TRAINING_ROWS})"
+        )
+    return ""
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    study, study_text = _study_of(msg)
+    request = RunRequest.of(msg)
+    study = request.study
     site, store = resolve_site(context, study.name)
-    config = msg.content[p.CONFIG]
-    server_round = int(config[p.SERVER_ROUND])
-    data = load_site_data(site, study_text)
+    data = load_site_data(site, request.study_text)
     received = _received(msg)
     model = _model_from(received, study)
     evaluation = _evaluation(model, data, study)
-    state = store.load() or SiteState(study=study.name)
-    privacy = site.privacy
-    n_train = len(data.train_y)
+    warning = _few_rows_warning(data)
+    if warning:
+        log.warning("site %s: %s", site.name, warning)
+    with store.locked():
+        state = store.load() or SiteState(study=study.name)
+        if refusal := state.refusal(request.run, request.server_round, request.attempt):
+            raise SiteRefusal(refusal)
+        return _answer_round(msg, context, request, site, store, state, data, received, model,
+                             evaluation, warning)
 
-    if privacy.dp and state.plan is None:
-        planned = int(config[p.NUM_ROUNDS])
-        if privacy.max_rounds is not None:
-            planned = min(planned, privacy.max_rounds)
-        state.plan = plan_study(
-            epsilon_budget=privacy.epsilon,
-            delta=privacy.delta,
-            num_examples=n_train,
-            batch_size=study.training.batch_size,
-            local_epochs=study.training.local_epochs,
-            planned_rounds=planned,
-            max_grad_norm=study.training.max_grad_norm,
-            accountant=privacy.accountant,
-        )
-    plan = state.plan if privacy.dp else None
-    reply = functools.partial(_record_and_reply, msg, site, store, state, evaluation, len(data.skipped))
-    reason = _decline_reason(site, state)
+
+def _answer_round(
+    msg: Message,
+    context: Context,
+    request: RunRequest,
+    site: SiteSpec,
+    store: StateStore,
+    state: SiteState,
+    data: SiteTensors,
+    received: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    evaluation: Mapping[str, float] | None,
+    warning: str,
+) -> Message:
+    """Decline with the reason, or train one round and send the update: always one signed line."""
+    study, privacy = request.study, site.privacy
+    n_train = len(data.train_y)
+    plan, plan_problem = _plan(state, site, request, n_train)
+    reply = functools.partial(
+        _record_and_reply, msg, site, store, state, evaluation, len(data.skipped), warning
+    )
+    reason = plan_problem or _round_limit_reason(site, state) or _unlearnable_reason(data, study)
     if not reason and plan is not None:
         decision = check_next_round(plan, state.history)
         reason = "" if decision.allowed else decision.reason
 
     base = LedgerEntry(
         site=site.name,
-        round=server_round,
+        round=request.server_round,
         status=TRAINED,
         noise_multiplier=plan.noise_multiplier if plan else 0.0,
         sample_rate=plan.sample_rate if plan else 0.0,
@@ -162,22 +242,22 @@ def train(msg: Message, context: Context) -> Message:
         epsilon_budget=privacy.epsilon if privacy.dp else None,
         accountant=privacy.accountant if privacy.dp else "none",
         dp=privacy.dp,
+        run=request.run,
+        attempt=request.attempt,
     )
     if reason:
-        epsilon = (
-            cumulative_epsilon(state.history, privacy.delta, privacy.accountant) if plan else None
-        )
+        epsilon = cumulative_epsilon(state.history, privacy.delta, privacy.accountant) if privacy.dp else None
         entry = replace(base, status=DECLINED, epsilon=epsilon, reason=reason)
-        log.warning("site %s declines round %d: %s", site.name, server_round, reason)
+        log.warning("site %s declines round %d: %s", site.name, request.server_round, reason)
         return reply(entry, {}, n_train, float("nan"), next_round_fits=False)
 
-    strategy_mu = float(config.get(p.PROXIMAL_MU, 0.0))
+    config = msg.content[p.CONFIG]
     settings = LocalTraining(
         learning_rate=study.training.learning_rate,
         batch_size=study.training.batch_size,
         local_epochs=study.training.local_epochs,
         momentum=study.training.momentum,
-        proximal_mu=strategy_mu,
+        proximal_mu=float(config.get(p.PROXIMAL_MU, 0.0)),
         grad_sample_mode=study.training.grad_sample_mode,
         max_physical_batch_size=study.training.max_physical_batch_size,
     )
@@ -198,13 +278,13 @@ def train(msg: Message, context: Context) -> Message:
     if study.hospital_dp.enabled:
         weights = _hospital_dp(msg, received, weights, study)
         weight = 1  # uniform weights: one hospital's influence is bounded by the clip norm alone
-    request = msg.content.config_records.get(p.SECAGG)
-    if request is None:
+    secagg_request = msg.content.config_records.get(p.SECAGG)
+    if secagg_request is None:
         trained = {k: v.detach().cpu().numpy() for k, v in weights.items()}
         update = {p.MODEL: wire.packed_record(trained)}
         return reply(entry, update, weight, outcome.mean_loss, next_round_fits=fits)
-    vector = _weighted_delta(received, weights, weight, study, float(request["max-weight"]))
-    masked, clipped, keys = secagg.mask_update(request, context.state, vector)
+    vector = _weighted_delta(received, weights, weight, study, float(secagg_request["max-weight"]))
+    masked, clipped, keys = secagg.mask_update(secagg_request, context.state, vector)
     update = {p.MASKED: wire.packed_record({p.MASKED: masked})}
     if keys:  # this site's public keys for the next round
         update[p.SECAGG] = keys
@@ -253,6 +333,21 @@ def _hospital_dp(
     return {k: received[k] + noisy[k] for k in received}
 
 
+@app.query(p.ENROLL_ACTION)
+def enroll(msg: Message, context: Context) -> Message:
+    """Before round 1: declare this site (name, ledger key, budget), then sign the run's roster."""
+    request = RunRequest.of(msg)
+    site, store = resolve_site(context, request.study.name)  # refuses a study the site did not approve
+    stage = str(msg.content[p.CONFIG][p.STAGE])
+    if stage == p.DECLARE:
+        reply = enrollment.declare(store, site, request.run)
+    elif stage == p.SIGN:
+        reply = enrollment.sign(store, site, msg.content[p.CONFIG], request.study.name, request.study_text)
+    else:
+        raise SiteRefusal(f"unknown enrolment stage {stage[:40]!r}")
+    return Message(RecordDict({p.ENROLL: reply}), reply_to=msg)
+
+
 @app.query(p.SECAGG_ACTION)
 def secure_aggregation(msg: Message, context: Context) -> Message:
     """Secure aggregation's key stages; the masked update itself goes with the training reply."""
@@ -262,15 +357,53 @@ def secure_aggregation(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received model on the site's own test rows; aggregates only."""
-    study, study_text = _study_of(msg)
-    site, _ = resolve_site(context, study.name)
-    data = load_site_data(site, study_text)
-    evaluation = _evaluation(_model_from(_received(msg), study), data, study)
+    """Evaluate the received model on the site's own test rows (aggregates only); at the study's
+    final evaluation also close the site's ledger for the run and send the whole ledger, so the
+    run's copy can be completed from the site's own."""
+    request = RunRequest.of(msg)
+    site, store = resolve_site(context, request.study.name)
+    data = load_site_data(site, request.study_text)
+    evaluation = _evaluation(_model_from(_received(msg), request.study), data, request.study)
+    site_record = ConfigRecord({p.SITE_NAME: site.name})
+    if bool(msg.content[p.CONFIG].get(p.CLOSE, False)):
+        site_record[p.LEDGER_LINES] = _close(store, site, request)
     content = RecordDict(
         {
-            p.SITE: ConfigRecord({p.SITE_NAME: site.name}),
+            p.SITE: site_record,
             p.TRAIN_METRICS: wire.metrics_record({p.NUM_EXAMPLES: len(data.test_y)}, evaluation),
         }
     )
     return Message(content, reply_to=msg)
+
+
+def _close(store: StateStore, site: SiteSpec, request: RunRequest) -> list[str]:
+    """Append the run's `closed` line once (a repeated request appends nothing); the whole ledger."""
+    with store.locked():
+        state = store.load() or SiteState(study=request.study.name)
+        if request.run not in state.rosters:
+            raise SiteRefusal(f"this site is not enrolled in run {request.run[:12]}")
+        if not state.closed(request.run):
+            append_signed_line(state, store.signing_key(), _closed_entry(site, state, request))
+            store.save(state)
+        return list(state.ledger)
+
+
+def _closed_entry(site: SiteSpec, state: SiteState, request: RunRequest) -> LedgerEntry:
+    privacy, plan = site.privacy, state.plan
+    return LedgerEntry(
+        site=site.name,
+        round=request.server_round,
+        status=CLOSED,
+        noise_multiplier=plan.noise_multiplier if plan else 0.0,
+        sample_rate=plan.sample_rate if plan else 0.0,
+        steps=0,
+        max_grad_norm=plan.max_grad_norm if plan else 0.0,
+        delta=privacy.delta,
+        epsilon=cumulative_epsilon(state.history, privacy.delta, privacy.accountant) if privacy.dp else None,
+        epsilon_budget=privacy.epsilon if privacy.dp else None,
+        accountant=privacy.accountant if privacy.dp else "none",
+        dp=privacy.dp,
+        reason=f"closed run {request.run[:12]}",
+        run=request.run,
+        attempt=request.attempt,
+    )

@@ -31,6 +31,7 @@ from pm_common.tasks import SiteTensors, task_of
 log = logging.getLogger("pmfl.client")
 
 STUDY_ENV = "PMFL_STUDY"
+SITES_DIR_ENV = "PMFL_SITES_DIR"  # simulation: where the simulated sites keep their directories
 
 
 def load_site_config(site_dir: Path) -> SiteSpec:
@@ -86,7 +87,12 @@ def resolve_site(context: Context, study_name: str) -> tuple[SiteSpec, StateStor
         raise StudyConfigError(
             f"simulated node {partition} has no [[sites]] entry: the study declares {len(study.sites)} sites"
         )
-    return study.sites[partition], ContextStateStore(context.state)
+    spec = study.sites[partition]
+    sites_dir = str(context.run_config.get("sites-dir", "") or os.environ.get(SITES_DIR_ENV, ""))
+    if sites_dir:  # a simulated hospital keeps its records in a directory of its own, as a real one
+        root = Path(sites_dir) / spec.name
+        return spec, DirectoryStateStore(root / "state" / study_name, root / "keys")
+    return spec, ContextStateStore(context.state)
 
 
 @functools.lru_cache(maxsize=4)

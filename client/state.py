@@ -8,9 +8,12 @@ training, the site has over-counted, never under-counted.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from flwr.app import ConfigRecord, RecordDict
 
-from pm_common.ledger import append_line
+from pm_common.ledger import CLOSED, ENROLLED, ROUND_STATUSES, LedgerEntry, append_line
 from pm_common.privacy import PrivacyPlan
 from pm_common.signing import generate_signing_key, load_or_create_signing_key, private_key_pem
 
@@ -33,6 +36,7 @@ class SiteState:
     accountant: dict[str, Any] = field(default_factory=dict)  # Opacus accountant.state_dict()
     rounds: list[int] = field(default_factory=list)  # server rounds answered (trained or declined)
     ledger: list[str] = field(default_factory=list)  # ledger lines, as sent
+    rosters: dict[str, dict[str, Any]] = field(default_factory=dict)  # run -> {"roster", "signature"}
 
     def to_json(self) -> str:
         return json.dumps(
@@ -42,6 +46,7 @@ class SiteState:
                 "accountant": self.accountant,
                 "rounds": self.rounds,
                 "ledger": self.ledger,
+                "rosters": self.rosters,
             }
         )
 
@@ -55,17 +60,54 @@ class SiteState:
             data.get("accountant", {}),
             data.get("rounds", []),
             data.get("ledger", []),
+            data.get("rosters", {}),
         )
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
         return [tuple(h) for h in self.accountant.get("history", [])]  # type: ignore[misc]
 
+    def entries(self) -> list[LedgerEntry]:
+        """The site's ledger lines for this study, parsed (signature fields aside)."""
+        return [LedgerEntry.from_json(line) for line in self.ledger]
+
+    def refusal(self, run: str, server_round: int, attempt: int) -> str:
+        """Why this site will not answer round `server_round` of `run`'s attempt `attempt` ('' if
+        it will): it never enrolled in the run, the run is closed here, or it answered already.
+
+        Answering the same round of the same attempt twice would spend the budget twice for one
+        aggregate; a coordinator that really re-runs a round after a crash asks under a new attempt.
+        """
+        if run not in self.rosters:
+            return f"this site is not enrolled in run {run[:12]} of study {self.study!r}"
+        for entry in self.entries():
+            if entry.run != run:
+                continue
+            if entry.status == CLOSED:
+                return f"run {run[:12]} of study {self.study!r} is closed at this site"
+            if entry.status in ROUND_STATUSES and (entry.round, entry.attempt) == (server_round, attempt):
+                return (
+                    f"round {server_round} of run {run[:12]} (attempt {attempt}) was already answered "
+                    "by this site: a repeated request is refused, never trained twice"
+                )
+        return ""
+
+    def closed(self, run: str) -> bool:
+        return any(e.run == run and e.status == CLOSED for e in self.entries())
+
+    def enrolled_line(self, run: str) -> bool:
+        return any(e.run == run and e.status == ENROLLED for e in self.entries())
+
 
 class StateStore(Protocol):
     def load(self) -> SiteState | None: ...
 
     def save(self, state: SiteState) -> None: ...
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the site's state for one read-modify-write: two tasks of a deployed site (a
+        restarted coordinator's and a stale one's) must not both load, spend and save."""
+        ...
 
     def signing_key(self) -> Ed25519PrivateKey:
         """The site's Ed25519 ledger key: created once, the same for every line it signs."""
@@ -87,6 +129,10 @@ class ContextStateStore:
     def save(self, state: SiteState) -> None:
         self._state[self.KEY] = ConfigRecord({"json": state.to_json()})
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        yield  # one simulated node runs one message at a time
+
     def signing_key(self) -> Ed25519PrivateKey:
         record = self._state.config_records.get("pmfl-ledger-key")
         if record is None:
@@ -98,14 +144,28 @@ class ContextStateStore:
 
 
 class DirectoryStateStore:
-    """Deployment: `state.json` (atomic replace) and `ledger.jsonl` (append + fsync) in the site dir;
-    the ledger key in `key_dir` (`ledger_ed25519.pem`, never sent, and `ledger_ed25519.pub`)."""
+    """A site directory (deployed, and simulated sites too): `state.json` (atomic replace),
+    `ledger.jsonl` (append + fsync) and `rosters/<run>.json` (the site's signed copy of each run's
+    roster) in `directory`; the ledger key in `key_dir` (`ledger_ed25519.pem`, never sent, and
+    `ledger_ed25519.pub`). These copies are the hospital's own record, against which an auditor
+    can check a run directory (`pmfl audit RUN --site SITE_DIR`)."""
 
     def __init__(self, directory: Path, key_dir: Path) -> None:
         self.directory = Path(directory)
         self.key_dir = Path(key_dir)
         self.state_path = self.directory / "state.json"
         self.ledger_path = self.directory / "ledger.jsonl"
+        self.roster_dir = self.directory / "rosters"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with (self.directory / ".lock").open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def load(self) -> SiteState | None:
         if not self.state_path.exists():
@@ -126,6 +186,11 @@ class DirectoryStateStore:
             written = sum(1 for line in self.ledger_path.open(encoding="utf-8") if line.strip())
         for line in state.ledger[written:]:
             append_line(self.ledger_path, line)
+        for run, signed in state.rosters.items():
+            path = self.roster_dir / f"{run}.json"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(signed, indent=2, sort_keys=True), encoding="utf-8")
 
     def signing_key(self) -> Ed25519PrivateKey:
         pem, pub = self.key_dir / "ledger_ed25519.pem", self.key_dir / "ledger_ed25519.pub"

@@ -1,44 +1,50 @@
-"""Independent privacy auditor of a run (or a single site) directory.
+"""The privacy auditor's rules: what a run's records must show, and the verdict.
 
-Trusts nothing the sites or the coordinator computed. It checks each site's signed ledger against
-the site's public key from the study record, recomputes every cumulative epsilon from the ledger's
-own mechanism lines with Google's ``dp_accounting`` (a second implementation, not Opacus), and
-checks each site against its budget.
+Trusts nothing the sites or the coordinator computed, and as little as possible of what the run
+directory holds. The maths (Google's dp-accounting) is in pm_common/reference_accounting.py; reading
+directories and writing the report is in pm_common/audit_run.py. Here, pure functions:
 
-Exit codes (``AuditResult.exit_code``):
-  0  every ledger verifies, every reported epsilon is honest and within budget;
-  1  a violation: tampering, over budget, under-reported epsilon, inconsistent ledger, a site that
-     trained without DP (even in a run declared ``--no-dp``: exit 0 promises a privacy guarantee,
-     and such a run has none), or an empirical lower bound above the accounted epsilon;
-  2  something could not be verified (missing key, unreadable or unsigned ledger, unknown
-     accountant) and no violation was proven. A proven violation takes precedence over 2.
+- `audit_site`: one site's signed ledger against its key, the independent accounting and its budget;
+- `check_run`: the run's roster (every site on it signed it) against the ledgers and summary.json:
+  a site removed, a site added, a ledger re-signed with another key, a summary that disagrees with
+  the signed ledgers, a ledger that does not close the run;
+- `check_site_copy`: the run against a hospital's own records (its ledger and its signed roster);
+- `verdict`: the exit code, and a headline that says what was verified against what.
+
+Exit codes (`AuditResult.exit_code`):
+  0  every ledger verifies against the run's roster, every reported epsilon is honest and within
+     budget;
+  1  a violation: tampering, over budget, under-reported epsilon, records removed or added, a
+     summary that contradicts the ledgers, a site that trained without DP (even in a run declared
+     `--no-dp`: exit 0 promises a privacy guarantee, and such a run has none), or an empirical lower
+     bound above the accounted epsilon;
+  2  something could not be verified (no roster, a missing key, an unsigned or unclosed ledger, an
+     unknown accountant) and no violation was proven. A proven violation takes precedence over 2.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
-import logging
 import math
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import lru_cache
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from dp_accounting import dp_event
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
-from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
-from pm_common.ledger import DECLINED, TRAINED, LedgerEntry
-from pm_common.signing import ChainVerification, load_public_key, read_raw_ledger, verify_chain
+from pm_common.ledger import (
+    CLOSED,
+    ENROLLED,
+    ROUND_STATUSES,
+    TRAINED,
+    LedgerEntry,
+    summarize,
+)
+from pm_common.reference_accounting import PLD_DISCRETIZATION, RDP_ORDERS, pld_epsilons, rdp_epsilons
+from pm_common.roster import Roster, SignedRoster
+from pm_common.signing import ChainVerification, public_key_fingerprint, verify_chain
 
 EXIT_OK, EXIT_VIOLATION, EXIT_UNVERIFIABLE = 0, 1, 2
 
@@ -50,18 +56,8 @@ REPORTED_RTOL = 0.01
 """A reported epsilon more than 1% below the independent figure is under-reported."""
 
 BUDGET_RTOL = 1e-3
-"""Slack for the independent RDP figure against a budget: the two RDP implementations agree to
-~1e-4 relative, and Opacus calibrates sigma to land just under the budget."""
-
-PLD_DISCRETIZATION = 1e-3
-"""PLD value discretization. dp_accounting's PLD is pessimistic, so a coarser grid still gives an
-upper bound; 1e-3 is ~10x faster than the default 1e-4 and changes epsilon by ~1e-4 relative."""
-
-RDP_ORDERS: tuple[float, ...] = tuple(sorted(
-    {1 + x / 10.0 for x in range(1, 100)} | set(range(12, 64)) | set(rdp_lib.DEFAULT_RDP_ORDERS)
-))
-"""Opacus' order grid plus dp_accounting's: minimising over a superset of Opacus' orders means an
-honest Opacus figure is never flagged because of the grid."""
+"""Slack for the independent RDP figure against a budget. Sites plan and report the larger of the
+two RDP implementations, so an honest site needs none; it remains for ledgers of older versions."""
 
 ACCOUNTANT_REFERENCE = {"rdp": "rdp", "prv": "pld"}
 """Accountants a site may declare, and which independent figure its epsilon is checked against
@@ -69,95 +65,12 @@ ACCOUNTANT_REFERENCE = {"rdp": "rdp", "prv": "pld"}
 
 PRIVACY_UNIT = "one patient record at one site (add/remove-one adjacency, per site)"
 
-
-# --- accounting (pure) ------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet_absl() -> Iterator[None]:
-    """dp_accounting logs one warning per RDP order it drops; we record the fact instead."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-@lru_cache(maxsize=256)
-def _one_step_rdp(sample_rate: float, noise_multiplier: float) -> tuple[float, ...]:
-    """RDP of one step of the Poisson-subsampled Gaussian at every order in RDP_ORDERS."""
-    acc = RdpAccountant(orders=list(RDP_ORDERS))
-    event = dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier))
-    with _quiet_absl():
-        acc.compose(event, 1)
-    return tuple(float(x) for x in acc.rdp)
-
-
-def _mechanism(history: Sequence[Sequence[float]]) -> list[tuple[float, float, int]]:
-    return [(float(s), float(q), int(n)) for s, q, n in history]
-
-
-def rdp_epsilons(history: Sequence[Sequence[float]], delta: float) -> tuple[list[float], bool]:
-    """Cumulative RDP epsilon after each (noise_multiplier, sample_rate, steps) entry.
-
-    RDP composes additively, so one step is computed once per mechanism and scaled by its steps.
-    Also returns whether the figure is limited by the order grid: dp_accounting gives up on some
-    small fractional orders (Opacus evaluates them), and when the optimum lands on the smallest
-    order it could evaluate, the dropped ones might have given a lower epsilon.
-    """
-    total = np.zeros(len(RDP_ORDERS))
-    out: list[float] = []
-    limited = False
-    for sigma, q, steps in _mechanism(history):
-        if steps > 0:
-            total = total + (np.inf if sigma <= 0 else steps * np.asarray(_one_step_rdp(q, sigma)))
-        finite = np.isfinite(total)
-        if not total.any():
-            out.append(0.0)
-        elif not finite.any():
-            out.append(math.inf)
-        else:
-            eps, order = rdp_lib.compute_epsilon(RDP_ORDERS, total.tolist(), delta)
-            first = RDP_ORDERS[int(np.argmax(finite))]
-            limited = limited or (not finite[0] and order == first)
-            out.append(float(eps))
-    return out, limited
-
-
-PLD_MIN_SIGMA = 0.3
-
-
-def pld_epsilons(
-    history: Sequence[Sequence[float]], delta: float, discretization: float = PLD_DISCRETIZATION
-) -> list[float]:
-    """Cumulative epsilon after each entry by privacy loss distributions (tight, dp_accounting).
-
-    Below PLD_MIN_SIGMA the discretised distribution grows past any memory (epsilon is huge
-    anyway): from such an entry on the tight figure is not computed (NaN) and RDP stands alone.
-    """
-    acc = PLDAccountant(value_discretization_interval=discretization)
-    out: list[float] = []
-    composed = False
-    for sigma, q, steps in _mechanism(history):
-        if 0 < sigma < PLD_MIN_SIGMA or (out and math.isnan(out[-1])):
-            out.append(float("nan"))
-            continue
-        if steps > 0:
-            if sigma <= 0:
-                acc.compose(dp_event.NonPrivateDpEvent())
-            else:
-                acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
-            composed = True
-        out.append(float(acc.get_epsilon(delta)) if composed else 0.0)
-    return out
-
-
-def rdp_epsilon(history: Sequence[Sequence[float]], delta: float) -> float:
-    """Cumulative RDP epsilon of a whole history (the independent twin of Opacus' figure)."""
-    values, _ = rdp_epsilons(history, delta)
-    return values[-1] if values else 0.0
+SUMMARY_FIELDS = (
+    "epsilon", "delta", "epsilon_budget", "accountant", "rounds_trained", "rounds_declined", "steps",
+    "dp", "within_budget", "reason",
+)
+"""Fields of a site's line in summary.json that must equal what its signed ledger gives (`status`
+is checked for its ledger-derived part; it may also say that no further round fits)."""
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -201,6 +114,8 @@ class RoundCheck:
     rdp_epsilon: float | None
     pld_epsilon: float | None
     epsilon_budget: float | None
+    run: str = ""
+    attempt: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -270,6 +185,9 @@ class AuditResult:
     dp_declared: bool = True
     accuracy: list[dict[str, Any]] = field(default_factory=list)
     empirical: list[dict[str, Any]] | None = None
+    run: str | None = None
+    roster_digest: str | None = None
+    verified_against: list[str] = field(default_factory=list)  # what vouched for the records
     generated_at: str = field(
         default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds")
     )
@@ -285,6 +203,9 @@ class AuditResult:
             "exit_code": self.exit_code,
             "verdict": self.verdict,
             "generated_at": self.generated_at,
+            "run": self.run,
+            "roster_digest": self.roster_digest,
+            "verified_against": self.verified_against,
             "dp_declared": self.dp_declared,
             "privacy_unit": PRIVACY_UNIT,
             "method": {
@@ -303,7 +224,7 @@ class AuditResult:
         })
 
 
-# --- one site (pure) --------------------------------------------------------------------------
+# --- one site's ledger (pure) -----------------------------------------------------------------
 
 
 def _fmt(x: float | None) -> str:
@@ -317,16 +238,88 @@ def _rounds_text(rounds: Sequence[int]) -> str:
     return shown + (f" and {len(rounds) - 8} more" if len(rounds) > 8 else "")
 
 
+def _run_text(run: str) -> str:
+    return f"run {run[:12]}" if run else "the unnamed run"
+
+
+def structure_problems(entries: Sequence[LedgerEntry]) -> list[tuple[str, str]]:
+    """(code, message) for every way the lines break the ledger's grammar, run by run.
+
+    A named run's lines open with its `enrolled` line and nothing of it follows its `closed` line;
+    within one attempt of a run, rounds go up; one delta and one budget per run; lines without
+    mechanism (enrolment, closing, declines) record no steps. Ledgers written before runs were
+    named (no `run`) keep their old rule: consecutive rounds from 1.
+    """
+    problems: list[tuple[str, str]] = []
+    runs: dict[str, list[LedgerEntry]] = {}
+    for e in entries:
+        runs.setdefault(e.run, []).append(e)
+    for run, lines in runs.items():
+        rounds = [e for e in lines if e.status in ROUND_STATUSES]
+        if not run:
+            for a, b in itertools.pairwise(rounds):
+                if b.round != a.round + 1:
+                    problems.append(("rounds_not_consecutive", f"round {b.round} follows round {a.round}: "
+                                     "rounds must be consecutive"))
+        else:
+            if lines[0].status != ENROLLED:
+                problems.append(("not_enrolled", f"{_run_text(run)}: its lines do not start with the "
+                                 "site's enrolment"))
+            closed = [i for i, e in enumerate(lines) if e.status == CLOSED]
+            if closed and closed[0] != len(lines) - 1:
+                problems.append(("after_close", f"{_run_text(run)}: lines after the site closed the run"))
+            by_attempt: dict[int, list[LedgerEntry]] = {}
+            for e in rounds:
+                by_attempt.setdefault(e.attempt, []).append(e)
+            for attempt, answered in by_attempt.items():
+                for a, b in itertools.pairwise(answered):
+                    if b.round <= a.round:
+                        problems.append(("rounds_out_of_order", f"{_run_text(run)} attempt {attempt}: "
+                                         f"round {b.round} follows round {a.round}"))
+        if rounds and min(e.round for e in rounds) < 1:
+            problems.append(("bad_round", f"{_run_text(run)}: a round below 1; rounds start at 1"))
+        if len({e.delta for e in lines}) > 1:
+            problems.append(("delta_changed", f"{_run_text(run)}: delta changes within the run: "
+                             f"{sorted({e.delta for e in lines})}"))
+        budgets = [e.epsilon_budget for e in lines]
+        if len(set(budgets)) > 1:
+            problems.append(("budget_changed", f"{_run_text(run)}: the budget changes within the run: "
+                             f"{budgets}"))
+    for e in entries:
+        if e.status not in (*ROUND_STATUSES, ENROLLED, CLOSED):
+            problems.append(("bad_status", f"round {e.round} has unknown status {e.status!r}"))
+        elif e.status != TRAINED and e.steps != 0:
+            problems.append(("steps_without_training", f"a {e.status} line (round {e.round}) records "
+                             f"{e.steps} steps"))
+        if e.dp and e.steps > 0 and not (e.noise_multiplier > 0 and 0 < e.sample_rate <= 1):
+            problems.append(("bad_mechanism", f"round {e.round}: noise_multiplier "
+                             f"{e.noise_multiplier} and sample_rate {e.sample_rate} give no DP"))
+        if e.steps < 0:
+            problems.append(("bad_mechanism", f"round {e.round}: negative steps"))
+    return problems
+
+
 def audit_site(
     site: str,
     rows: Sequence[Mapping[str, Any]],
     public_key: Ed25519PublicKey | None,
     *,
-    summary: Mapping[str, Any] | None = None,
     declared_no_dp: bool = False,
     key_source: str | None = None,
 ) -> SiteAudit:
-    """Audit one site's ledger lines against its key, the accounting and its budget."""
+    """Audit one site's ledger lines against its key, the grammar of a ledger, the independent
+    accounting and its budget.
+
+    Args:
+        site: the site the ledger belongs to.
+        rows: its lines as dicts, signature fields included.
+        public_key: the key the site's lines must be signed with (None: cannot verify them).
+        declared_no_dp: the run was declared `--no-dp` (the finding then says so).
+        key_source: where the key came from, for the report.
+
+    Returns:
+        The site's audit: its figures, per-line checks and findings.
+    """
     result = SiteAudit(site=site, entries=len(rows), key_source=key_source)
     add = result.findings.append
 
@@ -368,21 +361,12 @@ def audit_site(
             if e.site != site:
                 violation("foreign_site", f"line {i} belongs to site {e.site!r}")
 
-    # 3. Structure: consecutive rounds, constant delta and budget, sane mechanisms.
-    for a, b in itertools.pairwise(entries):
-        if b.round != a.round + 1:
-            violation("rounds_not_consecutive",
-                      f"round {b.round} follows round {a.round}: rounds must be consecutive")
-    if entries[0].round < 1:
-        violation("bad_round", f"first round is {entries[0].round}; rounds start at 1")
-    if len({e.delta for e in entries}) > 1:
-        violation("delta_changed", f"delta changes within the study: {sorted({e.delta for e in entries})}")
-    if len({e.epsilon_budget for e in entries}) > 1:
-        violation("budget_changed", "the budget changes within the study: "
-                  f"{[e.epsilon_budget for e in entries]}")
+    # 3. The grammar of a ledger.
+    for code, message in structure_problems(entries):
+        violation(code, message)
 
     if not result.dp:
-        no_dp_rounds = [e.round for e in entries if not e.dp]
+        no_dp_rounds = [e.round for e in entries if not e.dp and e.status in ROUND_STATUSES]
         if declared_no_dp:
             violation("no_dp", "NO PRIVACY GUARANTEE: trained without differential privacy "
                       "(the run was declared --no-dp)")
@@ -390,20 +374,9 @@ def audit_site(
             violation("no_dp", "NO PRIVACY GUARANTEE: trained without differential privacy in "
                       f"round(s) {_rounds_text(no_dp_rounds)} of a DP run")
         result.rounds = [RoundCheck(e.round, e.status, e.noise_multiplier, e.sample_rate, e.steps,
-                                    e.epsilon, None, None, e.epsilon_budget) for e in entries]
+                                    e.epsilon, None, None, e.epsilon_budget, e.run, e.attempt)
+                         for e in entries]
         return result
-
-    for e in entries:
-        if e.status == DECLINED and e.steps != 0:
-            violation("declined_with_steps",
-                      f"round {e.round} is declined but records {e.steps} steps")
-        if e.status not in (TRAINED, DECLINED):
-            violation("bad_status", f"round {e.round} has unknown status {e.status!r}")
-        if e.steps > 0 and not (e.noise_multiplier > 0 and 0 < e.sample_rate <= 1):
-            violation("bad_mechanism", f"round {e.round}: noise_multiplier "
-                      f"{e.noise_multiplier} and sample_rate {e.sample_rate} give no DP")
-        if e.steps < 0:
-            violation("bad_mechanism", f"round {e.round}: negative steps")
 
     unknown = sorted({e.accountant for e in entries} - set(ACCOUNTANT_REFERENCE))
     if unknown:
@@ -413,7 +386,7 @@ def audit_site(
         unverifiable("bad_delta", f"delta {last.delta} is not in (0, 1)")
         return result
 
-    # 4. Independent accounting, round by round.
+    # 4. Independent accounting, line by line, over everything the site ever ran for the study.
     history = [(e.noise_multiplier, e.sample_rate, max(e.steps, 0)) for e in entries]
     rdp, grid_limited = rdp_epsilons(history, last.delta)
     pld = pld_epsilons(history, last.delta)
@@ -429,7 +402,8 @@ def audit_site(
     under, over_reported, over_budget, missing = [], [], [], []
     for e, r_eps, p_eps, ref in zip(entries, rdp, pld, reference, strict=True):
         result.rounds.append(RoundCheck(e.round, e.status, e.noise_multiplier, e.sample_rate,
-                                        e.steps, e.epsilon, r_eps, p_eps, e.epsilon_budget))
+                                        e.steps, e.epsilon, r_eps, p_eps, e.epsilon_budget,
+                                        e.run, e.attempt))
         if e.epsilon is None:
             missing.append(e.round)
             continue
@@ -461,76 +435,223 @@ def audit_site(
                   f"over budget: epsilon {_fmt(eps)} after round {rnd} exceeds the budget "
                   f"{last.epsilon_budget:g} at delta {last.delta:g} (tight PLD figure "
                   f"{_fmt(p_eps)}); {len(over_budget)} round(s) over budget")
-
-    # 5. The coordinator's summary must agree with the ledger.
-    if summary is not None:
-        s_eps = summary.get("epsilon")
-        if s_eps is not None and last.epsilon is not None and not math.isclose(
-            float(s_eps), last.epsilon, rel_tol=1e-9, abs_tol=1e-12
-        ):
-            violation("summary_mismatch", f"summary.json reports epsilon {_fmt(float(s_eps))} "
-                      f"but the ledger's last entry says {_fmt(last.epsilon)}")
-        head = summary.get("chain_head")
-        if head is not None and result.chain is not None and head != result.chain.head:
-            violation("truncated", "the ledger's last entry is not the chain head recorded in "
-                      "summary.json (lines removed from the end, or a stale summary)")
     return result
 
 
-# --- directories (thin I/O) -------------------------------------------------------------------
+# --- the run: roster, summary (pure) ----------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
-    with path.open(encoding="utf-8") as fh:
-        return json.load(fh)
+def check_roster_signatures(signed: SignedRoster) -> list[Finding]:
+    """Every site on the roster signed exactly this roster (a changed roster breaks them all)."""
+    return [
+        Finding(VIOLATION, "roster_signature", f"{site}: its signature of the roster does not verify "
+                "(the roster was changed after the sites signed it, or the signature was forged)", site)
+        for site in signed.invalid_signatures()
+    ]
 
 
-def _load_key(path: Path, site: str, findings: list[Finding]) -> Ed25519PublicKey | None:
-    if not path.exists():
-        return None
-    try:
-        return load_public_key(path)
-    except (ValueError, TypeError, OSError) as exc:
-        findings.append(Finding(UNVERIFIABLE, "bad_key", f"{site}: unreadable key {path}: {exc}",
-                                site))
-        return None
+def check_run_lines(site: str, entries: Sequence[LedgerEntry], roster: Roster) -> list[Finding]:
+    """The site's lines of this run agree with its roster entry, show its enrolment in this very
+    roster, and close the run.
+
+    A ledger that does not close the run cannot show that no line was removed from its end; the
+    site's own copy can (`check_site_copy`)."""
+    entry = roster.entry(site)
+    assert entry is not None
+    findings: list[Finding] = []
+    mine = [e for e in entries if e.run == roster.run]
+    enrolled = [e for e in mine if e.status == ENROLLED]
+    if not enrolled or enrolled[0].roster != roster.digest:
+        findings.append(Finding(VIOLATION, "not_enrolled_in_roster", f"{site}: its ledger does not show "
+                                f"its enrolment in this run's roster ({roster.digest[:16]}…)", site))
+    disagree = sorted({
+        name
+        for e in mine
+        for name, line_value, roster_value in (
+            ("epsilon_budget", e.epsilon_budget, entry.epsilon_budget),
+            ("delta", e.delta, entry.delta),
+            ("dp", e.dp, entry.dp),
+            ("accountant", e.accountant, entry.accountant),
+        )
+        if line_value != roster_value
+    })
+    if disagree:
+        findings.append(Finding(VIOLATION, "ledger_disagrees_with_roster", f"{site}: its ledger lines of "
+                                f"this run differ from its roster entry in {disagree}", site))
+    if not any(e.status == CLOSED for e in mine):
+        answered = [e.round for e in mine if e.status in ROUND_STATUSES]
+        last = f"round {max(answered)}" if answered else "its enrolment"
+        findings.append(Finding(UNVERIFIABLE, "not_closed", f"{site}: its ledger ends at {last} without "
+                                "the site's closing line for this run, so lines may have been removed from "
+                                "its end (or the site left before the end): cross-check the site's own "
+                                "records with --site", site))
+    last_of_run = max((i for i, e in enumerate(entries) if e.run == roster.run), default=len(entries))
+    later = entries[last_of_run + 1:]
+    if later:
+        findings.append(Finding(NOTE, "later_runs", f"{site}: the ledger also holds {len(later)} line(s) of "
+                                "a later run of the study", site))
+    return findings
 
 
-def _load_rows(path: Path, site: str, findings: list[Finding]) -> list[dict[str, Any]] | None:
-    try:
-        return read_raw_ledger(path)
-    except (ValueError, OSError, UnicodeDecodeError) as exc:
-        findings.append(Finding(UNVERIFIABLE, "unreadable_ledger",
-                                f"{site}: cannot read {path.name}: {exc}", site))
-        return None
+def check_summary(summary: Mapping[str, Any], entries_by_site: Mapping[str, Sequence[LedgerEntry]],
+                  heads: Mapping[str, str | None], roster: Roster | None) -> list[Finding]:
+    """summary.json against the signed ledgers: every field must be what the ledger gives.
 
+    Args:
+        summary: privacy/summary.json as read.
+        entries_by_site: each site's verified ledger entries.
+        heads: each site's chain head (its last line's hash).
+        roster: the run's roster, when it has one.
 
-def accuracy_series(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per-round accuracy from metrics.json: mean over sites and pooled."""
-    rows = []
-    for item in metrics.get("rounds", []):
-        if not isinstance(item, Mapping) or "round" not in item:
+    Returns:
+        One violation per site and field that disagrees, and for sites listed but without a ledger.
+    """
+    findings: list[Finding] = []
+    if roster is not None:
+        for key, expected in (("run", roster.run), ("roster_digest", roster.digest)):
+            if key in summary and summary[key] != expected:
+                findings.append(Finding(VIOLATION, "summary_mismatch", f"summary.json names {key} "
+                                        f"{str(summary[key])[:16]}…, the roster {expected[:16]}…"))
+    sites = summary.get("sites") or {}
+    if not isinstance(sites, Mapping):
+        return [*findings, Finding(VIOLATION, "summary_mismatch", "summary.json 'sites' is not a table")]
+    for site, line in sites.items():
+        entries = entries_by_site.get(site)
+        if not entries:
+            findings.append(Finding(VIOLATION, "summary_mismatch", f"{site}: summary.json lists the site but "
+                                    "the run holds no verified ledger for it", site))
             continue
-        rows.append({
-            "round": item["round"],
-            "mean_site_accuracy": item.get("mean_site_accuracy"),
-            "pooled_accuracy": item.get("pooled_accuracy"),
-            "sites": sorted((item.get("sites") or {}).keys()),
-        })
-    return rows
+        if not isinstance(line, Mapping):
+            findings.append(Finding(VIOLATION, "summary_mismatch", f"{site}: its summary is not a table",
+                                    site))
+            continue
+        expected = summarize(list(entries))
+        expected["chain_head"] = heads.get(site)
+        entry = roster.entry(site) if roster else None
+        if entry is not None:
+            expected["key_fingerprint"] = entry.key_fingerprint
+        wrong = [
+            k for k in (*SUMMARY_FIELDS, "chain_head", "key_fingerprint")
+            if (k in line or k in expected) and not _same(line.get(k), expected.get(k))
+        ]
+        if line.get("status") not in (expected["status"], "budget exhausted"):
+            wrong.append("status")
+        if wrong:
+            detail = ", ".join(f"{k}: summary {_short(line.get(k))} vs ledger {_short(expected.get(k))}"
+                               for k in wrong[:4])
+            findings.append(Finding(VIOLATION, "summary_mismatch", f"{site}: summary.json disagrees with "
+                                    f"the signed ledger ({detail})", site))
+    return findings
 
 
-def _empirical_items(data: Any) -> list[dict[str, Any]]:
-    if isinstance(data, Mapping) and isinstance(data.get("audits"), list):
-        return [dict(a) for a in data["audits"] if isinstance(a, Mapping)]
-    if isinstance(data, Mapping):
-        return [dict(data)]
-    if isinstance(data, list):
-        return [dict(a) for a in data if isinstance(a, Mapping)]
-    return []
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return bool(a == b)
 
 
-def check_empirical(items: Sequence[Mapping[str, Any]], sites: Sequence[SiteAudit]) -> list[Finding]:
+def _short(value: Any) -> str:
+    text = str(value)
+    return text[:16] + "…" if len(text) > 16 else text
+
+
+# --- a hospital's own records against the run (pure) ------------------------------------------
+
+
+def check_site_copy(
+    site: str,
+    run_rows: Sequence[Mapping[str, Any]],
+    site_rows: Sequence[Mapping[str, Any]],
+    site_key: Ed25519PublicKey,
+    site_roster: SignedRoster | None,
+    roster: Roster,
+) -> list[Finding]:
+    """Cross-check the run's record of `site` against the hospital's own directory.
+
+    The hospital's key, its signed copy of the run's roster and its own ledger are outside the run
+    directory: a forger who rewrote the run cannot have rewritten them too.
+
+    Args:
+        site: the site's name.
+        run_rows: the run's copy of its ledger.
+        site_rows: the ledger in the site's own directory.
+        site_key: the ledger key in the site's own directory.
+        site_roster: the site's own copy of this run's roster, if it has one.
+        roster: the run's roster.
+
+    Returns:
+        Violations for every disagreement.
+    """
+    findings: list[Finding] = []
+
+    def violation(code: str, message: str) -> None:
+        findings.append(Finding(VIOLATION, code, f"{site}: {message}", site))
+
+    entry = roster.entry(site)
+    if entry is None:
+        violation("site_not_on_roster", "the site's own directory is given, but the run's roster does not "
+                  "list it")
+        return findings
+    if public_key_fingerprint(site_key) != entry.key_fingerprint:
+        violation("key_not_the_sites", "the roster names another ledger key than the one in the site's own "
+                  "directory (the run's records were re-signed with a key that is not the site's)")
+    if site_roster is None:
+        violation("roster_not_at_site", f"the site holds no copy of run {roster.run[:12]}'s roster: it never "
+                  "signed this roster")
+    elif site_roster.roster.digest != roster.digest:
+        violation("roster_differs", "the roster the site signed differs from the run's roster")
+    own = verify_chain(site_rows, site_key, site)
+    if not own.ok:
+        violation("site_copy_broken", f"the site's own ledger does not verify: {own.problems[0].message}")
+        return findings
+    held = [row.get("entry_hash") for row in run_rows]
+    theirs = [row.get("entry_hash") for row in site_rows]
+    # the site's record up to its last line of this run (its closing line, if it closed the run)
+    end = 1 + max((i for i, row in enumerate(site_rows) if row.get("run") == roster.run), default=-1)
+    if held != theirs[: len(held)]:
+        violation("differs_from_site", "the run's copy of the ledger is not the site's own ledger: lines "
+                  "were changed, inserted or reordered")
+    elif len(held) < end:
+        violation("truncated", f"the run's copy holds {len(held)} line(s), the site's own ledger "
+                  f"{end} for this run: lines were removed from the end")
+    return findings
+
+
+# --- the verdict --------------------------------------------------------------------------------
+
+
+def verdict(findings: Sequence[Finding], sites: Sequence[SiteAudit],
+            verified_against: Sequence[str], caveat: str = "") -> tuple[int, str]:
+    """The exit code and the headline: what was found, and what the records were verified against.
+
+    Args:
+        findings: everything the audit found.
+        sites: the sites audited.
+        verified_against: what vouched for the records (the roster, a pinned digest, sites' records).
+        caveat: said at the end of a passing headline, e.g. that nothing outside the run directory
+            vouches for the sites' keys.
+
+    Returns:
+        (exit code, one-line headline).
+    """
+    violations = [f for f in findings if f.severity == VIOLATION]
+    unverifiable = [f for f in findings if f.severity == UNVERIFIABLE]
+    if violations:
+        no_dp = [f for f in violations if f.code == "no_dp"]
+        if no_dp and len(no_dp) == len(violations):
+            return EXIT_VIOLATION, ("NO PRIVACY GUARANTEE: " + ", ".join(
+                f.site or "?" for f in no_dp) + " trained without differential privacy")
+        return EXIT_VIOLATION, f"FAIL: {len(violations)} violation(s): {violations[0].message}"
+    if unverifiable:
+        return EXIT_UNVERIFIABLE, (
+            f"CANNOT VERIFY: {len(unverifiable)} problem(s): {unverifiable[0].message}")
+    against = "; ".join(verified_against) if verified_against else "the keys in the directory"
+    text = (f"PASS: {len(sites)} site ledger(s) verified against {against}; every reported epsilon matches "
+            "the independent recomputation and stays within its budget")
+    return EXIT_OK, f"{text}. {caveat}" if caveat else text
+
+
+def empirical_findings(items: Sequence[Mapping[str, Any]], sites: Sequence[SiteAudit]) -> list[Finding]:
     """An empirical lower bound above the accounted epsilon proves an implementation bug."""
     by_site = {s.site: s for s in sites}
     findings = []
@@ -556,169 +677,3 @@ def check_empirical(items: Sequence[Mapping[str, Any]], sites: Sequence[SiteAudi
             ))
     return findings
 
-
-def _verdict(findings: Sequence[Finding], sites: Sequence[SiteAudit]) -> tuple[int, str]:
-    violations = [f for f in findings if f.severity == VIOLATION]
-    unverifiable = [f for f in findings if f.severity == UNVERIFIABLE]
-    if violations:
-        no_dp = [f for f in violations if f.code == "no_dp"]
-        if no_dp and len(no_dp) == len(violations):
-            return EXIT_VIOLATION, ("NO PRIVACY GUARANTEE: " + ", ".join(
-                f.site or "?" for f in no_dp) + " trained without differential privacy")
-        return EXIT_VIOLATION, f"FAIL: {len(violations)} violation(s): {violations[0].message}"
-    if unverifiable:
-        return EXIT_UNVERIFIABLE, (
-            f"CANNOT VERIFY: {len(unverifiable)} problem(s): {unverifiable[0].message}")
-    return EXIT_OK, (f"PASS: {len(sites)} site ledger(s) verified; every reported epsilon "
-                     "matches the independent recomputation and stays within its budget")
-
-
-def _audit_run(path: Path) -> AuditResult:
-    privacy = path / "privacy"
-    findings: list[Finding] = []
-    summary_sites: dict[str, Any] = {}
-    dp_declared = True
-    summary_path = privacy / "summary.json"
-    try:
-        summary = _read_json(summary_path)
-        summary_sites = dict(summary.get("sites") or {})
-        dp_declared = bool(summary.get("dp", True))
-    except FileNotFoundError:
-        findings.append(Finding(UNVERIFIABLE, "missing_summary", "privacy/summary.json is missing"))
-    except (ValueError, OSError, AttributeError) as exc:
-        findings.append(Finding(UNVERIFIABLE, "unreadable_summary",
-                                f"privacy/summary.json is unreadable: {exc}"))
-
-    ledgers = {p.name[len("ledger-"):-len(".jsonl")]: p for p in privacy.glob("ledger-*.jsonl")}
-    keys = {p.stem: p for p in (privacy / "keys").glob("*.pub")}
-    sites: list[SiteAudit] = []
-    for site in sorted(set(ledgers) | set(summary_sites) | set(keys)):
-        if site not in ledgers:
-            findings.append(Finding(UNVERIFIABLE, "missing_ledger",
-                                    f"{site}: no ledger-{site}.jsonl in privacy/", site))
-            continue
-        site_findings: list[Finding] = []
-        key_path = keys.get(site, privacy / "keys" / f"{site}.pub")
-        public_key = _load_key(key_path, site, site_findings)
-        rows = _load_rows(ledgers[site], site, site_findings)
-        if rows is None:
-            findings.extend(site_findings)
-            continue
-        audit = audit_site(site, rows, public_key, summary=summary_sites.get(site),
-                           declared_no_dp=not dp_declared,
-                           key_source=f"privacy/keys/{site}.pub (study record)")
-        if site not in summary_sites and summary_sites:
-            audit.findings.append(Finding(NOTE, "not_in_summary",
-                                          f"{site}: has a ledger but no line in summary.json", site))
-        audit.findings[:0] = [f for f in site_findings if f.code == "bad_key"]
-        if any(f.code == "bad_key" for f in site_findings):
-            audit.findings = [f for f in audit.findings if f.code != "missing_key"]
-        sites.append(audit)
-        findings.extend(audit.findings)
-
-    accuracy: list[dict[str, Any]] = []
-    metrics_path = path / "metrics.json"
-    if metrics_path.exists():
-        try:
-            accuracy = accuracy_series(_read_json(metrics_path))
-        except (ValueError, OSError, AttributeError) as exc:
-            findings.append(Finding(NOTE, "unreadable_metrics", f"metrics.json is unreadable: {exc}"))
-        last_round = {s.site: (s.rounds[-1].round if s.rounds else 0) for s in sites}
-        for site, last in last_round.items():
-            later = [a["round"] for a in accuracy if site in a["sites"] and a["round"] > last]
-            if later:
-                findings.append(Finding(NOTE, "metrics_after_ledger", f"{site}: metrics.json has "
-                                        f"results for round(s) {_rounds_text(later)} after its last "
-                                        f"ledger entry (round {last})", site))
-
-    empirical = None
-    empirical_path = privacy / "empirical_audit.json"
-    if empirical_path.exists():
-        try:
-            empirical = _empirical_items(_read_json(empirical_path))
-            findings.extend(check_empirical(empirical, sites))
-        except (ValueError, OSError) as exc:
-            findings.append(Finding(UNVERIFIABLE, "unreadable_empirical",
-                                    f"privacy/empirical_audit.json is unreadable: {exc}"))
-
-    if not ledgers:
-        findings.append(Finding(UNVERIFIABLE, "no_ledgers", "privacy/ holds no ledger-*.jsonl"))
-    exit_code, verdict = _verdict(findings, sites)
-    return AuditResult(str(path), "run", exit_code, verdict, sites, findings, dp_declared,
-                       accuracy, empirical)
-
-
-def _site_ledgers(path: Path) -> list[Path]:
-    """A site keeps one ledger per study it took part in: SITE/state/<study>/ledger.jsonl."""
-    return sorted((path / "state").glob("*/ledger.jsonl"))
-
-
-def _audit_site_dir(path: Path) -> AuditResult:
-    findings: list[Finding] = []
-    sites: list[SiteAudit] = []
-    for ledger in _site_ledgers(path):
-        study = ledger.parent.name
-        rows = _load_rows(ledger, path.name, findings)
-        if rows is None:
-            continue
-        site = str(rows[0].get("site", path.name)) if rows else path.name
-        key = _load_key(path / "keys" / "ledger_ed25519.pub", site, findings)
-        audit = audit_site(site, rows, key, declared_no_dp=False,
-                           key_source="keys/ledger_ed25519.pub (the site's own copy)")
-        audit.findings.append(Finding(NOTE, "local_key", f"{site} (study {study}): verified with the key "
-                                      "stored in the site directory; compare its fingerprint "
-                                      f"{audit.chain.key_fingerprint if audit.chain else '?'} "
-                                      "with the study record", site))
-        sites.append(audit)
-        findings.extend(audit.findings)
-    exit_code, verdict = _verdict(findings, sites)
-    return AuditResult(str(path), "site", exit_code, verdict, sites, findings)
-
-
-def audit_directory(path: Path) -> AuditResult:
-    """Audit a run directory (RUN/privacy/...) or a site directory (SITE/state/<study>/ledger.jsonl)."""
-    if (path / "privacy").is_dir():
-        return _audit_run(path)
-    if _site_ledgers(path):
-        return _audit_site_dir(path)
-    finding = Finding(UNVERIFIABLE, "not_a_run",
-                      f"{path} is neither a run directory (privacy/) nor a site directory "
-                      "(state/<study>/ledger.jsonl)")
-    return AuditResult(str(path), "unknown", EXIT_UNVERIFIABLE, f"CANNOT VERIFY: {finding.message}",
-                       [], [finding])
-
-
-def run_audit(path: Path, *, report: bool = True) -> AuditResult:
-    """Audit `path`, write audit/audit.json (and audit/report.html) inside it, return the result."""
-    path = Path(path)
-    result = audit_directory(path)
-    if path.is_dir():
-        out = path / "audit"
-        out.mkdir(exist_ok=True)
-        (out / "audit.json").write_text(
-            json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8"
-        )
-        if report:
-            from pm_common.audit_report import write_report  # matplotlib only when needed
-
-            write_report(result, out / "report.html")
-    return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m pm_common.audit RUN_OR_SITE_DIR`: print the verdict, exit with its code."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m pm_common.audit RUN_OR_SITE_DIR", file=sys.stderr)
-        return EXIT_UNVERIFIABLE
-    result = run_audit(Path(args[0]))
-    print(result.verdict)
-    for f in result.findings:
-        if f.severity != NOTE:
-            print(f"  [{f.severity}] {f.message}")
-    print(f"wrote {Path(args[0]) / 'audit' / 'audit.json'} and report.html")
-    return result.exit_code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -37,8 +37,12 @@ NOT_COVERED = (
     "site, not whether a hospital took part or its overall data distribution.",
     "Model updates are protected only through DP-SGD at each site; the coordinator's aggregation "
     "adds no privacy of its own.",
-    "A hash chain cannot by itself show that lines were removed from the end of a ledger; the "
-    "auditor compares the chain head with summary.json when it records one.",
+    "A hash chain cannot by itself show that lines were removed from the end of a ledger: each site "
+    "closes its ledger for the run at the end, and a ledger without its closing line cannot be verified "
+    "to the end except against the site's own copy (--site).",
+    "The run's roster is signed by every site on it, so no site can be removed, added or re-keyed "
+    "without breaking those signatures; that the roster's keys are the hospitals' real keys is shown "
+    "only by something outside the run directory: a pinned roster digest or a hospital's own records.",
     "The guarantee is per site: a patient whose records sit at several sites is covered by the "
     "composition of those sites' guarantees, not by one of them.",
 )
@@ -218,6 +222,9 @@ def render_report(result: AuditResult) -> str:
 <p class="muted">{escape(result.kind)} directory <code>{escape(result.path)}</code>,
 audited {escape(result.generated_at)}; exit code {result.exit_code}.</p>
 <div id="verdict" class="verdict {_verdict_class(result)}">{escape(result.verdict)}</div>
+<p><b>Verified against:</b> {escape("; ".join(result.verified_against) or "nothing")}<br>
+<b>Run:</b> <code>{escape(result.run or "—")}</code>, roster digest
+<code>{escape(result.roster_digest or "—")}</code></p>
 
 <section id="scope"><h2>What is guaranteed</h2>
 <ul>
@@ -230,7 +237,7 @@ audited {escape(result.generated_at)}; exit code {result.exit_code}.</p>
 more than {REPORTED_RTOL:.0%} below it is under-reported) and PLD (tight, value discretization
 {PLD_DISCRETIZATION:g}).</li>
 <li><b>Integrity:</b> every ledger line is signed by its site's Ed25519 key and chained by SHA-256;
-keys come from the study record.</li>
+keys come from the run's roster, which every site on it signed before round 1.</li>
 </ul></section>
 
 <section id="findings"><h2>Findings</h2>{_findings(result)}</section>

@@ -1,8 +1,15 @@
-"""The per-site privacy ledger: one JSON line per round, read by auditors' own scripts.
+"""The per-site privacy ledger: one JSON line per event, read by auditors' own scripts.
 
 The field names are a contract. `epsilon` is cumulative: the site's whole history composed,
-after this round. (noise_multiplier, sample_rate, steps) are this round's mechanism alone, so an
+after this line. (noise_multiplier, sample_rate, steps) are this line's mechanism alone, so an
 auditor can recompute every cumulative epsilon from the lines themselves.
+
+A site keeps one ledger per study; one study can run more than once (a resubmission), so every
+line names its run (`run`: the id of the run's roster, pm_common/roster.py) and the coordinator's
+attempt at it (`attempt`: 0, then one more for each restart of a crashed coordinator). A run's
+lines open with `enrolled` (the site signed the run's roster, whose digest the line carries) and
+end with `closed` (the site's last word for the run: nothing after it belongs to that run); in
+between, one `trained` or `declined` line per round the site answered.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ from typing import Any
 
 TRAINED = "trained"
 DECLINED = "declined"
+ENROLLED = "enrolled"  # the site signed the run's roster; no mechanism ran
+CLOSED = "closed"  # the site's last line for the run; no mechanism ran
+ROUND_STATUSES = (TRAINED, DECLINED)
 
 # Site status in privacy/summary.json.
 ACTIVE = "active"
@@ -46,6 +56,9 @@ class LedgerEntry:
     dp: bool = True
     reason: str = ""
     timestamp: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    run: str = ""  # the run's roster id ("" in ledgers written before runs were named)
+    attempt: int = 0  # the coordinator's attempt at the run: one more after each restart
+    roster: str = ""  # on `enrolled` lines: the digest of the roster the site signed
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
@@ -71,6 +84,8 @@ class LedgerEntry:
             raise ValueError(f"ledger entry lacks required fields {missing}: {data}")
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         known.setdefault("status", TRAINED if data["steps"] else DECLINED)
+        if not isinstance(known.get("run", ""), str) or not isinstance(known.get("attempt", 0), int):
+            raise ValueError(f"ledger entry has a malformed run or attempt: {data}")
         known.setdefault("epsilon_budget", None)
         return cls(**known)
 
@@ -105,23 +120,32 @@ def read_ledger(path: Path) -> list[LedgerEntry]:
     return entries
 
 
+def round_entries(entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
+    """The lines that answer a round (trained or declined), without enrolments and closings."""
+    return [e for e in entries if e.status in ROUND_STATUSES]
+
+
 def site_status(entries: Iterable[LedgerEntry], next_round_fits: bool | None = None) -> str:
     """Summary status of a site from its ledger (and, if known, whether another round fits)."""
-    entries = list(entries)
+    entries = round_entries(entries)
     if not entries:
         return ACTIVE
     if not entries[-1].dp:
         return NO_DP
     if entries[-1].status == DECLINED:
-        return EXHAUSTED if "budget" in entries[-1].reason else STATUS_DECLINED
+        reason = entries[-1].reason
+        return EXHAUSTED if "budget" in reason and "too low" not in reason else STATUS_DECLINED
     if next_round_fits is False:
         return EXHAUSTED
     return ACTIVE
 
 
 def summarize(entries: list[LedgerEntry], next_round_fits: bool | None = None) -> dict[str, Any]:
-    """One site's line in privacy/summary.json."""
+    """One site's line in privacy/summary.json: everything in it follows from the ledger alone
+    (and `next_round_fits`, which only sharpens `status`), so an auditor can recompute it."""
     last = entries[-1]
+    rounds = round_entries(entries)
+    last_round = rounds[-1] if rounds else last
     summary: dict[str, Any] = {
         "site": last.site,
         "epsilon": last.epsilon,
@@ -138,8 +162,8 @@ def summarize(entries: list[LedgerEntry], next_round_fits: bool | None = None) -
         summary["warning"] = NO_GUARANTEE
     elif last.epsilon is not None and last.epsilon_budget is not None:
         summary["within_budget"] = last.epsilon <= last.epsilon_budget + 1e-9
-    if last.status == DECLINED:
-        summary["reason"] = last.reason
+    if last_round.status == DECLINED:
+        summary["reason"] = last_round.reason
     return summary
 
 

@@ -21,7 +21,6 @@ SITE_NAME = "name"
 STATUS = "status"
 REASON = "reason"
 LEDGER_LINE = "ledger-line"  # the site's signed, hash-chained ledger line for the round
-LEDGER_PUBLIC_KEY = "ledger-public-key"  # PEM of the key that verifies the site's ledger
 EPSILON = "epsilon"
 
 # Secure aggregation (pm_common/secure_aggregation.py): the stage requests and replies, the
@@ -31,11 +30,27 @@ SECAGG_ACTION = "secagg"
 SECAGG_MESSAGE = f"query.{SECAGG_ACTION}"
 MASKED = "masked"
 
+# Enrolment (pm_common/roster.py): before round 1 the coordinator asks every site to declare
+# itself ("declare": name, ledger key, budget), then to sign the run's roster ("sign").
+ENROLL = "enroll"  # ConfigRecord of an enrolment request and of its reply
+ENROLL_ACTION = "enroll"
+ENROLL_MESSAGE = f"query.{ENROLL_ACTION}"
+STAGE = "stage"
+DECLARE, SIGN = "declare", "sign"
+ROSTER = "roster"  # the roster, JSON (sign request)
+ROSTER_ENTRY = "roster-entry"  # the site's own entry, JSON (declare reply)
+ROSTER_SIGNATURE = "roster-signature"  # the site's signature over the roster digest (sign reply)
+LEDGER_LINES = "ledger-lines"  # the site's whole ledger for the study, as it holds it
+CLOSE = "close"  # in the final evaluation's config: the site closes its ledger for the run
+
 # Keys of the coordinator's train config.
+RUN = "run"  # the run's id (its roster's `run`)
+ATTEMPT = "attempt"  # the coordinator's attempt at the run: 0, then one more per restart
 SERVER_ROUND = "server-round"
 NUM_ROUNDS = "num-rounds"
 STUDY_TOML = "study-toml"  # the study config as text: contract, model and training for the sites
 PROXIMAL_MU = "proximal-mu"
 PLANNED_SITES = "planned-sites"  # how many sites share the hospital-level DP noise
 NEXT_ROUND_FITS = "next-round-fits"  # whether the site's budget allows one more round
+WARNING = "warning"  # in a site's record: what the site wants the study to know (e.g. too few rows)
 FILES_SKIPPED = "files-skipped"  # unusable image files the site left out (its on_bad_file = "skip")

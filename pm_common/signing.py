@@ -125,6 +125,48 @@ def public_key_fingerprint(pub: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+def public_key_text(pub: Ed25519PublicKey) -> str:
+    """The raw 32-byte public key as base64: how a roster names a site's ledger key."""
+    raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def public_key_from_text(text: str) -> Ed25519PublicKey:
+    """`public_key_text`'s inverse.
+
+    Raises:
+        ValueError: the text is not the base64 of a 32-byte Ed25519 public key.
+    """
+    try:
+        raw = base64.b64decode(text, validate=True)
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not an Ed25519 public key: {exc}") from None
+
+
+def sign_statement(key: Ed25519PrivateKey, domain: bytes, payload: bytes) -> str:
+    """Sign `payload` under a domain tag (so that no signature can be replayed as another kind).
+
+    Args:
+        key: the site's ledger key.
+        domain: a tag naming what is signed, e.g. b"pmfl-roster-v1\n".
+        payload: the bytes signed after the tag.
+
+    Returns:
+        The Ed25519 signature, base64.
+    """
+    return base64.b64encode(key.sign(domain + payload)).decode("ascii")
+
+
+def statement_valid(public_key: Ed25519PublicKey, domain: bytes, payload: bytes, signature: str) -> bool:
+    """Whether `signature` (base64) is `public_key`'s signature of `payload` under `domain`."""
+    try:
+        public_key.verify(base64.b64decode(signature, validate=True), domain + payload)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
 # --- signing ----------------------------------------------------------------------------------
 
 
@@ -201,6 +243,28 @@ def append_signed(path: Path, entry: Mapping[str, Any], key: Ed25519PrivateKey) 
 
 
 # --- verification -----------------------------------------------------------------------------
+
+
+def entry_slot(entry: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What may appear once in a ledger: one enrolment and one closing per run of the study, one
+    answer per (run, round, attempt). `attempt` numbers a coordinator's restarts of the same run, so
+    a round re-run after a crash is a new slot while a replayed line is not. Ledgers written before
+    runs were named have neither field: their slot is the round alone, as it always was."""
+    status = entry.get("status")
+    run, attempt = entry.get("run", ""), entry.get("attempt", 0)
+    if status in ("enrolled", "closed"):
+        return (status, run)
+    return ("round", run, entry.get("round"), attempt)
+
+
+def describe_slot(slot: tuple[Any, ...]) -> str:
+    """`entry_slot` in words, for a finding."""
+    if slot[0] != "round":
+        return f"the {slot[0]} line of run {str(slot[1])[:12] or '(unnamed)'}"
+    _, run, rnd, attempt = slot
+    if not run:
+        return f"round {rnd}"
+    return f"round {rnd} of run {str(run)[:12]} (attempt {attempt})"
 
 
 @dataclass(frozen=True)
@@ -310,15 +374,15 @@ def verify_chain(
             ))
         else:
             seen_hashes[stored_hash] = line
-            rnd = entry.get("round")
-            if rnd in seen_rounds:
+            slot = entry_slot(entry)
+            if slot in seen_rounds:
                 problems.append(ChainProblem(
                     line, REPLAYED_ROUND,
-                    f"line {line}: round {rnd} already recorded at line {seen_rounds[rnd]} "
+                    f"line {line}: {describe_slot(slot)} already recorded at line {seen_rounds[slot]} "
                     f"(replayed round)",
                 ))
             else:
-                seen_rounds[rnd] = line
+                seen_rounds[slot] = line
 
         if expected_site is not None and entry.get("site") != expected_site:
             problems.append(ChainProblem(

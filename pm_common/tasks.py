@@ -47,6 +47,21 @@ class Task(Protocol):
 
     def describe_model(self, study: StudyConfig) -> dict[str, Any]: ...
 
+    def unlearnable(self, train_y: torch.Tensor) -> str: ...
+
+
+def single_class_reason(train_y: torch.Tensor) -> str:
+    """Why a classifier cannot learn from these labels ('' if it can): all of one class."""
+    if len(train_y) == 0:
+        return "cannot learn: the site has no training rows"
+    classes = torch.unique(train_y)
+    if len(classes) < 2:
+        return (
+            f"cannot learn: all {len(train_y)} training rows have the same label, so they teach the model "
+            "nothing about telling the classes apart"
+        )
+    return ""
+
 
 class TabularTask:
     """Binary risk prediction from a validated table (the data contract)."""
@@ -61,6 +76,9 @@ class TabularTask:
 
     def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         return binary_metrics(logits, labels)
+
+    def unlearnable(self, train_y: torch.Tensor) -> str:
+        return single_class_reason(train_y)
 
     def load_site(self, spec: SiteSpec, study: StudyConfig) -> SiteTensors:
         from pm_common.tabular import load_site_table, split_train_test
@@ -111,6 +129,9 @@ class ImageTask:
 
     def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         return multiclass_metrics(logits, labels)
+
+    def unlearnable(self, train_y: torch.Tensor) -> str:
+        return single_class_reason(train_y)
 
     def load_site(self, spec: SiteSpec, study: StudyConfig) -> SiteTensors:
         from pm_common.imaging import load_image_site

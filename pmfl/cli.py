@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from client.cli import site_app
@@ -216,30 +217,39 @@ def simulate(
 @app.command()
 def audit(
     path: Annotated[Path, typer.Argument(help="a run directory (or a hospital's site directory)")],
+    roster: Annotated[str | None, typer.Option(
+        "--roster", help="the run's roster digest as you got it out of band (e.g. from a hospital's "
+        "`pmfl site status`): the run must be that roster's")] = None,
+    site: Annotated[list[Path] | None, typer.Option(
+        "--site", help="a hospital's own site directory to cross-check the run with (repeat)")] = None,
 ) -> None:
-    """Verify every ledger's signatures and hash chain, recompute each site's epsilon independently
-    (Google's dp-accounting, RDP and PLD) and check it against the site's budget.
+    """Verify every ledger's signatures and hash chain against the run's roster, recompute each
+    site's epsilon independently (Google's dp-accounting, RDP and PLD) and check it against the
+    site's budget.
 
     Writes audit/audit.json and audit/report.html. Exit 0: verified and compliant; 1: a violation;
-    2: something could not be verified.
+    2: something could not be verified. The verdict says what the records were verified against.
     """
-    from pm_common.audit import NOTE, run_audit
+    from pm_common.audit import NOTE
+    from pm_common.audit_run import run_audit
 
-    result = run_audit(path)
+    result = run_audit(path, roster_digest=roster, site_dirs=tuple(site or ()))
     colour = {0: "green", 1: "red"}.get(result.exit_code, "yellow")
-    console.print(f"[bold {colour}]{result.verdict}")
+    console.print(f"[bold {colour}]{escape(result.verdict)}")
     for finding in result.findings:
         if finding.severity != NOTE:
-            console.print(f"  [{finding.severity}] {finding.message}")
+            console.print(f"  [{finding.severity}] {escape(finding.message)}")
     table = Table(title="Per-site privacy (cumulative over all rounds)")
     for column in ("site", "reported ε", "recomputed ε (RDP)", "tight ε (PLD)", "budget", "δ", "verdict"):
         table.add_column(column)
     for s in result.sites:
         delta = "-" if s.delta is None else f"{s.delta:g}"
-        table.add_row(s.site, _fmt(s.reported_epsilon), _fmt(s.rdp_epsilon), _fmt(s.pld_epsilon),
+        table.add_row(escape(s.site), _fmt(s.reported_epsilon), _fmt(s.rdp_epsilon), _fmt(s.pld_epsilon),
                       _fmt(s.epsilon_budget, 2), delta, s.verdict)
     if result.sites:
         console.print(table)
+    if result.roster_digest:
+        console.print(f"run {result.run}, roster digest {result.roster_digest}")
     console.print(f"report: {path / 'audit' / 'report.html'}  json: {path / 'audit' / 'audit.json'}")
     raise typer.Exit(result.exit_code)
 

@@ -28,6 +28,7 @@ from pm_common import protocol as p
 from pm_common import wire
 from pm_common.config import StudyConfig, load_study, study_text_for_sites
 from pm_common.tasks import task_of
+from server.enrollment import EnrolledGrid, enroll_sites, load_signed_roster
 from server.grid import PollingGrid
 from server.recorder import ProgressCallback, RunRecorder
 from server.resume import RESUME_ENV, resume_study, strategy_state
@@ -61,11 +62,18 @@ def resolve_run(run_config: Mapping[str, object]) -> tuple[Path, Path]:
     return Path(study), Path(run_dir)
 
 
-def train_config(study: StudyConfig, study_text: str, planned_sites: int) -> ConfigRecord:
-    """What every site receives with the model: the study (contract, model, training) and round plan."""
-    return ConfigRecord(
-        {p.NUM_ROUNDS: study.rounds, p.STUDY_TOML: study_text, p.PLANNED_SITES: planned_sites}
-    )
+def train_config(
+    study: StudyConfig, study_text: str, planned_sites: int, run: str, attempt: int
+) -> ConfigRecord:
+    """What every site receives with the model: the study (contract, model, training), the round
+    plan, and the run and attempt its ledger line records."""
+    return ConfigRecord({
+        p.NUM_ROUNDS: study.rounds,
+        p.STUDY_TOML: study_text,
+        p.PLANNED_SITES: planned_sites,
+        p.RUN: run,
+        p.ATTEMPT: attempt,
+    })
 
 
 def wait_for_sites(grid: Grid, expected: int, timeout: float) -> int:
@@ -90,7 +98,7 @@ def run_study(
     expected_sites: int = 0,
     resume: bool = False,
 ) -> dict:
-    """Run all rounds of `study` over the sites connected to `grid`; returns metrics.json's content.
+    """Enrol the sites connected to `grid` and run all rounds of `study`; returns metrics.json's content.
 
     `expected_sites` (deployment only; 0 means [strategy] min_sites) is how many sites to wait for
     before round 1. `resume`: continue the run in `run_dir` from its last checkpoint (server/resume.py).
@@ -99,19 +107,23 @@ def run_study(
     task = task_of(study)
     model = task.build_model(study, study.seed)
     meta = {"study": study.name, "task": task.name, **task.describe_model(study)}
+    if not resume and load_signed_roster(run_dir) is not None:
+        raise ValueError(f"{run_dir} already holds a run: resume it, or choose another run directory")
     recorder = RunRecorder(run_dir, study, meta, on_round=_progress)
-    if study.sites:  # simulation: every declared site, every round
-        num_sites = len(study.sites)
-    else:  # deployment: start with every expected site, go on while min_sites remain
+    attempt = recorder.begin_attempt()
+    if not study.sites:  # deployment: sites connect at their own pace
         wait_for_sites(grid, expected_sites or study.strategy.min_sites, round_timeout)
-        num_sites = study.strategy.min_sites
+    enrolled = enroll_sites(grid, study, study_text, recorder, attempt, round_timeout)
+    grid = EnrolledGrid(grid, enrolled.nodes)
+    # simulation: every enrolled site, every round; deployment: go on while min_sites remain
+    num_sites = len(enrolled.nodes) if study.sites else min(study.strategy.min_sites, len(enrolled.nodes))
     inner = build_strategy(study.strategy, num_sites)
     strategy = SiteReportingStrategy(
         inner,
         recorder,
         min_sites=study.strategy.min_sites,
         max_update_norm=study.strategy.max_update_norm,
-        round_offset=resume_study(run_dir, model, inner, recorder) if resume else 0,
+        round_offset=resume_study(run_dir, enrolled.roster.run, model, inner, recorder) if resume else 0,
         secure=(
             SecureAggregation(study.secure_aggregation, recorder.record_failure)
             if study.secure_aggregation.enabled
@@ -130,11 +142,11 @@ def run_study(
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=study.rounds,
         timeout=round_timeout,
-        train_config=train_config(study, study_text, num_sites),
+        train_config=train_config(study, study_text, num_sites, enrolled.roster.run, attempt),
         evaluate_fn=checkpoint,
     )
     final = result.arrays if result.arrays else ArrayRecord(model.state_dict())
-    _final_evaluation(grid, final, study, study_text, recorder, round_timeout)
+    _final_evaluation(grid, final, study, study_text, recorder, round_timeout, enrolled.roster.run, attempt)
     metrics = recorder.finish(final.to_torch_state_dict())
     log.info(
         "study %s finished in %.1fs; results in %s",
@@ -152,9 +164,19 @@ def _final_evaluation(
     study_text: str,
     recorder: RunRecorder,
     timeout: float,
+    run: str,
+    attempt: int,
 ) -> None:
-    """Every site evaluates the final model on its own test rows (training rounds carried the rest)."""
-    content = model_content(arrays, ConfigRecord({p.SERVER_ROUND: study.rounds, p.STUDY_TOML: study_text}))
+    """Every site evaluates the final model on its own test rows (training rounds carried the rest)
+    and closes its ledger for the run; the run's copies are completed from the sites' ledgers."""
+    config = ConfigRecord({
+        p.SERVER_ROUND: study.rounds,
+        p.STUDY_TOML: study_text,
+        p.RUN: run,
+        p.ATTEMPT: attempt,
+        p.CLOSE: True,
+    })
+    content = model_content(arrays, config)
     messages = [
         Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
         for node in grid.get_node_ids()
@@ -166,6 +188,9 @@ def _final_evaluation(
             recorder.record_failure(study.rounds, f"final evaluation: node {node}: {reply.error.reason}")
             continue
         site = str(reply.content[p.SITE][p.SITE_NAME])
+        lines = reply.content[p.SITE].get(p.LEDGER_LINES)
+        if lines:
+            recorder.reconcile_ledger(site, [str(line) for line in lines])
         metrics = reply.content.metric_records.get(p.TRAIN_METRICS)
         evaluation = wire.split_metrics(metrics)[1] if metrics is not None else None
         if evaluation is not None:

@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from pm_common.config import StudyConfig, write_study
 from pm_common.hospital_dp import hospital_epsilon
 from pm_common.ledger import DECLINED, TRAINED, LedgerEntry, append_line, ledger_path, read_ledger, summarize
 from pm_common.metrics import mean_over_sites
-from pm_common.signing import chain_head, public_key_fingerprint, public_key_from_pem, read_raw_ledger
+from pm_common.roster import SignedRoster
+from pm_common.signing import chain_head, public_key_pem, read_raw_ledger, verify_chain
 
 
 @dataclass
@@ -34,6 +36,7 @@ class SiteRound:
     epsilon: float | None = None
     rejected: str = ""
     files_skipped: int = 0  # unusable image files the site left out of its data (its setting)
+    warning: str = ""  # what the site wants the study to know (e.g. too few rows to learn)
 
 
 @dataclass
@@ -59,10 +62,17 @@ UPDATES_DIR = "empirical"  # under privacy/: global-NNNN.npz (model sent), updat
 
 
 def _write_json(path: Path, data: Any) -> None:
+    _write_text(path, json.dumps(data, indent=2, allow_nan=False))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Replace `path` atomically (and durably): a crash leaves the old file or the new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, allow_nan=False)
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -78,6 +88,7 @@ class RunRecorder:
     left_out: dict[int, list[str]] = field(default_factory=dict)  # valid updates a robust rule skipped
     next_round_fits: dict[str, bool] = field(default_factory=dict)
     record_updates_of: str = field(default_factory=lambda: os.environ.get(RECORD_UPDATES_ENV, ""))
+    roster: SignedRoster | None = None
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -101,16 +112,53 @@ class RunRecorder:
             self.next_round_fits[report.site] = next_round_fits
         self.participation.setdefault(server_round, []).append(report)
 
-    def record_site_key(self, server_round: int, site: str, pem: str) -> None:
-        """Keep each site's ledger key as first seen: the study record auditors verify against."""
-        path = self.privacy_dir / "keys" / f"{site}.pub"
-        if not path.exists():
-            public_key_from_pem(pem.encode(), f"{site}'s ledger key")  # refuse garbage early
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(pem, encoding="utf-8")
-        elif path.read_text(encoding="utf-8") != pem:
-            self.record_failure(server_round, f"{site} sent a different ledger key than at its first round; "
-                                "keeping the first (the audit will flag lines signed by another key)")
+    def record_roster(self, signed: SignedRoster) -> None:
+        """Keep the run's signed roster (`privacy/roster.json`) and each site's ledger key from it
+        (`privacy/keys/<site>.pub`, for tools that read PEM): the record auditors verify against."""
+        self.roster = signed
+        _write_text(self.privacy_dir / "roster.json", signed.to_json() + "\n")
+        for entry in signed.roster.sites:
+            pem = public_key_pem(entry.public_key()).decode()
+            _write_text(self.privacy_dir / "keys" / f"{entry.site}.pub", pem)
+
+    def begin_attempt(self) -> int:
+        """Count this start of the coordinator on the run: 0 for the first, one more per restart.
+
+        Sites record the attempt on every line, so a round re-run after a crash is told apart from a
+        replayed one (`attempts.json` in the run directory lists each start)."""
+        path = self.run_dir / "attempts.json"
+        starts = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+        starts.append({"attempt": len(starts), "started": datetime.now(UTC).isoformat(timespec="seconds")})
+        _write_json(path, starts)
+        return len(starts) - 1
+
+    def reconcile_ledger(self, site: str, lines: list[str]) -> None:
+        """Make the run's copy of `site`'s ledger the site's own, when that verifies and holds every
+        line the copy holds; otherwise keep the copy and record why (the audit will show it).
+
+        Why: the coordinator appends each line as a reply arrives, so a coordinator that died
+        between a site's training and the reply lost that line from its copy, though the spend
+        happened. The site's own ledger is complete."""
+        entry = self.roster.roster.entry(site) if self.roster else None
+        if entry is None or not lines:
+            return
+        try:
+            rows = [json.loads(line) for line in lines]
+        except ValueError:
+            self.record_failure(0, f"{site} sent a ledger that is not JSON lines; the run's copy is kept")
+            return
+        check = verify_chain(rows, entry.public_key(), site)
+        path = ledger_path(self.privacy_dir, site)
+        held = read_raw_ledger(path) if path.exists() else []
+        hashes = {row.get("entry_hash") for row in rows}
+        if not check.ok:
+            problem = check.problems[0].message
+            self.record_failure(0, f"{site} sent a ledger that does not verify ({problem}); copy kept")
+        elif any(row.get("entry_hash") not in hashes for row in held):
+            self.record_failure(0, f"the run's copy of {site}'s ledger holds lines the site's own ledger "
+                                "does not; the copy is kept")
+        elif len(rows) > len(held):
+            _write_text(path, "".join(line.rstrip("\n") + "\n" for line in lines))
 
     def record_sent(self, server_round: int, arrays: Any) -> None:
         """Empirical audit only: keep the global model (an ArrayRecord) sent for this round."""
@@ -167,10 +215,11 @@ class RunRecorder:
             reports += [SiteRound(site, DECLINED, reason) for site, reason in item["declined"].items()]
             for report in reports:
                 report.files_skipped = int(item.get("files_skipped", {}).get(report.site, 0))
+                report.warning = str(item.get("warnings", {}).get(report.site, ""))
             if reports:
                 self.participation[r] = reports
-            if item["failures"]:
-                self.failures[r] = list(item["failures"])
+            if item["failures"]:  # before what this start recorded already (its enrolment)
+                self.failures[r] = [*item["failures"], *self.failures.get(r, [])]
             if item.get("left_out"):
                 self.left_out[r] = list(item["left_out"])
 
@@ -232,6 +281,7 @@ class RunRecorder:
                     "failures": self.failures.get(r, []),
                     "left_out": self.left_out.get(r, []),
                     "files_skipped": {s.site: s.files_skipped for s in reports if s.files_skipped},
+                    "warnings": {s.site: s.warning for s in reports if s.warning},
                 }
             )
         metrics = {
@@ -258,12 +308,13 @@ class RunRecorder:
                 site = entries[-1].site
                 sites[site] = summarize(entries, self.next_round_fits.get(site))
                 sites[site]["chain_head"] = chain_head(read_raw_ledger(path))
-                key = self.privacy_dir / "keys" / f"{site}.pub"
-                if key.exists():
-                    sites[site]["key_fingerprint"] = public_key_fingerprint(
-                        public_key_from_pem(key.read_bytes(), str(key)))
+                entry = self.roster.roster.entry(site) if self.roster else None
+                if entry is not None:
+                    sites[site]["key_fingerprint"] = entry.key_fingerprint
         summary = {
             "study": self.study.name,
+            "run": self.roster.roster.run if self.roster else None,
+            "roster_digest": self.roster.roster.digest if self.roster else None,
             "privacy_unit": "one patient record at one site (sample-level DP-SGD)",
             "epsilon_is": "cumulative over every round the site ran, composed by the site's accountant",
             "dp": all(s["dp"] for s in sites.values()) if sites else self.study.privacy.dp,

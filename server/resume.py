@@ -21,7 +21,7 @@ import torch
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from pm_common.ledger import LedgerEntry, read_ledger
+from pm_common.ledger import ROUND_STATUSES, LedgerEntry, read_ledger
 from server.recorder import RunRecorder, SiteRound
 
 log = logging.getLogger("pmfl.server")
@@ -47,11 +47,15 @@ class ResumePoint:
         return max([self.checkpoint_round, *self.lost])
 
 
-def lost_rounds(checkpoint_round: int, entries: list[LedgerEntry]) -> dict[int, list[LedgerEntry]]:
-    """Ledger entries of rounds after the checkpoint: spend that happened, in rounds that left no model."""
+def lost_rounds(checkpoint_round: int, entries: list[LedgerEntry], run: str) -> dict[int, list[LedgerEntry]]:
+    """Round lines of `run` after the checkpoint: spend that happened, in rounds that left no model.
+
+    The ledgers were completed from the sites' own at enrolment, so a round the coordinator never
+    recorded before it died is here too. Lines of other runs of the study (a site's ledger covers
+    every run it took part in) are not this run's rounds."""
     lost: dict[int, list[LedgerEntry]] = {}
     for entry in entries:
-        if entry.round > checkpoint_round:
+        if entry.run == run and entry.status in ROUND_STATUSES and entry.round > checkpoint_round:
             lost.setdefault(entry.round, []).append(entry)
     return dict(sorted(lost.items()))
 
@@ -65,8 +69,8 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return rounds[max(rounds)] if rounds else None
 
 
-def load_resume_point(run_dir: Path) -> ResumePoint:
-    """The last checkpoint and the collected ledgers' rounds after it."""
+def load_resume_point(run_dir: Path, run: str) -> ResumePoint:
+    """The last checkpoint and the collected ledgers' rounds of `run` after it."""
     run_dir = Path(run_dir)
     path = last_checkpoint(run_dir)
     saved = torch.load(path, weights_only=True) if path else {"round": 0}
@@ -76,7 +80,7 @@ def load_resume_point(run_dir: Path) -> ResumePoint:
         checkpoint_round=int(saved["round"]),
         state_dict=saved.get("state_dict"),
         strategy_state=saved.get("strategy_state", {}),
-        lost=lost_rounds(int(saved["round"]), entries),
+        lost=lost_rounds(int(saved["round"]), entries, run),
     )
 
 
@@ -103,10 +107,12 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
         setattr(strategy, _MOMENTUM, [v.numpy() for v in state[_MOMENTUM]])
 
 
-def resume_study(run_dir: Path, model: nn.Module, strategy: Strategy, recorder: RunRecorder) -> int:
+def resume_study(
+    run_dir: Path, run: str, model: nn.Module, strategy: Strategy, recorder: RunRecorder
+) -> int:
     """Load the run's last checkpoint into `model` and `strategy`, restore `recorder`'s record and
     note the lost rounds; returns the round offset the wrapper strategy must apply."""
-    point = load_resume_point(run_dir)
+    point = load_resume_point(run_dir, run)
     if point.state_dict is not None:
         model.load_state_dict(point.state_dict)
     restore_strategy_state(strategy, point.strategy_state)

@@ -273,6 +273,7 @@ class SiteReportingStrategy(Strategy):
             str(site_record.get(p.REASON, "")),
             epsilon,
             files_skipped=int(site_record.get(p.FILES_SKIPPED, 0)),
+            warning=str(site_record.get(p.WARNING, "")),
         )
         metrics = content.metric_records.get(p.TRAIN_METRICS)
         train, evaluation = wire.split_metrics(metrics) if metrics is not None else ({}, None)
@@ -316,9 +317,6 @@ class SiteReportingStrategy(Strategy):
                 self.recorder.record_update(server_round, site, record)  # likewise
         elif report.status == DECLINED:
             log.info("round %d: %s declined: %s", server_round, site, report.reason)
-        public_key = site_record.get(p.LEDGER_PUBLIC_KEY)
-        if public_key:
-            self.recorder.record_site_key(server_round, site, str(public_key))
         fits = site_record.get(p.NEXT_ROUND_FITS)
         self.recorder.record_site_round(
             server_round, report, ledger_line, None if fits is None else bool(fits)

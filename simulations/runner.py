@@ -1,9 +1,13 @@
 """Run a study as a local federation in Flower's Simulation Engine, with the real apps.
 
 The ServerApp and ClientApp are the same objects a deployment runs; this module only prepares
-the run directory, checks every site's data up front and starts the engine. Around the real
-ClientApp it adds two simulation-only mods: durable site state (so a run can be resumed) and the
-study's poisoned sites, if any ([simulation] attacks).
+the run directory, checks every site's data up front and starts the engine. Each simulated
+hospital keeps its records (privacy state, signed ledger, ledger key, its copies of the run's
+rosters) in a directory of its own, laid out as a deployed site's: `RUN/simulated-sites/<site>/`.
+They stand for what each hospital keeps on its own disks: an auditor can check the run against
+them (`pmfl audit RUN --site RUN/simulated-sites/<site>`), and a resumed run finds them again.
+Around the real ClientApp the runner adds one simulation-only mod: the study's poisoned sites, if
+any ([simulation] attacks).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from client.app import app as client_app
+from client.site import SITES_DIR_ENV
 from pm_common import protocol as p
 from pm_common.config import StudyConfig, write_study
 from pm_common.tasks import SiteTensors, task_of
@@ -34,7 +39,8 @@ from server.app import app as server_app
 from server.recorder import ProgressCallback
 from server.resume import RESUME_ENV
 from simulations.attacks import attack_mod, study_attacks
-from simulations.site_state import STATE_DIR, site_state_mod
+
+SITES_DIR = "simulated-sites"  # under the run directory: one directory per simulated hospital
 
 
 class SimulationError(RuntimeError):
@@ -53,10 +59,9 @@ def check_sites(study: StudyConfig) -> dict[str, SiteTensors]:
     return {site.name: task.load_site(site, study) for site in study.sites}
 
 
-def simulated_client_app(study: StudyConfig, run_dir: Path) -> ClientApp:
-    """The real hospital ClientApp, wrapped in the simulation-only mods (outermost first)."""
-    attacks = attack_mod(study_attacks(study), [s.name for s in study.sites])
-    app = ClientApp(mods=[site_state_mod(run_dir / STATE_DIR), attacks])
+def simulated_client_app(study: StudyConfig) -> ClientApp:
+    """The real hospital ClientApp, wrapped in the simulation-only attack mod."""
+    app = ClientApp(mods=[attack_mod(study_attacks(study), [s.name for s in study.sites])])
 
     def hospital(msg: Message, context: Context) -> Message:
         return client_app(msg, context)
@@ -64,6 +69,7 @@ def simulated_client_app(study: StudyConfig, run_dir: Path) -> ClientApp:
     app.train()(hospital)
     app.evaluate()(hospital)
     app.query(p.SECAGG_ACTION)(hospital)
+    app.query(p.ENROLL_ACTION)(hospital)
     return app
 
 
@@ -82,9 +88,9 @@ def prepare_run_dir(out_dir: Path, overwrite: bool, resume: bool = False) -> Pat
             "(appending to another run's ledgers would corrupt them)"
         )
     if overwrite:  # nothing of the earlier run may leak into this one: ledgers, keys, states
-        for earlier in ("privacy", "checkpoints", "audit", STATE_DIR):
+        for earlier in ("privacy", "checkpoints", "audit", SITES_DIR):
             shutil.rmtree(out_dir / earlier, ignore_errors=True)
-        for name in ("metrics.json", "model.pt"):
+        for name in ("metrics.json", "model.pt", "attempts.json"):
             (out_dir / name).unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
@@ -109,9 +115,14 @@ def simulate(
     run_dir = prepare_run_dir(out_dir, overwrite, resume)
     config_path = run_dir / "config.toml"
     write_study(study, config_path)
-    os.environ[STUDY_ENV] = str(config_path)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    os.environ[RESUME_ENV] = "1" if resume else "0"
+    channel = {
+        STUDY_ENV: str(config_path),
+        RUN_DIR_ENV: str(run_dir),
+        SITES_DIR_ENV: str(run_dir / SITES_DIR),
+        RESUME_ENV: "1" if resume else "0",
+    }
+    earlier = {key: os.environ.get(key) for key in channel}
+    os.environ.update(channel)
     set_progress_callback(progress)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -119,7 +130,7 @@ def simulate(
     try:
         run_simulation(
             server_app=server_app,
-            client_app=simulated_client_app(study, run_dir),
+            client_app=simulated_client_app(study),
             num_supernodes=len(study.sites),
             backend_config={
                 # One CPU per site: Ray then runs min(cores, sites) sites at once, each on one
@@ -131,6 +142,11 @@ def simulate(
         )
     finally:
         set_progress_callback(None)
+        for key, value in earlier.items():  # nothing of this run leaks into what the process does next
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     metrics_path = run_dir / "metrics.json"
     if not (run_dir / "model.pt").exists() or not metrics_path.exists():
         raise SimulationError(

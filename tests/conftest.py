@@ -7,7 +7,9 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-from collections.abc import Iterator
+import json
+import secrets
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from pm_common import protocol as p
 from pm_common import wire
 from pm_common.config import StudyConfig, load_study, study_from_dict, study_text_for_sites, write_study
 from pm_common.models import build_tabular_model
+from pm_common.roster import Roster, RosterEntry, study_digest
 from simulations.scenarios import scenario_path
 
 HEART = scenario_path("heart-disease")
@@ -43,7 +46,16 @@ def heart_study(
     return path, study
 
 
-def train_message(study: StudyConfig, server_round: int, arrays: ArrayRecord | None = None) -> Message:
+def train_message(
+    study: StudyConfig,
+    server_round: int,
+    arrays: ArrayRecord | None = None,
+    run: str = "",
+    attempt: int = 0,
+    message_type: str = MessageType.TRAIN,
+    **config: Any,
+) -> Message:
+    """A coordinator's training (or, with `message_type`, evaluation) message for `run`."""
     if arrays is None:
         model = build_tabular_model(study.model.name, study.contract.num_inputs, study.model.hidden)
         arrays = ArrayRecord(model.state_dict())
@@ -55,11 +67,51 @@ def train_message(study: StudyConfig, server_round: int, arrays: ArrayRecord | N
                     p.SERVER_ROUND: server_round,
                     p.NUM_ROUNDS: study.rounds,
                     p.STUDY_TOML: study_text_for_sites(study),
+                    p.RUN: run,
+                    p.ATTEMPT: attempt,
+                    **config,
                 }
             ),
         }
     )
-    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+    return Message(content, dst_node_id=1, message_type=message_type)
+
+
+def enroll_message(study: StudyConfig, run: str, stage: str, roster: Roster | None = None) -> Message:
+    config: dict[str, Any] = {
+        p.STAGE: stage,
+        p.RUN: run,
+        p.ATTEMPT: 0,
+        p.STUDY_TOML: study_text_for_sites(study),
+        p.NUM_ROUNDS: study.rounds,
+    }
+    if roster is not None:
+        config[p.ROSTER] = json.dumps(roster.to_dict())
+    return Message(RecordDict({p.CONFIG: ConfigRecord(config)}), dst_node_id=1, message_type=p.ENROLL_MESSAGE)
+
+
+def enroll(study: StudyConfig, contexts: Sequence[Context], run: str | None = None) -> Roster:
+    """Play the coordinator's enrolment with these sites: each declares itself, then signs the roster."""
+    from client.app import app as client_app
+
+    run = run or secrets.token_hex(16)
+    entries = []
+    for context in contexts:
+        reply = client_app(enroll_message(study, run, p.DECLARE), context)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        entries.append(RosterEntry.from_dict(json.loads(str(reply.content[p.ENROLL][p.ROSTER_ENTRY]))))
+    roster = Roster(
+        study=study.name,
+        run=run,
+        rounds=study.rounds,
+        study_digest=study_digest(study_text_for_sites(study)),
+        created="2026-12-02T00:00:00+00:00",
+        sites=tuple(sorted(entries, key=lambda e: e.site)),
+    )
+    for context in contexts:
+        reply = client_app(enroll_message(study, run, p.SIGN, roster), context)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    return roster
 
 
 def site_context(study_path: Path, partition: int = 0, site_dir: Path | None = None) -> Context:

@@ -17,22 +17,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-from pm_common.audit import (
-    EXIT_OK,
-    EXIT_UNVERIFIABLE,
-    EXIT_VIOLATION,
-    audit_site,
-    pld_epsilons,
-    rdp_epsilon,
-    rdp_epsilons,
-    run_audit,
-)
+from pm_common.audit import EXIT_OK, EXIT_UNVERIFIABLE, EXIT_VIOLATION, audit_site
+from pm_common.audit_run import run_audit
 from pm_common.empirical_audit import epsilon_lower_bound
-from pm_common.ledger import DECLINED, TRAINED, LedgerEntry, append_line, summarize
-from pm_common.privacy import check_next_round, cumulative_epsilon, plan_study
+from pm_common.ledger import CLOSED, DECLINED, ENROLLED, TRAINED, LedgerEntry, append_line, summarize
+from pm_common.privacy import check_next_round, cumulative_epsilon, opacus_epsilon, plan_study
+from pm_common.reference_accounting import pld_epsilons, rdp_epsilon, rdp_epsilons
+from pm_common.roster import Roster, RosterEntry, SignedRoster, sign_roster
 from pm_common.signing import (
     chain_head,
     generate_signing_key,
+    public_key_fingerprint,
+    public_key_text,
     save_private_key,
     save_public_key,
     sign_entry,
@@ -101,7 +97,7 @@ def test_huge_epsilon_where_dp_accounting_drops_orders_is_not_a_false_alarm() ->
     history = [(0.6, 0.5, 60)] * 3
     rdp, grid_limited = rdp_epsilons(history, 1e-5)
     with memoized_opacus():
-        opacus = [cumulative_epsilon(history[:k], 1e-5) for k in (1, 2, 3)]
+        opacus = [opacus_epsilon(history[:k], 1e-5) for k in (1, 2, 3)]
     assert grid_limited and rdp[-1] > opacus[-1] * 1.05  # looser than Opacus here
     assert pld_epsilons(history, 1e-5)[-1] <= opacus[-1]
     rows = sign_all([LedgerEntry(site="site-a", round=k, status=TRAINED, noise_multiplier=0.6,
@@ -202,22 +198,62 @@ def sign_all(entries: list[LedgerEntry], key) -> list[dict[str, Any]]:
     return rows
 
 
+RUN_ID = "0123456789abcdef0123456789abcdef"
+
+
+def synthetic_roster(ledgers: dict[str, list[LedgerEntry]], run: str = RUN_ID) -> Roster:
+    """The roster the sites of `ledgers` would have declared and signed."""
+    entries = []
+    for site, lines in ledgers.items():
+        pub = site_keys()[site].public_key()
+        first = lines[0]
+        entries.append(RosterEntry(
+            site=site, ledger_key=public_key_text(pub), key_fingerprint=public_key_fingerprint(pub),
+            dp=first.dp, epsilon_budget=first.epsilon_budget, delta=first.delta,
+            accountant=first.accountant, max_rounds=None,
+        ))
+    return Roster(study="synthetic", run=run, rounds=max(len(v) for v in ledgers.values()),
+                  study_digest="0" * 64, created="2026-11-26T10:00:00+00:00",
+                  sites=tuple(sorted(entries, key=lambda e: e.site)))
+
+
+def in_run(entries: list[LedgerEntry], roster: Roster, closed: bool = True) -> list[LedgerEntry]:
+    """A site's round lines as one run's ledger: its enrolment first, its closing last."""
+    first, last = entries[0], entries[-1]
+    enrolled = replace(first, round=0, status=ENROLLED, steps=0, epsilon=0.0 if first.dp else None,
+                       reason="", roster=roster.digest)
+    lines = [enrolled, *entries]
+    if closed:
+        lines.append(replace(last, status=CLOSED, steps=0, reason=""))
+    return [replace(e, run=roster.run) for e in lines]
+
+
 def write_run(run: Path, ledgers: dict[str, list[LedgerEntry]], *, dp: bool = True,
               rows_override: dict[str, list[dict[str, Any]]] | None = None,
-              skip_keys: tuple[str, ...] = ()) -> Path:
-    """A run directory as the coordinator writes it, with ledgers signed by the sites' keys."""
+              skip_keys: tuple[str, ...] = (), roster: bool = True) -> Path:
+    """A run directory as the coordinator writes it: the roster signed by every site, ledgers
+    signed by the sites' keys (each run's lines enrolled and closed), summary and metrics.
+    `roster=False`: a run directory of an older version, with neither roster nor run lines."""
     privacy = run / "privacy"
     (privacy / "keys").mkdir(parents=True, exist_ok=True)
+    signed = synthetic_roster(ledgers) if roster else None
     summary: dict[str, Any] = {"sites": {}, "dp": dp}
+    if signed is not None:
+        summary.update(run=signed.run, roster_digest=signed.digest)
+        record = SignedRoster(signed, {s: sign_roster(signed, site_keys()[s]) for s in ledgers})
+        (privacy / "roster.json").write_text(record.to_json())
     rounds = max(len(v) for v in ledgers.values())
     for site, entries in ledgers.items():
         key = site_keys()[site]
-        rows = (rows_override or {}).get(site) or sign_all(entries, key)
+        lines = in_run(entries, signed) if signed is not None else entries
+        rows = (rows_override or {}).get(site) or sign_all(lines, key)
         for row in rows:
             append_line(privacy / f"ledger-{site}.jsonl", json.dumps(row, sort_keys=True))
         if site not in skip_keys:
             save_public_key(key.public_key(), privacy / "keys" / f"{site}.pub")
-        summary["sites"][site] = {**summarize(entries), "chain_head": chain_head(rows)}
+        summary["sites"][site] = {**summarize(lines), "chain_head": chain_head(rows)}
+        if signed is not None:
+            summary["sites"][site]["key_fingerprint"] = public_key_fingerprint(key.public_key())
     (privacy / "summary.json").write_text(json.dumps(summary, indent=2))
     metrics = {"rounds": [
         {"round": r, "sites": {s: {"loss": 0.6 - 0.01 * r, "accuracy": 0.6 + 0.01 * r + 0.005 * i,
@@ -315,23 +351,24 @@ def test_deleted_and_truncated_lines_are_violations(tmp_path: Path) -> None:
     run = honest_run(tmp_path)
     path = run / "privacy" / "ledger-site-b.jsonl"
     lines = path.read_text().splitlines()
-    path.write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # drop round 2
+    path.write_text("\n".join(lines[:2] + lines[3:]) + "\n")  # drop round 2
     result = run_audit(run, report=False)
-    assert {"tampered:broken_chain", "rounds_not_consecutive"} <= codes(result)
+    assert result.exit_code == EXIT_VIOLATION and "tampered:broken_chain" in codes(result)
 
-    path.write_text("\n".join(lines[:3]) + "\n")  # drop the last round: chain head mismatch
+    path.write_text("\n".join(lines[:4]) + "\n")  # drop the last round and the closing line
     result = run_audit(run, report=False)
     assert result.exit_code == EXIT_VIOLATION
-    assert {"truncated", "summary_mismatch"} <= codes(result)
+    assert {"not_closed", "summary_mismatch"} <= codes(result)  # the summary's chain head is stale
 
 
 def test_missing_key_cannot_be_verified(tmp_path: Path) -> None:
+    """A run directory of an older version: no roster, so only the keys stored beside the ledgers."""
     run = write_run(tmp_path / "run", {s: site_entries(s, 3) for s in SITES},
-                    skip_keys=("site-c",))
+                    skip_keys=("site-c",), roster=False)
     result = run_audit(run, report=False)
     assert result.exit_code == EXIT_UNVERIFIABLE
-    assert codes(result) == {"missing_key"}
-    assert result.verdict.startswith("CANNOT VERIFY") and "site-c" in result.verdict
+    assert codes(result) == {"no_roster", "missing_key"}
+    assert result.verdict.startswith("CANNOT VERIFY")
 
 
 def test_unknown_accountant_and_unreadable_ledger_cannot_be_verified(tmp_path: Path) -> None:
@@ -348,7 +385,8 @@ def test_unknown_accountant_and_unreadable_ledger_cannot_be_verified(tmp_path: P
 
 def test_violation_takes_precedence_over_unverifiable(tmp_path: Path) -> None:
     ledgers = {"site-a": site_entries("site-a", 3, budget=0.5), "site-c": site_entries("site-c", 3)}
-    result = run_audit(write_run(tmp_path / "run", ledgers, skip_keys=("site-c",)), report=False)
+    result = run_audit(write_run(tmp_path / "run", ledgers, skip_keys=("site-c",), roster=False),
+                       report=False)
     assert result.exit_code == EXIT_VIOLATION
     assert {"over_budget", "missing_key"} <= codes(result)
 

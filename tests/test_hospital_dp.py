@@ -14,7 +14,7 @@ from pm_common import protocol as p
 from pm_common import wire
 from pm_common.config import HospitalDPConfig
 from pm_common.hospital_dp import clip_and_noise, hospital_epsilon, site_noise_std
-from tests.conftest import heart_study, site_context, train_message
+from tests.conftest import enroll, heart_study, site_context, train_message
 
 
 def _norm(update: dict[str, torch.Tensor]) -> float:
@@ -47,10 +47,11 @@ def test_shares_sum_to_the_aggregates_noise_and_dropouts_weaken_the_guarantee() 
 def test_site_sends_a_clipped_update_with_uniform_weight(tmp_path: Path, heart_sites: list) -> None:
     path, study = heart_study(tmp_path, heart_sites, hospital_dp={
         "enabled": True, "clip_norm": 0.05, "noise_multiplier": 0.0})
-    msg = train_message(study, 1)
+    context = site_context(path, partition=0)
+    msg = train_message(study, 1, run=enroll(study, [context]).run)
     msg.content[p.CONFIG][p.PLANNED_SITES] = 4
     sent = wire.unpacked(msg.content[p.MODEL])
-    reply = client_app(msg, site_context(path, partition=0))
+    reply = client_app(msg, context)
     received = wire.unpacked(reply.content[p.MODEL])
     assert _norm({k: torch.from_numpy(received[k] - sent[k]) for k in sent}) <= 0.05 + 1e-6
     assert reply.content[p.TRAIN_METRICS][p.NUM_EXAMPLES] == 1

@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from pm_common.audit import EXIT_OK, audit_directory
+from pm_common.audit import EXIT_OK
+from pm_common.audit_run import audit_directory
 from pm_common.config import study_from_dict
 from pm_common.synthetic_imaging import CLASSES, generate_federation, generate_site
 from simulations.runner import simulate
@@ -81,8 +82,10 @@ def test_dicom_png_and_npz_sites_train_together_with_dp(tmp_path: Path) -> None:
     summary = json.loads((out / "privacy" / "summary.json").read_text())
     for site in SITES:  # composed over both rounds, within the budget
         lines = (out / "privacy" / f"ledger-{site}.jsonl").read_text().splitlines()
-        ledger = [json.loads(line) for line in lines]
-        assert [e["round"] for e in ledger] == [1, 2] and all(e["status"] == "trained" for e in ledger)
+        lines = [json.loads(line) for line in lines]
+        assert [e["status"] for e in lines] == ["enrolled", "trained", "trained", "closed"]
+        ledger = lines[1:3]
+        assert [e["round"] for e in ledger] == [1, 2]
         assert 0 < ledger[0]["epsilon"] < ledger[1]["epsilon"] <= 8.0
         assert summary["sites"][site]["epsilon"] == ledger[1]["epsilon"]
     assert audit_directory(out).exit_code == EXIT_OK  # an independent recomputation agrees

@@ -10,9 +10,9 @@ import pytest
 import torch
 from flwr.serverapp.strategy import FedAdam, FedAvgM
 
-from pm_common.audit import audit_directory
+from pm_common.audit_run import audit_directory
 from pm_common.config import StrategyConfig
-from pm_common.ledger import LedgerEntry, read_ledger
+from pm_common.ledger import LedgerEntry, read_ledger, round_entries
 from pm_common.privacy import cumulative_epsilon
 from server.recorder import RoundProgress
 from server.resume import load_resume_point, restore_strategy_state, strategy_state
@@ -24,8 +24,12 @@ from tests.test_privacy import dp_accounting_rdp
 SITES = ("cleveland", "hungary", "switzerland", "va_long_beach")
 
 
-def _entry(site: str, server_round: int) -> str:
-    return LedgerEntry(site, server_round, "trained", 1.0, 0.1, 10, 1.0, 1e-5, 0.5, 3.0, "rdp").to_json()
+RUN = "ab" * 16
+
+
+def _entry(site: str, server_round: int, run: str = RUN) -> str:
+    entry = LedgerEntry(site, server_round, "trained", 1.0, 0.1, 10, 1.0, 1e-5, 0.5, 3.0, "rdp", run=run)
+    return entry.to_json()
 
 
 def test_resume_point_continues_after_every_round_any_ledger_holds(tmp_path: Path) -> None:
@@ -35,13 +39,14 @@ def test_resume_point_continues_after_every_round_any_ledger_holds(tmp_path: Pat
     torch.save({"round": 1, "state_dict": {"w": torch.zeros(2)}}, tmp_path / "checkpoints" / "round-0001.pt")
     ledger = tmp_path / "privacy" / "ledger-cleveland.jsonl"
     ledger.parent.mkdir()
-    ledger.write_text(_entry("cleveland", 1) + "\n" + _entry("cleveland", 2) + "\n")
-    point = load_resume_point(tmp_path)  # stopped right after checkpointing round 2
+    earlier_run = _entry("cleveland", 5, run="cd" * 16)  # a resubmitted study: another run's round 5
+    ledger.write_text("\n".join([earlier_run, _entry("cleveland", 1), _entry("cleveland", 2)]) + "\n")
+    point = load_resume_point(tmp_path, RUN)  # stopped right after checkpointing round 2
     assert (point.checkpoint_round, point.lost, point.round_offset) == (2, {}, 2)
     assert torch.equal(point.state_dict["w"], torch.ones(2))
     with ledger.open("a") as fh:  # stopped after round 3's replies, before its checkpoint
         fh.write(_entry("cleveland", 3) + "\n")
-    point = load_resume_point(tmp_path)
+    point = load_resume_point(tmp_path, RUN)
     assert point.checkpoint_round == 2 and list(point.lost) == [3] and point.round_offset == 3
 
 
@@ -115,7 +120,11 @@ def test_resumed_ledgers_hold_each_round_once_and_compose_like_an_uninterrupted_
 ) -> None:
     out, _, _ = resumed_run
     for site in SITES:
-        entries = read_ledger(out / "privacy" / f"ledger-{site}.jsonl")
+        lines = read_ledger(out / "privacy" / f"ledger-{site}.jsonl")
+        assert [(e.status, e.attempt) for e in lines] == [
+            ("enrolled", 0), ("trained", 0), ("trained", 0), ("trained", 1), ("closed", 1)
+        ]  # round 2 ran before the crash (attempt 0), round 3 after the restart (attempt 1)
+        entries = round_entries(lines)
         assert [e.round for e in entries] == [1, 2, 3]
         mechanism = (entries[0].noise_multiplier, entries[0].sample_rate, entries[0].steps)
         uninterrupted = cumulative_epsilon([mechanism] * 3, entries[0].delta)  # one plan, three rounds

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pm_common.config import load_study
-from pm_common.ledger import read_ledger
+from pm_common.ledger import read_ledger, round_entries
 from pm_common.models import build_tabular_model
 from simulations.runner import SimulationError, simulate
 from tests.conftest import heart_study
@@ -65,7 +65,9 @@ def test_ledgers_recompute_independently_and_stay_within_budget(finished_run: tu
     out, _ = finished_run
     summary = json.loads((out / "privacy" / "summary.json").read_text())
     for site in ("cleveland", "hungary", "switzerland", "va_long_beach"):
-        entries = read_ledger(out / "privacy" / f"ledger-{site}.jsonl")
+        lines = read_ledger(out / "privacy" / f"ledger-{site}.jsonl")
+        assert [e.status for e in lines][0::len(lines) - 1] == ["enrolled", "closed"]
+        entries = round_entries(lines)
         assert [e.round for e in entries] == [1, 2, 3]
         history = []
         for entry in entries:

@@ -15,7 +15,7 @@ from pm_common import wire
 from server.recorder import RunRecorder
 from server.strategy import SiteReportingStrategy, build_strategy
 from server.validation import unpacked_update
-from tests.conftest import heart_study, site_context, train_message
+from tests.conftest import enroll, heart_study, site_context, train_message
 
 MODEL = {
     "conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 7,
@@ -107,7 +107,8 @@ def test_a_round_moves_few_objects_per_message(tmp_path: Path, heart_sites: list
     sent = list(strategy.configure_train(1, arrays, ConfigRecord({p.SERVER_ROUND: 1}), _Grid()))  # type: ignore[arg-type]
     assert [_objects(m) for m in sent] == [4, 4, 4]
     assert len({m.content.object_id for m in sent}) == 1  # pushed once for all sites
-    reply = client_app(train_message(study, 1), site_context(path, partition=0))
+    context = site_context(path, partition=0)
+    reply = client_app(train_message(study, 1, run=enroll(study, [context]).run), context)
     assert sorted(reply.content.keys()) == [p.TRAIN_METRICS, p.MODEL, p.SITE]
     assert _objects(reply) == 5
 
