@@ -69,8 +69,8 @@ SUMMARY_FIELDS = (
     "epsilon", "delta", "epsilon_budget", "accountant", "rounds_trained", "rounds_declined", "steps",
     "dp", "within_budget", "reason",
 )
-"""Fields of a site's line in summary.json that must equal what its signed ledger gives (`status`
-is checked for its ledger-derived part; it may also say that no further round fits)."""
+"""Fields of a site's line in summary.json that must equal what its signed ledger gives (and
+`status`, also recomputed from the ledger)."""
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -534,7 +534,7 @@ def check_summary(summary: Mapping[str, Any], entries_by_site: Mapping[str, Sequ
             k for k in (*SUMMARY_FIELDS, "chain_head", "key_fingerprint")
             if (k in line or k in expected) and not _same(line.get(k), expected.get(k))
         ]
-        if line.get("status") not in (expected["status"], "budget exhausted"):
+        if line.get("status") != expected["status"]:
             wrong.append("status")
         if wrong:
             detail = ", ".join(f"{k}: summary {_short(line.get(k))} vs ledger {_short(expected.get(k))}"

@@ -125,8 +125,30 @@ def round_entries(entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
     return [e for e in entries if e.status in ROUND_STATUSES]
 
 
-def site_status(entries: Iterable[LedgerEntry], next_round_fits: bool | None = None) -> str:
-    """Summary status of a site from its ledger (and, if known, whether another round fits)."""
+def next_round_fits(entries: Iterable[LedgerEntry]) -> bool | None:
+    """Whether one more round of the site's own plan (its last trained round's mechanism) keeps it
+    within its budget, by the figure the site reports; None when there is nothing to judge (no DP,
+    no budget, nothing trained yet). Follows from the ledger alone, so an auditor can recompute it."""
+    from pm_common.privacy import cumulative_epsilon  # accounting maths, only when judging a budget
+
+    entries = list(entries)
+    trained = [e for e in entries if e.status == TRAINED and e.steps > 0]
+    if not trained or not entries[-1].dp or entries[-1].epsilon_budget is None:
+        return None
+    last = trained[-1]
+    history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.steps > 0]
+    try:
+        after = cumulative_epsilon([*history, (last.noise_multiplier, last.sample_rate, last.steps)],
+                                   last.delta, last.accountant)
+    except ValueError:  # an accountant this version does not know: nothing to judge by
+        return None
+    return after <= entries[-1].epsilon_budget
+
+
+def site_status(entries: Iterable[LedgerEntry]) -> str:
+    """Summary status of a site from its ledger: whether it declined, ran out of budget or goes on."""
+    entries = list(entries)
+    fits = next_round_fits(entries)
     entries = round_entries(entries)
     if not entries:
         return ACTIVE
@@ -135,14 +157,14 @@ def site_status(entries: Iterable[LedgerEntry], next_round_fits: bool | None = N
     if entries[-1].status == DECLINED:
         reason = entries[-1].reason
         return EXHAUSTED if "budget" in reason and "too low" not in reason else STATUS_DECLINED
-    if next_round_fits is False:
+    if fits is False:
         return EXHAUSTED
     return ACTIVE
 
 
-def summarize(entries: list[LedgerEntry], next_round_fits: bool | None = None) -> dict[str, Any]:
-    """One site's line in privacy/summary.json: everything in it follows from the ledger alone
-    (and `next_round_fits`, which only sharpens `status`), so an auditor can recompute it."""
+def summarize(entries: list[LedgerEntry]) -> dict[str, Any]:
+    """One site's line in privacy/summary.json: everything in it follows from the ledger alone, so
+    an auditor can recompute it."""
     last = entries[-1]
     rounds = round_entries(entries)
     last_round = rounds[-1] if rounds else last
@@ -155,7 +177,7 @@ def summarize(entries: list[LedgerEntry], next_round_fits: bool | None = None) -
         "rounds_trained": sum(1 for e in entries if e.status == TRAINED),
         "rounds_declined": sum(1 for e in entries if e.status == DECLINED),
         "steps": sum(e.steps for e in entries),
-        "status": site_status(entries, next_round_fits),
+        "status": site_status(entries),
         "dp": last.dp,
     }
     if not last.dp:

@@ -86,7 +86,6 @@ class RunRecorder:
     participation: dict[int, list[SiteRound]] = field(default_factory=dict)
     failures: dict[int, list[str]] = field(default_factory=dict)
     left_out: dict[int, list[str]] = field(default_factory=dict)  # valid updates a robust rule skipped
-    next_round_fits: dict[str, bool] = field(default_factory=dict)
     record_updates_of: str = field(default_factory=lambda: os.environ.get(RECORD_UPDATES_ENV, ""))
     roster: SignedRoster | None = None
 
@@ -103,13 +102,9 @@ class RunRecorder:
     def record_evaluation(self, model_round: int, site: str, metrics: dict[str, float]) -> None:
         self.evaluations.setdefault(model_round, {})[site] = dict(metrics)
 
-    def record_site_round(
-        self, server_round: int, report: SiteRound, ledger_line: str, next_round_fits: bool | None
-    ) -> None:
+    def record_site_round(self, server_round: int, report: SiteRound, ledger_line: str) -> None:
         if ledger_line:
             append_line(ledger_path(self.privacy_dir, report.site), ledger_line)
-        if next_round_fits is not None:
-            self.next_round_fits[report.site] = next_round_fits
         self.participation.setdefault(server_round, []).append(report)
 
     def record_roster(self, signed: SignedRoster) -> None:
@@ -306,7 +301,7 @@ class RunRecorder:
             entries: list[LedgerEntry] = read_ledger(path)
             if entries:
                 site = entries[-1].site
-                sites[site] = summarize(entries, self.next_round_fits.get(site))
+                sites[site] = summarize(entries)
                 sites[site]["chain_head"] = chain_head(read_raw_ledger(path))
                 entry = self.roster.roster.entry(site) if self.roster else None
                 if entry is not None:

@@ -317,10 +317,7 @@ class SiteReportingStrategy(Strategy):
                 self.recorder.record_update(server_round, site, record)  # likewise
         elif report.status == DECLINED:
             log.info("round %d: %s declined: %s", server_round, site, report.reason)
-        fits = site_record.get(p.NEXT_ROUND_FITS)
-        self.recorder.record_site_round(
-            server_round, report, ledger_line, None if fits is None else bool(fits)
-        )
+        self.recorder.record_site_round(server_round, report, ledger_line)
         return update
 
     def configure_evaluate(

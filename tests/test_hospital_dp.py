@@ -66,7 +66,7 @@ def test_coordinator_reports_the_hospital_guarantee_apart(tmp_path: Path, heart_
         for site in ("cleveland", "hungary", "switzerland", "va_long_beach"):
             dropped = server_round == 3 and site == "hungary"
             status = "declined" if dropped else "trained"
-            recorder.record_site_round(server_round, SiteRound(site, status), "", None)
+            recorder.record_site_round(server_round, SiteRound(site, status), "")
     report = recorder.write_hospital_dp()
     assert [r["contributing_sites"] for r in report["rounds"]] == [4, 4, 3]
     assert report["epsilon"] == pytest.approx(hospital_epsilon([4, 4, 3], 4, study.hospital_dp))
