@@ -6,6 +6,10 @@ is that SuperExec. It looks at the task's FAB hash (checked by the SuperNode aga
 content) *before* anything of the app is loaded: an approved app goes to a warm ClientApp process
 (`client.warm_worker`); any other app gets an INVALID_FAB error reply naming the reason, which the
 coordinator records, and the same reason is logged here, at the site.
+
+The warm ClientApp worker patches Flower's task code (`pm_common.flower_patches`, `clientapp-task`);
+the gate checks those patches before it serves anything, so a site whose tasks could not run does not
+start: one line, exit status 1, naming `PMFL_GATE_WARM=0` (Flower's own cold `flwr-clientapp` per task).
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 
 from client.approval import ApprovalError, load_approval
+from pm_common import flower_patches as patches
 
 log = logging.getLogger("pmfl.gate")
 POLL_ENV = "PMFL_GATE_POLL_INTERVAL"
 WORKER_SCRIPT = Path(__file__).with_name("warm_worker.py")
 WARM_ENV = "PMFL_GATE_WARM"  # "0": a cold flwr-clientapp per task, as Flower's SuperExec does
 DEFAULT_POLL = 0.1  # seconds between task polls on the local Runtime API (Flower's SuperExec: 1 s)
+REFUSAL = "pmfl: the site's gate refuses to start"
 
 
 class WarmWorker:
@@ -170,6 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
+    if os.environ.get(WARM_ENV, "1") != "0":
+        try:
+            patches.check_clientapp_task()
+        except patches.PatchError as exc:
+            sys.exit(f"{REFUSAL}: {exc}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run `finally`: stop the warm worker too
     run_gate(args.site_dir, args.runtime_api_address, float(os.environ.get(POLL_ENV, DEFAULT_POLL)))
 
