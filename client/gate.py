@@ -10,6 +10,8 @@ coordinator records, and the same reason is logged here, at the site.
 The warm ClientApp worker patches Flower's task code (`pm_common.flower_patches`, `clientapp-task`);
 the gate checks those patches before it serves anything, so a site whose tasks could not run does not
 start: one line, exit status 1, naming `PMFL_GATE_WARM=0` (Flower's own cold `flwr-clientapp` per task).
+A worker that refuses its own checks (Opacus' accounting memo, which the gate does not import) exits
+with `REFUSED_EXIT`, and the gate then stops the same way instead of starting it again for each task.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class WarmWorker:
 
     def prepare(self) -> None:
         """Start the fork server if it is not running (imports take seconds: do it before a task)."""
+        self.check()
         if self.warm and (self.proc is None or self.proc.poll() is not None):
             self.proc = subprocess.Popen(
                 [
@@ -82,7 +85,17 @@ class WarmWorker:
         self.proc.stdin.flush()
 
     def reap(self) -> None:
+        self.check()
         self.cold = [p for p in self.cold if p.poll() is None]
+
+    def check(self) -> None:
+        """Raise `PatchError` if the fork server refused to start (its patches failed: every task
+        would); a fork server that crashed for another reason is started again for the next task."""
+        if self.proc is not None and self.proc.poll() == patches.REFUSED_EXIT:
+            raise patches.PatchError(
+                "the warm ClientApp worker refused to start (its reason is logged above); "
+                f"set {WARM_ENV}=0 to run Flower's own flwr-clientapp per task"
+            )
 
     def close(self) -> None:
         procs: list[subprocess.Popen] = [*self.cold, *([self.proc] if self.proc else [])]  # type: ignore[type-arg]
@@ -182,7 +195,10 @@ def main(argv: list[str] | None = None) -> None:
         except patches.PatchError as exc:
             sys.exit(f"{REFUSAL}: {exc}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run `finally`: stop the warm worker too
-    run_gate(args.site_dir, args.runtime_api_address, float(os.environ.get(POLL_ENV, DEFAULT_POLL)))
+    try:
+        run_gate(args.site_dir, args.runtime_api_address, float(os.environ.get(POLL_ENV, DEFAULT_POLL)))
+    except patches.PatchError as exc:
+        sys.exit(f"{REFUSAL}: {exc}")
 
 
 if __name__ == "__main__":

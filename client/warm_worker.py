@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         memo = patches.RdpMemo()
         memo.install()
     except patches.PatchError as exc:
-        sys.exit(f"{REFUSAL}: {exc}")
+        print(f"{REFUSAL}: {exc}", file=sys.stderr)
+        sys.exit(patches.REFUSED_EXIT)  # the gate stops the site instead of starting this again
     pycache = tempfile.mkdtemp(prefix="pmfl-pycache-")  # mode 0700: this process's user only
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished children are reaped by the kernel
     try:

@@ -114,6 +114,9 @@ class PatchError(RuntimeError):
     """A patch could not be applied or verified: the process that needed it must not go on."""
 
 
+REFUSED_EXIT = 78  # exit status of a helper process that refused to start (EX_CONFIG): not a crash to retry
+
+
 @dataclass(frozen=True)
 class Patch:
     """One change to a library's internals: where, for which version, and how to run without it."""

@@ -461,10 +461,31 @@ def test_warm_worker_refuses_before_forking_a_task(tmp_path: Path, monkeypatch: 
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0, proc.stderr
+    assert proc.returncode == flower_patches.REFUSED_EXIT, proc.stderr
     lines = _refusal_lines(proc.stdout + proc.stderr, "pmfl: the warm ClientApp worker refuses to start: ")
     assert len(lines) == 1 and "has no install_from_fab" in lines[0]
     assert "[clientapp] task" not in proc.stderr  # no task was forked
+
+
+def test_gate_stops_when_its_warm_worker_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claim: a site whose warm ClientApp worker refuses its patches stops, rather than start a worker
+    for every task that would refuse again (each task lost).
+    Fault: another Opacus version than the accounting memo was written for, seen only by the worker
+    (the gate itself does not import Opacus).
+    """
+    from client.gate import WarmWorker
+
+    _faulty_env(monkeypatch, tmp_path, "import opacus\nopacus.__version__ = '1.7.0'\n")
+    worker = WarmWorker("127.0.0.1:1")
+    worker.prepare()
+    try:
+        assert worker.proc is not None and worker.proc.wait(timeout=120) == flower_patches.REFUSED_EXIT
+        with pytest.raises(flower_patches.PatchError, match=r"refused to start.*PMFL_GATE_WARM=0"):
+            worker.reap()
+        with pytest.raises(flower_patches.PatchError):
+            worker.prepare()  # not started again
+    finally:
+        worker.close()
 
 
 def test_serverapp_refuses_when_the_grid_patch_fails(monkeypatch: pytest.MonkeyPatch) -> None:
