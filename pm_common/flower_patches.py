@@ -4,7 +4,7 @@ Why they exist: Flower 1.42 serves its Control and Runtime APIs to whoever reach
 port, and its deployment waits in fixed steps that make a round of tabular training take 14 s
 (measured: 3 s polls, a cold `flwr-clientapp` per message). Flower has no setting for either, so
 pmfl replaces a few attributes of Flower's modules inside the processes pmfl starts. Patching
-internals is a last resort; this module is where it is done, and nowhere else:
+internals is a last resort; this module is where it is done, and nowhere else.
 
 Each patch: its name, the process it runs in, what it replaces (Flower 1.42.0 unless said), its kind
 and how to run without it.
@@ -36,7 +36,7 @@ The measurements behind each, in short (the A/B runs are in docs/deployment.md, 
   (`--control-api-address` only feeds a legacy gRPC server). With `--host 0.0.0.0` anyone who reaches
   the port could register a key or run code on the coordinator as a ServerApp. The patch adds one
   ASGI middleware, outermost before Flower's own: a request outside `/v1/fleet/` from another host
-  gets 403.
+  gets 403. A guard on the server call serves no app the patched factory did not build and verify.
 - `superlink-serial-db`: concurrent requests met SQLite's file lock and slept in its busy handler
   (1, 2, 5 ... 100 ms): 5 ms requests took 100-500 ms (traced).
 - `superlink-throttle-cleanup`: the sweep of expired task claims (two UPDATEs, a write transaction)
@@ -66,8 +66,9 @@ stops its process. The security patch has no switch: the SuperLink never starts 
 `--remote-control`, which does not run pmfl's launcher at all, serves Flower's own app). A
 performance patch refuses too, because a silently unpatched process would not be wrong but would
 be slower than everything pmfl documents and measures, and would hide that Flower changed under
-pmfl; but each one may be switched off explicitly (the variables above, all "0" to switch off), and
-its refusal names that switch. Switched off, the process runs Flower's own code for that part.
+pmfl; but each one may be switched off explicitly (the settings above; each variable "0" switches
+its patch off), and its refusal names that switch. Switched off, the process runs Flower's own code
+for that part.
 
 Import rules: this module imports only the standard library at module level, and nothing of pmfl.
 `client/warm_worker.py` loads this file by path under a private module name before it forks tasks
