@@ -6,6 +6,12 @@ is that SuperExec. It looks at the task's FAB hash (checked by the SuperNode aga
 content) *before* anything of the app is loaded: an approved app goes to a warm ClientApp process
 (`client.warm_worker`); any other app gets an INVALID_FAB error reply naming the reason, which the
 coordinator records, and the same reason is logged here, at the site.
+
+The warm ClientApp worker patches Flower's task code (`pm_common.flower_patches`, `clientapp-task`);
+the gate checks those patches before it serves anything, so a site whose tasks could not run does not
+start: one line, exit status 1, naming `PMFL_GATE_WARM=0` (Flower's own cold `flwr-clientapp` per task).
+A worker that refuses its own checks (Opacus' accounting memo, which the gate does not import) exits
+with `REFUSED_EXIT`, and the gate then stops the same way instead of starting it again for each task.
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 
 from client.approval import ApprovalError, load_approval
+from pm_common import flower_patches as patches
 
 log = logging.getLogger("pmfl.gate")
 POLL_ENV = "PMFL_GATE_POLL_INTERVAL"
 WORKER_SCRIPT = Path(__file__).with_name("warm_worker.py")
 WARM_ENV = "PMFL_GATE_WARM"  # "0": a cold flwr-clientapp per task, as Flower's SuperExec does
 DEFAULT_POLL = 0.1  # seconds between task polls on the local Runtime API (Flower's SuperExec: 1 s)
+REFUSAL = "pmfl: the site's gate refuses to start"
 
 
 class WarmWorker:
@@ -49,6 +57,7 @@ class WarmWorker:
 
     def prepare(self) -> None:
         """Start the fork server if it is not running (imports take seconds: do it before a task)."""
+        self.check()
         if self.warm and (self.proc is None or self.proc.poll() is not None):
             self.proc = subprocess.Popen(
                 [
@@ -76,7 +85,17 @@ class WarmWorker:
         self.proc.stdin.flush()
 
     def reap(self) -> None:
+        self.check()
         self.cold = [p for p in self.cold if p.poll() is None]
+
+    def check(self) -> None:
+        """Raise `PatchError` if the fork server refused to start (its patches failed: every task
+        would); a fork server that crashed for another reason is started again for the next task."""
+        if self.proc is not None and self.proc.poll() == patches.REFUSED_EXIT:
+            raise patches.PatchError(
+                "the warm ClientApp worker refused to start (its reason is logged above); "
+                f"set {WARM_ENV}=0 to run Flower's own flwr-clientapp per task"
+            )
 
     def close(self) -> None:
         procs: list[subprocess.Popen] = [*self.cold, *([self.proc] if self.proc else [])]  # type: ignore[type-arg]
@@ -170,8 +189,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
+    if os.environ.get(WARM_ENV, "1") != "0":
+        try:
+            patches.check_clientapp_task()
+        except patches.PatchError as exc:
+            sys.exit(f"{REFUSAL}: {exc}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run `finally`: stop the warm worker too
-    run_gate(args.site_dir, args.runtime_api_address, float(os.environ.get(POLL_ENV, DEFAULT_POLL)))
+    try:
+        run_gate(args.site_dir, args.runtime_api_address, float(os.environ.get(POLL_ENV, DEFAULT_POLL)))
+    except patches.PatchError as exc:
+        sys.exit(f"{REFUSAL}: {exc}")
 
 
 if __name__ == "__main__":

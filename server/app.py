@@ -24,8 +24,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.http_grid import HttpGrid
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from pm_common import flower_patches, wire
 from pm_common import protocol as p
-from pm_common import wire
 from pm_common.config import StudyConfig, load_study, study_text_for_sites
 from pm_common.tasks import task_of
 from server.enrollment import EnrolledGrid, enroll_sites, load_signed_roster
@@ -206,7 +206,7 @@ def main(grid: Grid, context: Context) -> None:
     if isinstance(grid, HttpGrid):  # deployed: collect replies without Flower's fixed 3 s waits
         grid = PollingGrid(grid)
     elif isinstance(grid, InMemoryGrid):  # simulated: poll replies every 10 ms, not 100 ms
-        grid.pull_interval = SIMULATION_PULL_INTERVAL
+        flower_patches.set_simulation_pull_interval(grid, SIMULATION_PULL_INTERVAL)
     resume = bool(context.run_config.get("resume", False)) or os.environ.get(RESUME_ENV) == "1"
     run_study(
         grid, study, run_dir, timeout, int(context.run_config.get("expected-sites", 0) or 0), resume

@@ -78,7 +78,10 @@ def check_pki(
 def start(
     directory: CoordDir,
     host: Annotated[
-        str, typer.Option(help="interface to listen on (0.0.0.0 for remote sites)")
+        str,
+        typer.Option(
+            help="address to listen on: this host's address the sites dial, or 0.0.0.0 for every interface"
+        ),
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTPS port (Fleet, Control and Runtime APIs)")] = DEFAULT_PORT,
     insecure: Annotated[
@@ -141,15 +144,30 @@ def unregister(directory: CoordDir, name: Annotated[str, typer.Option(help="the 
 
 @coordinator_app.command("sites")
 def sites(directory: CoordDir) -> None:
-    """Registered sites and whether they are online."""
+    """Every node the SuperLink has registered and whether it is online; nodes pmfl did not enrol
+    (registered directly through the Control API on this host) are flagged."""
     try:
         rows = site_status(Coordinator(directory.resolve()))
     except CoordinatorError as exc:
         _fail(exc)
-    table = Table("site", "node", "status")
+    table = Table("site", "node", "status", "enrolled by pmfl")
     for row in rows:
-        table.add_row(row["site"], str(row["node_id"]), row["status"])
+        site = row["site"] or f"({row['name'] or 'no name'})"
+        enrolled = "yes" if row["enrolled"] else f"[bold red]{escape(row['flag'])}[/]"
+        table.add_row(escape(site), str(row["node_id"]), row["status"], enrolled)
     console.print(table)
+    _warn_not_enrolled(rows)
+
+
+def _warn_not_enrolled(rows: list[dict[str, Any]]) -> None:
+    strangers = [r for r in rows if not r["enrolled"]]
+    if strangers:
+        nodes = ", ".join(str(r["node_id"]) for r in strangers)
+        console.print(
+            f"[bold red]{len(strangers)} node(s) not enrolled by pmfl[/] ({nodes}): they receive every study "
+            "like a site. Remove them with `flwr supernode unregister NODE_ID` if nobody here should "
+            "have registered them, and check who can run processes on this host."
+        )
 
 
 def _show_round(entry: dict[str, Any]) -> None:
@@ -180,7 +198,9 @@ def run(
     """Submit a study to the SuperLink, follow it to the end, and collect its run directory."""
     coord = Coordinator(directory.resolve())
     try:
-        online = [s["site"] for s in site_status(coord) if s["status"] == "online"]
+        rows = site_status(coord)
+        _warn_not_enrolled(rows)
+        online = [s["site"] for s in rows if s["status"] == "online" and s["enrolled"] and s["site"]]
         expected = len(online) if expected_sites is None else expected_sites
         run_id = submit(coord, study, out, app_dir, expected)
         console.print(f"run {run_id} submitted; waiting for {expected} sites (online: {', '.join(online)})")

@@ -69,7 +69,7 @@ class Coordinator:
 
     def settings(self) -> dict[str, Any]:
         if not self.settings_path.exists():
-            return {"port": DEFAULT_PORT, "insecure": False}
+            return {"port": DEFAULT_PORT, "insecure": False, "host": "127.0.0.1"}
         with self.settings_path.open("rb") as fh:
             return tomllib.load(fh)
 
@@ -83,11 +83,31 @@ _script = console_script
 # -- SuperLink --------------------------------------------------------------------------------
 
 
-def configure(coord: Coordinator, port: int = DEFAULT_PORT, insecure: bool = False) -> None:
-    """Write the port and the `flwr` CLI's connection (loopback, with the CA unless insecure)."""
+WILDCARDS = ("", "0.0.0.0", "::", "[::]", "localhost")  # bound there, this host dials 127.0.0.1
+
+
+def dial_host(host: str) -> str:
+    """The address this host's own commands (`flwr`, `pmfl coordinator`, the ServerApp) dial to
+    reach a SuperLink listening on `host`: 127.0.0.1 for a wildcard or loopback, else `host` itself
+    (a process here dialing one of this machine's addresses arrives from that address, which the
+    SuperLink counts as this host). The server certificate needs it as a subject alternative name."""
+    return "127.0.0.1" if host in WILDCARDS else host.strip("[]")
+
+
+def dial_address(host: str, port: int) -> str:
+    name = dial_host(host)
+    return f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
+
+
+def configure(
+    coord: Coordinator, port: int = DEFAULT_PORT, insecure: bool = False, host: str = "127.0.0.1"
+) -> None:
+    """Write the host and port, and the `flwr` CLI's connection (the address this host dials for
+    `host`, see `dial_host`; with the CA unless insecure)."""
     coord.directory.mkdir(parents=True, exist_ok=True)
-    coord.settings_path.write_text(tomli_w.dumps({"port": port, "insecure": insecure}), encoding="utf-8")
-    connection: dict[str, Any] = {"address": f"127.0.0.1:{port}"}
+    settings = {"port": port, "insecure": insecure, "host": host}
+    coord.settings_path.write_text(tomli_w.dumps(settings), encoding="utf-8")
+    connection: dict[str, Any] = {"address": dial_address(host, port)}
     if insecure:
         connection["insecure"] = True
     else:
@@ -109,7 +129,8 @@ def superlink_command(
     without authentication when `insecure`: Flower does not allow authentication without TLS).
 
     Its Control and Runtime APIs answer this host only (`server.superlink_launcher`: Flower serves
-    them on the Fleet API's port, without user authentication), unless `remote_control`."""
+    them on the Fleet API's port, without user authentication), unless `remote_control`; the
+    launcher refuses to start if that restriction cannot be put in place."""
     coord.database.parent.mkdir(parents=True, exist_ok=True)
     launcher = [_script("flower-superlink")] if remote_control else [sys.executable, "-P", "-m", LAUNCHER]
     cmd = [
@@ -124,7 +145,7 @@ def superlink_command(
     ]
     if insecure:
         return [*cmd, "--insecure"]
-    check_pki_files(coord.pki, "127.0.0.1")  # the flwr CLI on this host dials 127.0.0.1
+    check_pki_files(coord.pki, dial_host(host))  # what the flwr CLI and the ServerApp here dial
     return [
         *cmd,
         "--ssl-ca-certfile",
@@ -147,7 +168,7 @@ def start_superlink(
 ) -> subprocess.Popen[bytes]:
     """Start the SuperLink (returns at once). Its ServerApps inherit the environment, so
     PMFL_ROUND_TIMEOUT and PMFL_GRID_POLL_INTERVAL set here apply to every study."""
-    configure(coord, port, insecure)
+    configure(coord, port, insecure, host)
     cmd = superlink_command(coord, host, port, insecure, remote_control)
     err = subprocess.STDOUT if stdout is not None else None
     return subprocess.Popen(cmd, env=coord.env(), stdout=stdout, stderr=err, cwd=coord.directory)
@@ -206,17 +227,79 @@ def unregister_site(coord: Coordinator, name: str) -> None:
     coord.registry_path.write_text(json.dumps(sites, indent=2), encoding="utf-8")
 
 
+NOT_ENROLLED = "NOT ENROLLED BY PMFL: registered directly through the Control API on this host"
+_GONE = ("unregistered", "deleted")  # hidden by `flwr supernode list`, as here: they can no longer connect
+
+
 def site_status(coord: Coordinator) -> list[dict[str, Any]]:
-    """Each registered site with Flower's view of its node (online, offline, ...)."""
-    nodes = {int(n["node-id"]): n for n in flwr(coord, "supernode", "list", CONNECTION)["nodes"]}
-    return [
-        {
-            "site": name,
-            "node_id": info["node_id"],
-            "status": nodes.get(info["node_id"], {}).get("status", "?"),
-        }
-        for name, info in registry(coord).items()
-    ]
+    """Every node the SuperLink has registered, as Flower lists it (`flwr supernode list`), and every
+    site in sites.json, each with its status; nodes pmfl did not enrol are flagged.
+
+    Why flag: the SuperLink's Control API has no user authentication, so any process on this host can
+    register a node key (`flwr supernode register`); such a node takes part in every study like an
+    enrolled site, but pmfl's registry does not know it. A node counts as enrolled only when
+    sites.json holds its node id with the same public key.
+
+    Returns:
+        One dict per node or site: `site` (the sites.json name, or None), `node_id`, `status`
+        (Flower's: online, offline, registered; "?" for a site Flower no longer lists), `enrolled`
+        (bool), `flag` (why it is not enrolled, or ""), `name` (the name Flower holds for the node).
+
+    Raises:
+        CoordinatorError: the SuperLink cannot be reached.
+    """
+    from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=E0611
+
+    try:
+        with control_client(coord) as client:
+            nodes = {int(n.node_id): n for n in client.ListNodes(ListNodesRequest()).nodes_info}
+    except Exception as exc:  # transport or Flower error: keep Flower's message, one line
+        raise CoordinatorError(f"cannot list the SuperLink's nodes: {exc}") from exc
+    sites = registry(coord)
+    rows = []
+    for name, info in sites.items():
+        node = nodes.pop(int(info["node_id"]), None)
+        enrolled = node is None or _same_key(node.public_key, info.get("public_key", ""))
+        flag = "" if enrolled else f"NOT ENROLLED BY PMFL: the node's key is not the one {name} enrolled"
+        rows.append(
+            {
+                "site": name,
+                "node_id": int(info["node_id"]),
+                "status": node.status if node is not None else "?",
+                "enrolled": enrolled,
+                "flag": flag,
+                "name": node.name if node is not None else name,
+            }
+        )
+    for node_id, node in sorted(nodes.items()):
+        if node.status in _GONE:
+            continue
+        rows.append(
+            {
+                "site": None,
+                "node_id": node_id,
+                "status": node.status,
+                "enrolled": False,
+                "flag": NOT_ENROLLED,
+                "name": node.name,
+            }
+        )
+    return rows
+
+
+def _same_key(registered: bytes, openssh_line: str) -> bool:
+    """Whether the key Flower holds (PEM) is the OpenSSH public key pmfl recorded."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        held = serialization.load_pem_public_key(registered)
+        recorded = serialization.load_ssh_public_key(openssh_line.encode())
+    except (ValueError, TypeError):
+        return False
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return held.public_bytes(serialization.Encoding.DER, spki) == recorded.public_bytes(
+        serialization.Encoding.DER, spki
+    )
 
 
 # -- runs -------------------------------------------------------------------------------------
@@ -242,8 +325,8 @@ def run_info(coord: Coordinator, run_id: int) -> dict[str, Any]:
 
 @contextmanager
 def control_client(coord: Coordinator) -> Iterator[ControlHttpClient]:
-    """Flower's own Control API client (what the `flwr` CLI uses), in this process, for the loopback
-    SuperLink of this coordinator.
+    """Flower's own Control API client (what the `flwr` CLI uses), in this process, for the
+    SuperLink of this coordinator (at the address this host dials, see `dial_host`).
 
     Why not `flwr ls` in a loop: every `flwr` command is a new Python process that costs about 1 s
     of CPU; polled once a second while a study runs, that took half of a 2-core coordinator from
@@ -256,7 +339,7 @@ def control_client(coord: Coordinator) -> Iterator[ControlHttpClient]:
     settings = coord.settings()
     insecure = bool(settings.get("insecure", False))
     client = ControlHttpClient.from_server_address(
-        server_address=f"127.0.0.1:{settings['port']}",
+        server_address=dial_address(str(settings.get("host", "127.0.0.1")), int(settings["port"])),
         insecure=insecure,
         root_certificates=None if insecure else str(coord.pki.ca_cert.resolve()),
         interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")],

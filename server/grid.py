@@ -10,13 +10,13 @@ interval (0.1-0.16 s at the end of a round, traced).
 
 Polling sooner exposes a second fixed wait: the SuperLink lists a site's reply as soon as the site
 has sent the message, before its contents are uploaded, and Flower's HttpGrid then retries the
-contents after 1 s, 2 s, ... (`pull_objects`, PULL_INITIAL_BACKOFF). `fast_content_retries` makes
-that module retry from `RETRY_START` seconds (this ServerApp process only).
+contents after 1 s, 2 s, ... (`pull_objects`, PULL_INITIAL_BACKOFF). The `grid-content-retries` patch
+(`pm_common.flower_patches`) makes that module retry from 0.05 s (this ServerApp process only); if it
+cannot be applied the ServerApp stops with the reason (`PMFL_GRID_FAST_RETRIES=0` switches it off).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -26,20 +26,11 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from pm_common import flower_patches
+
 log = logging.getLogger("pmfl.server")
 POLL_ENV = "PMFL_GRID_POLL_INTERVAL"
 DEFAULT_POLL = 0.1  # seconds; a pull is one small HTTPS request to the SuperLink
-RETRY_START, RETRY_CAP = 0.05, 1.0  # seconds, retries of reply contents still uploading (Flower: 1, 10)
-
-
-def fast_content_retries() -> None:
-    """Make Flower's HttpGrid retry unavailable reply contents from RETRY_START seconds on."""
-    from flwr.superlink.grid import http_grid
-
-    if not isinstance(http_grid.pull_objects, functools.partial):
-        http_grid.pull_objects = functools.partial(
-            http_grid.pull_objects, initial_backoff=RETRY_START, backoff_cap=RETRY_CAP
-        )
 
 
 class PollingGrid(Grid):
@@ -47,7 +38,7 @@ class PollingGrid(Grid):
 
     def __init__(self, inner: Grid, poll_interval: float | None = None) -> None:
         self.inner = inner
-        fast_content_retries()
+        flower_patches.fast_grid_content_retries()
         self.poll_interval = (
             float(os.environ.get(POLL_ENV, DEFAULT_POLL)) if poll_interval is None else poll_interval
         )

@@ -1,5 +1,13 @@
-"""The deployed form, with real processes on 127.0.0.1: a SuperLink with TLS and site authentication,
-hospital sites each with its own directory, data, key and gate, and `flwr run` in between.
+"""The deployed form, with real processes on separate hosts: a SuperLink with TLS and site
+authentication, hospital sites each with its own directory, data, key and gate, and `flwr run` in
+between.
+
+Each host is a network namespace with its own address (tests/netns.py), as separate machines on one
+network would be: the coordinator's SuperLink listens on the coordinator's address (not 127.0.0.1)
+with a certificate for that address (`pmfl coordinator pki --host ADDR`), and the `flwr` CLI, the
+ServerApp and `pmfl coordinator`'s own calls run on the coordinator's host; each site dials the
+coordinator's address from its own host, where its SuperNode and gate use the default loopback
+runtime port (every host has its own ports).
 
 Covered: a client without the CA cannot connect; a site whose key is not registered is refused; a
 3-site DP study completes although one site is killed mid-study (the drop-out is reported) and a
@@ -9,14 +17,13 @@ coordinator restarts from its database and runs the next study with the sites th
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tomli_w
@@ -26,7 +33,7 @@ from client.site_admin import SiteProcesses, init_site, site_env, start_site, wr
 from pm_common.audit_run import audit_directory
 from pm_common.config import load_study
 from server.coordinator import (
-    LAUNCHER,
+    DEFAULT_PORT,
     Coordinator,
     collect,
     follow,
@@ -35,22 +42,15 @@ from server.coordinator import (
     site_status,
     start_superlink,
     submit,
-    superlink_command,
 )
 from server.pki import write_pilot_pki
-from server.superlink_launcher import LocalOnlyOutsideFleet
+from tests.netns import Host, Network, network_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "pm_common" / "datasets" / "heart_disease"
 STUDY = REPO / "docker" / "studies" / "heart_disease.toml"
 TRAINING_SITES = ("cleveland", "hungary", "switzerland")
 UNAPPROVED_SITE = "va_long_beach"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.5):  # type: ignore[no-untyped-def]
@@ -90,31 +90,49 @@ def study_file(tmp: Path, name: str, rounds: int, **tables: dict) -> Path:
 
 
 class Federation:
-    """One coordinator directory and its SuperLink, plus every site process a test starts."""
+    """One coordinator host with its directory and SuperLink, and a host per site a test adds."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, network: Network) -> None:
         self.root = root
+        self.network = network
+        self.coordinator_host = network.add_host("coordinator")
         self.coord = Coordinator(root / "coordinator")
-        self.port = free_port()
+        self.port = DEFAULT_PORT  # the coordinator's host has its own ports
         self.superlink: subprocess.Popen[bytes] | None = None
+        self.hosts: dict[str, Host] = {}
         self.sites: dict[str, SiteProcesses] = {}
         self.logs = root / "logs"
         self.logs.mkdir(parents=True)
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.coordinator_host.address}:{self.port}"
+
+    def on_coordinator(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run `call` on the coordinator's host (the `flwr` CLI and Control API client it uses)."""
+        with self.coordinator_host.entered():
+            return call(*args, **kwargs)
 
     def start_superlink(self) -> None:
         log = (self.logs / "superlink.log").open("ab")
-        self.superlink = start_superlink(self.coord, port=self.port, stdout=log)
-        wait_for(lambda: _listening(self.port), 60, "the SuperLink to listen")
+        with self.coordinator_host.entered():  # `pmfl coordinator start --host ADDR`
+            self.superlink = start_superlink(self.coord, host=self.coordinator_host.address, stdout=log)
+        some_host = next(iter(self.hosts.values()), self.coordinator_host)
+        wait_for(lambda: some_host.listening(self.coordinator_host.address, self.port), 60, "the SuperLink")
 
     def stop_superlink(self) -> None:
         if self.superlink is not None:
             stop(self.superlink)
 
+    def status(self) -> list[dict[str, Any]]:
+        return self.on_coordinator(site_status, self.coord)
+
+    def register(self, site: Path, name: str) -> int:
+        return self.on_coordinator(register_site, self.coord, site / "keys" / "site.pub", name)
+
     def new_site(self, name: str, approve: str | None) -> Path:
+        """A site directory on a host of its own, dialing the coordinator's address."""
+        self.hosts[name] = self.network.add_host(name)
         site = init_site(
             self.root / "sites" / name,
             name,
@@ -122,7 +140,6 @@ class Federation:
             superlink=self.address,
             ca=self.coord.pki.ca_cert,
             studies=("heart-disease",),
-            runtime_port=free_port(),
         )
         if approve:
             approve_app(site, approve)
@@ -130,7 +147,8 @@ class Federation:
 
     def start_site(self, site: Path) -> SiteProcesses:
         log = (self.logs / f"{site.name}.log").open("ab")
-        procs = start_site(site, stdout=log)
+        with self.hosts[site.name].entered():
+            procs = start_site(site, stdout=log)
         self.sites[site.name] = procs
         return procs
 
@@ -140,28 +158,26 @@ class Federation:
         self.stop_superlink()
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    fed = Federation(tmp_path_factory.mktemp("deployment"))
-    write_pilot_pki(fed.coord.pki.directory, ["127.0.0.1", "localhost"])
-    try:
-        fed.start_superlink()
-        yield fed
-    finally:
-        fed.close()
+    root = tmp_path_factory.mktemp("deployment")
+    with network_or_skip("deploy") as network:
+        fed = Federation(root, network)
+        # `pmfl coordinator pki DIR --host ADDR`: SANs ADDR, 127.0.0.1, localhost
+        write_pilot_pki(fed.coord.pki.directory, [fed.coordinator_host.address, "127.0.0.1", "localhost"])
+        try:
+            fed.start_superlink()
+            yield fed
+        finally:
+            fed.close()
 
 
 def _supernode_refused(fed: Federation, name: str, args: list[str], site: Path) -> str:
-    """Run a bare flower-supernode that should be turned away; its log."""
+    """Run a bare flower-supernode on the site's host that should be turned away; its log."""
     log_path = fed.logs / f"{name}.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            ["flower-supernode", "--superlink", fed.address, "--port", str(free_port()), *args],
+        proc = fed.hosts[site.name].popen(
+            ["flower-supernode", "--superlink", fed.address, "--port", "9094", *args],
             env=site_env(site),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -176,7 +192,7 @@ def _supernode_refused(fed: Federation, name: str, args: list[str], site: Path) 
 
 def test_client_without_the_ca_cannot_connect(federation: Federation) -> None:
     site = federation.new_site("no-ca", approve=None)
-    register_site(federation.coord, site / "keys" / "site.pub", "no-ca")
+    federation.register(site, "no-ca")
     log = _supernode_refused(
         federation, "no-ca", ["--auth-supernode-private-key", str(site / "keys" / "site.key")], site
     )
@@ -206,35 +222,6 @@ def test_unregistered_site_is_refused(federation: Federation, tmp_path: Path) ->
     assert "Failed to activate SuperNode" in log
 
 
-def test_other_hosts_reach_the_fleet_api_only(tmp_path: Path) -> None:
-    """`pmfl coordinator start` runs the SuperLink through server.superlink_launcher, whose middleware
-    answers the Control and Runtime APIs to this host only (Flower serves all three on one port)."""
-    assert LAUNCHER in superlink_command(Coordinator(tmp_path), insecure=True)
-    assert LAUNCHER not in superlink_command(Coordinator(tmp_path), insecure=True, remote_control=True)
-    passed: list[str] = []
-
-    async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
-        passed.append(scope["path"])
-
-    def status(path: str, peer: str, own: str = "10.0.0.5") -> int:
-        sent: list[dict] = []
-
-        async def send(message: dict) -> None:
-            sent.append(message)
-
-        scope = {"type": "http", "path": path, "client": (peer, 40000), "server": (own, 8000)}
-        asyncio.run(LocalOnlyOutsideFleet(app)(scope, None, send))  # type: ignore[arg-type]
-        return sent[0]["status"] if sent else 200
-
-    remote = "192.0.2.7"
-    for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/acquire-task", "/docs"):
-        assert status(path, remote) == 403, path
-        for local in ("127.0.0.1", "::1", "10.0.0.5", "::ffff:10.0.0.5"):  # or this host's own address
-            assert status(path, local) == 200, (path, local)
-    assert status("/v1/fleet/pull-messages", remote) == 200
-    assert passed.count("/v1/fleet/pull-messages") == 1
-
-
 def test_study_survives_dropout_and_coordinator_restart(federation: Federation, tmp_path: Path) -> None:
     fed = federation
     app = snapshot_app(tmp_path / "app")
@@ -242,10 +229,10 @@ def test_study_survives_dropout_and_coordinator_restart(federation: Federation, 
     sites = {name: fed.new_site(name, approve=digest) for name in TRAINING_SITES}
     sites[UNAPPROVED_SITE] = fed.new_site(UNAPPROVED_SITE, approve=None)
     for name, site in sites.items():
-        register_site(fed.coord, site / "keys" / "site.pub", name)
+        fed.register(site, name)
         fed.start_site(site)
     wait_for(
-        lambda: sum(s["status"] == "online" for s in site_status(fed.coord) if s["site"] in sites) == 4,
+        lambda: sum(s["status"] == "online" for s in fed.status() if s["site"] in sites) == 4,
         90,
         "four sites online",
     )
@@ -255,7 +242,7 @@ def test_study_survives_dropout_and_coordinator_restart(federation: Federation, 
     run_dir = tmp_path / "run"
     started = time.monotonic()
     study = study_file(tmp_path, "study.toml", rounds=2, secure_aggregation={"enabled": True})
-    run_id = submit(fed.coord, study, run_dir, app, expected_sites=4)
+    run_id = fed.on_coordinator(submit, fed.coord, study, run_dir, app, expected_sites=4)
     metrics_path = run_dir / "metrics.json"
 
     def round_one_recorded() -> bool:
@@ -267,9 +254,9 @@ def test_study_survives_dropout_and_coordinator_restart(federation: Federation, 
     wait_for(round_one_recorded, 150, "round 1 with three sites", interval=0.1)
     victim = "switzerland"
     fed.sites[victim].kill()
-    info = follow(fed.coord, run_id, run_dir, timeout=240)
+    info = fed.on_coordinator(follow, fed.coord, run_id, run_dir, timeout=240)
     elapsed = time.monotonic() - started
-    deployment = collect(fed.coord, run_id, run_dir, info)
+    deployment = fed.on_coordinator(collect, fed.coord, run_id, run_dir, info)
     assert info["status"] == "finished:completed", info
 
     metrics = json.loads(metrics_path.read_text())
@@ -311,20 +298,17 @@ def test_study_survives_dropout_and_coordinator_restart(federation: Federation, 
     # that are still running reconnect by themselves and take the next study.
     fed.stop_superlink()
     fed.start_superlink()
-    assert run_info(fed.coord, run_id)["status"] == "finished:completed"
-    assert {s["site"] for s in site_status(fed.coord)} >= set(sites)
+    assert fed.on_coordinator(run_info, fed.coord, run_id)["status"] == "finished:completed"
+    assert {s["site"] for s in fed.status()} >= set(sites)
     wait_for(
-        lambda: (
-            {s["site"] for s in site_status(fed.coord) if s["status"] == "online"} >= {"cleveland", "hungary"}
-        ),
+        lambda: {s["site"] for s in fed.status() if s["status"] == "online"} >= {"cleveland", "hungary"},
         90,
         "the surviving sites to reconnect",
     )
     second = tmp_path / "run-2"
-    run_id_2 = submit(
-        fed.coord, study_file(tmp_path, "study-2.toml", rounds=1), second, app, expected_sites=3
-    )
-    info = follow(fed.coord, run_id_2, second, timeout=120)
+    study_2 = study_file(tmp_path, "study-2.toml", rounds=1)
+    run_id_2 = fed.on_coordinator(submit, fed.coord, study_2, second, app, expected_sites=3)
+    info = fed.on_coordinator(follow, fed.coord, run_id_2, second, timeout=120)
     assert info["status"] == "finished:completed", info
     # Same study, so each site's accountant carried on from its own directory: its budget was
     # planned for the 2 rounds it already gave, and it declines a third.
