@@ -35,6 +35,7 @@ from pm_common.hospital_dp import clip_and_noise, site_noise_std
 from pm_common.ledger import CLOSED, DECLINED, TRAINED, LedgerEntry
 from pm_common.metrics import reportable
 from pm_common.privacy import BudgetTooLow, PrivacyPlan, check_next_round, cumulative_epsilon, plan_study
+from pm_common.roster import Roster
 from pm_common.tasks import SiteTensors, task_of
 
 log = logging.getLogger("pmfl.client")
@@ -284,7 +285,8 @@ def _answer_round(
         update = {p.MODEL: wire.packed_record(trained)}
         return reply(entry, update, weight, outcome.mean_loss, next_round_fits=fits)
     vector = _weighted_delta(received, weights, weight, study, float(secagg_request["max-weight"]))
-    masked, clipped, keys = secagg.mask_update(secagg_request, context.state, vector)
+    identity = _secagg_identity(site, store, state, request.run)
+    masked, clipped, keys = secagg.mask_update(secagg_request, context.state, vector, identity)
     update = {p.MASKED: wire.packed_record({p.MASKED: masked})}
     if keys:  # this site's public keys for the next round
         update[p.SECAGG] = keys
@@ -348,10 +350,24 @@ def enroll(msg: Message, context: Context) -> Message:
     return Message(RecordDict({p.ENROLL: reply}), reply_to=msg)
 
 
+def _secagg_identity(site: SiteSpec, store: StateStore, state: SiteState, run: str) -> secagg.SiteIdentity:
+    """This site in `run`: its ledger key and the run's roster it signed (refused if it did not)."""
+    signed = state.rosters.get(run)
+    if signed is None:
+        raise SiteRefusal(f"this site is not enrolled in run {run[:12]}: no roster to know its peers by")
+    return secagg.SiteIdentity(site.name, store.signing_key(), Roster.from_dict(signed["roster"]))
+
+
 @app.query(p.SECAGG_ACTION)
 def secure_aggregation(msg: Message, context: Context) -> Message:
     """Secure aggregation's key stages; the masked update itself goes with the training reply."""
-    reply = secagg.handle(msg.content[p.SECAGG], context.state)
+    request = msg.content[p.SECAGG]
+    identity = None
+    if str(request.get("run", "")):  # TODO(secagg hardening): required, once every caller names its run
+        site, store = resolve_site(context, str(request["study"]))
+        state = store.load() or SiteState(study=str(request["study"]))
+        identity = _secagg_identity(site, store, state, str(request["run"]))
+    reply = secagg.handle(request, context.state, identity)
     return Message(RecordDict({p.SECAGG: reply}), reply_to=msg)
 
 

@@ -14,11 +14,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, RecordDict
 
 from pm_common import secure_aggregation as sa
+from pm_common.roster import Roster
 
 STATE_KEY = "pmfl-secagg"
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """Who this site is in the run: its name, its ledger key (its enrolled identity), and the run's
+    roster it signed, which names every peer's ledger key."""
+
+    site: str
+    key: Ed25519PrivateKey
+    roster: Roster
 
 
 @dataclass
@@ -180,7 +192,7 @@ def unmasking_shares(
     return seed_nodes, [held[n][0] for n in seed_nodes], key_nodes, [held[n][1] for n in key_nodes]
 
 
-def handle(request: ConfigRecord, state: RecordDict) -> ConfigRecord:
+def handle(request: ConfigRecord, state: RecordDict, identity: SiteIdentity | None = None) -> ConfigRecord:
     """Answer a key stage: `setup`, `share-keys` or `unmask` (which may carry the next round's
     key sharing: the round after it is then ready without extra exchanges)."""
     stage, round_ = str(request["stage"]), int(request["round"])
@@ -218,7 +230,7 @@ def _share(request: ConfigRecord, state: RecordDict, round_: int) -> ConfigRecor
 
 
 def mask_update(
-    request: ConfigRecord, state: RecordDict, vector: np.ndarray
+    request: ConfigRecord, state: RecordDict, vector: np.ndarray, identity: SiteIdentity | None = None
 ) -> tuple[np.ndarray, int, ConfigRecord]:
     """The training stage: this round's masked `vector`, its number of clipped coordinates, and
     what goes back with it: the next round's public keys when the coordinator asks for them."""

@@ -125,7 +125,8 @@ def run_study(
         max_update_norm=study.strategy.max_update_norm,
         round_offset=resume_study(run_dir, enrolled.roster.run, model, inner, recorder) if resume else 0,
         secure=(
-            SecureAggregation(study.secure_aggregation, recorder.record_failure)
+            SecureAggregation(study.secure_aggregation, recorder.record_failure, study=study.name,
+                              run=enrolled.roster.run, sites=enrolled.nodes)
             if study.secure_aggregation.enabled
             else None
         ),

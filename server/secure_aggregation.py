@@ -110,9 +110,22 @@ class SecureAggregation:
     those keyed in advance, runs the `setup` and `share-keys` stages first.
     """
 
-    def __init__(self, config: SecureAggregationConfig, on_failure: Callable[[int, str], None]) -> None:
+    def __init__(
+        self,
+        config: SecureAggregationConfig,
+        on_failure: Callable[[int, str], None],
+        *,
+        study: str = "",
+        run: str = "",
+        sites: Mapping[int, str] | None = None,
+    ) -> None:
+        """`study`, `run`: named in every stage request, so a site finds the run's roster it signed
+        (its peers' ledger keys). `sites`: node id -> site name, from the run's enrolment."""
         self.config = config
         self.on_failure = on_failure  # (round, reason): the recorder's failure log
+        self.study = study
+        self.run = run
+        self.sites = dict(sites or {})
         self.timeout = 3600.0
         self.last_round = 0  # no keys are prepared beyond it
         self._round: _Round | None = None
@@ -172,6 +185,8 @@ class SecureAggregation:
             bundles = [(s, b) for s, b in ready.inbox.get(index, []) if s in ready.shared]
             relay = ConfigRecord({
                 "round": server_round,
+                "study": self.study,
+                "run": self.run,
                 "senders": [s for s, _ in bundles],
                 "sealed": [b for _, b in bundles],
                 "clip-range": ready.quantiser.clip_range,
@@ -249,8 +264,9 @@ class SecureAggregation:
         if not requests:
             return []
         messages = [
-            Message(RecordDict({p.SECAGG: ConfigRecord({"round": server_round, **body})}),
-                    dst_node_id=node, message_type=p.SECAGG_MESSAGE)
+            Message(RecordDict({p.SECAGG: ConfigRecord(
+                {"round": server_round, "study": self.study, "run": self.run, **body}
+            )}), dst_node_id=node, message_type=p.SECAGG_MESSAGE)
             for node, body in requests.items()
         ]
         replies = list(self._grid.send_and_receive(messages, timeout=self.timeout))
