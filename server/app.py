@@ -198,17 +198,28 @@ def _final_evaluation(
             recorder.record_evaluation(study.rounds, site, evaluation)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
+def coordinator_grid(grid: Grid) -> Grid:
+    """Flower's grid, tuned for where the coordinator runs (see server/grid.py and
+    pm_common/flower_patches.py for why each wait is shortened)."""
+    if isinstance(grid, HttpGrid):  # deployed: collect replies without Flower's fixed 3 s waits
+        return PollingGrid(grid)
+    if isinstance(grid, InMemoryGrid):  # simulated: poll replies every 10 ms, not 100 ms
+        flower_patches.set_simulation_pull_interval(grid, SIMULATION_PULL_INTERVAL)
+    return grid
+
+
+def serve(grid: Grid, context: Context) -> None:
+    """Run the study the run config names, over `grid` (already tuned: `coordinator_grid`)."""
     study_path, run_dir = resolve_run(context.run_config)
     study = load_study(study_path)
     torch.manual_seed(study.seed)
     timeout = float(os.environ.get(ROUND_TIMEOUT_ENV, "3600"))
-    if isinstance(grid, HttpGrid):  # deployed: collect replies without Flower's fixed 3 s waits
-        grid = PollingGrid(grid)
-    elif isinstance(grid, InMemoryGrid):  # simulated: poll replies every 10 ms, not 100 ms
-        flower_patches.set_simulation_pull_interval(grid, SIMULATION_PULL_INTERVAL)
     resume = bool(context.run_config.get("resume", False)) or os.environ.get(RESUME_ENV) == "1"
     run_study(
         grid, study, run_dir, timeout, int(context.run_config.get("expected-sites", 0) or 0), resume
     )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    serve(coordinator_grid(grid), context)

@@ -36,6 +36,7 @@ from pm_common.roster import (
     roster_signature_valid,
     study_digest,
 )
+from server.grid import DelegatingGrid
 from server.recorder import RunRecorder
 
 log = logging.getLogger("pmfl.server")
@@ -221,40 +222,18 @@ def _sign(grid: Grid, nodes: Mapping[int, RosterEntry], roster: Roster, study: S
     return signatures, ledgers
 
 
-class EnrolledGrid(Grid):
+class EnrolledGrid(DelegatingGrid):
     """The coordinator's grid as the study's strategy sees it: only the nodes of sites on the roster.
 
     Why: a node that is connected but not on the roster (a site that refused the study, an app it
     did not approve, a node that joined after round 1) would refuse every round; sampling it only
     fills the run's record with failures and, for a strategy that waits for a number of replies,
-    stalls rounds. Everything else is delegated unchanged.
+    stalls rounds.
     """
 
     def __init__(self, inner: Grid, nodes: Iterable[int]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.nodes = set(nodes)
-
-    def set_run(self, run_id: int) -> None:
-        self.inner.set_run(run_id)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return self.inner.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         return [n for n in self.inner.get_node_ids() if n in self.nodes]
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        return self.inner.send_and_receive(messages, timeout=timeout)

@@ -33,15 +33,12 @@ POLL_ENV = "PMFL_GRID_POLL_INTERVAL"
 DEFAULT_POLL = 0.1  # seconds; a pull is one small HTTPS request to the SuperLink
 
 
-class PollingGrid(Grid):
-    """Delegate to `inner`, but wait for replies in steps of `poll_interval` seconds."""
+class DelegatingGrid(Grid):
+    """A Grid that hands every call to `inner`: the base of pmfl's grid wrappers, each of which
+    changes one thing (how replies are awaited, which nodes a strategy sees) and nothing else."""
 
-    def __init__(self, inner: Grid, poll_interval: float | None = None) -> None:
+    def __init__(self, inner: Grid) -> None:
         self.inner = inner
-        flower_patches.fast_grid_content_retries()
-        self.poll_interval = (
-            float(os.environ.get(POLL_ENV, DEFAULT_POLL)) if poll_interval is None else poll_interval
-        )
 
     def set_run(self, run_id: int) -> None:
         self.inner.set_run(run_id)
@@ -63,14 +60,27 @@ class PollingGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return self.inner.get_node_ids()
 
-    def get_nodes(self):  # type: ignore[no-untyped-def]
-        return self.inner.get_nodes()
-
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.inner.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class PollingGrid(DelegatingGrid):
+    """Delegate to `inner`, but wait for replies in steps of `poll_interval` seconds."""
+
+    def __init__(self, inner: Grid, poll_interval: float | None = None) -> None:
+        super().__init__(inner)
+        flower_patches.fast_grid_content_retries()
+        self.poll_interval = (
+            float(os.environ.get(POLL_ENV, DEFAULT_POLL)) if poll_interval is None else poll_interval
+        )
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

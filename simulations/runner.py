@@ -39,6 +39,7 @@ from server.app import app as server_app
 from server.recorder import ProgressCallback
 from server.resume import RESUME_ENV
 from simulations.attacks import attack_mod, study_attacks
+from simulations.faults import crash_round, crashing_server_app
 
 SITES_DIR = "simulated-sites"  # under the run directory: one directory per simulated hospital
 
@@ -104,21 +105,34 @@ def simulate(
     overwrite: bool = False,
     verbose: bool = False,
     resume: bool = False,
+    sites_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run `study` with one simulated SuperNode per site; returns the run's metrics.json.
 
-    `resume`: continue an unfinished run in `out_dir` from its last checkpoint, with the simulated
-    sites' saved state (their accountants and ledgers carry on; no round runs twice).
+    Args:
+        study: the study, with its simulated [[sites]].
+        out_dir: the run directory.
+        progress: called after every round (the CLI's live display).
+        overwrite: replace an earlier run in `out_dir`.
+        verbose: show Flower's and Ray's logs.
+        resume: continue an unfinished run in `out_dir` from its last checkpoint, with the simulated
+            sites' saved state (their accountants and ledgers carry on; no round runs twice).
+        sites_dir: where the simulated hospitals keep their directories (default
+            `out_dir`/simulated-sites); the same directory for two runs of a study is a resubmission.
+
+    Returns:
+        The run's metrics.json.
     """
     check_sites(study)
     study_attacks(study)  # a misnamed attacker fails here, before any process starts
+    crash = crash_round(study)
     run_dir = prepare_run_dir(out_dir, overwrite, resume)
     config_path = run_dir / "config.toml"
     write_study(study, config_path)
     channel = {
         STUDY_ENV: str(config_path),
         RUN_DIR_ENV: str(run_dir),
-        SITES_DIR_ENV: str(run_dir / SITES_DIR),
+        SITES_DIR_ENV: str(Path(sites_dir).resolve() if sites_dir else run_dir / SITES_DIR),
         RESUME_ENV: "1" if resume else "0",
     }
     earlier = {key: os.environ.get(key) for key in channel}
@@ -129,7 +143,7 @@ def simulate(
     gpus = 1.0 / len(study.sites) if torch.cuda.is_available() else 0.0
     try:
         run_simulation(
-            server_app=server_app,
+            server_app=server_app if crash is None or resume else crashing_server_app(crash),
             client_app=simulated_client_app(study),
             num_supernodes=len(study.sites),
             backend_config={
