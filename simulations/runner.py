@@ -28,12 +28,13 @@ from flwr.simulation import run_simulation
 from client.app import app as client_app
 from pm_common import protocol as p
 from pm_common.config import StudyConfig, write_study
-from pm_common.tasks import SiteTensors, task_of
+from pm_common.tasks import SiteTensors
 from server.app import RUN_DIR_ENV, STUDY_ENV, set_progress_callback
 from server.app import app as server_app
 from server.recorder import ProgressCallback
 from server.resume import RESUME_ENV
 from simulations.attacks import attack_mod, study_attacks
+from simulations.preflight import preflight
 from simulations.site_state import STATE_DIR, site_state_mod
 
 
@@ -46,11 +47,11 @@ def check_sites(study: StudyConfig) -> dict[str, SiteTensors]:
 
     In a real federation each hospital runs this check on its own data (`pmfl site check`); in a
     simulation the researcher holds every file. Returns each site's split (counts are reported).
+
+    Raises:
+        SiteDataError: every problem of every site's data, one line each (simulations.preflight).
     """
-    if not study.sites:
-        raise SimulationError("the study declares no [[sites]] to simulate")
-    task = task_of(study)
-    return {site.name: task.load_site(site, study) for site in study.sites}
+    return {checked.site.name: checked.data for checked in preflight(study, plans=False)}
 
 
 def simulated_client_app(study: StudyConfig, run_dir: Path) -> ClientApp:
@@ -104,8 +105,7 @@ def simulate(
     `resume`: continue an unfinished run in `out_dir` from its last checkpoint, with the simulated
     sites' saved state (their accountants and ledgers carry on; no round runs twice).
     """
-    check_sites(study)
-    study_attacks(study)  # a misnamed attacker fails here, before any process starts
+    preflight(study)  # attackers, every site's data and DP plan: refused here, before any process starts
     run_dir = prepare_run_dir(out_dir, overwrite, resume)
     config_path = run_dir / "config.toml"
     write_study(study, config_path)
