@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from client import secure_aggregation as secagg
+from client.errors import error_reply_mod
 from client.site import load_site_data, parse_study_text, resolve_site
 from client.state import SiteState, StateStore
 from client.training import LocalTraining, pick_device, predict, train_round
@@ -35,7 +36,7 @@ from pm_common.signing import chain_head, public_key_pem, sign_entry
 from pm_common.tasks import SiteTensors, task_of
 
 log = logging.getLogger("pmfl.client")
-app = ClientApp()
+app = ClientApp(mods=[error_reply_mod])  # outermost: no exception reaches Flower (client/errors.py)
 
 
 def _study_of(msg: Message) -> tuple[StudyConfig, str]:
