@@ -21,6 +21,7 @@ from pm_common.image_models import IMAGE_MODELS
 from pm_common.imaging import FORMATS, ImageSpec
 from pm_common.models import AUTO_MODE, OPACUS_MODES, TABULAR_MODELS, resolve_grad_sample_mode
 from pm_common.privacy import DEFAULT_ACCOUNTANT
+from pm_common.redaction import one_line
 from pm_common.schema import (
     NAME_PATTERN,
     Boolean,
@@ -198,6 +199,8 @@ SITE_NAME = Text(max_length=64, pattern=NAME_PATTERN)
 STUDY_NAME = Text(max_length=100, pattern=NAME_PATTERN)
 PATH = Text(max_length=MAX_PATH_LENGTH, what="a file path")
 GRAD_SAMPLE_MODES = (AUTO_MODE, *OPACUS_MODES)
+KRUM_AGGREGATES = ("fedavg", "median")
+KRUM_SCORES = ("nearest", "median")
 
 STUDY_RULES: dict[str, Rule] = {
     "name": STUDY_NAME,
@@ -232,8 +235,8 @@ STRATEGY_RULES: dict[str, Rule] = {
     "krum_select": Integer(1, MAX_SITES),
     "krum_history": Number(0, 1, high_open=True),
     "krum_outlier_ratio": Number(1, 1e6),
-    "krum_aggregate": Choice(("fedavg", "median")),
-    "krum_score": Choice(("nearest", "median")),
+    "krum_aggregate": Choice(KRUM_AGGREGATES),
+    "krum_score": Choice(KRUM_SCORES),
 }
 PRIVACY_RULES: dict[str, Rule] = {
     "dp": Boolean(),
@@ -345,7 +348,8 @@ def _contract(study: _Study, task: str) -> DataContract | None:
             with open(table, "rb") as fh:
                 loaded = tomllib.load(fh)
         except (OSError, ValueError) as exc:  # ValueError: TOMLDecodeError, or a NUL in the path
-            study.refuse("[contract]", f"cannot read the contract file {table}: {exc}")
+            why = one_line(str(exc), 200)
+            study.refuse("[contract]", f"cannot read the contract file {show(table)}: {why}")
             return None
         table = loaded.get("contract", loaded)
         study.raw["contract"] = table  # inline it: the effective config stands on its own
@@ -396,10 +400,6 @@ def server_learning_rate(strategy: StrategyConfig) -> float:
     if strategy.server_learning_rate is not None:
         return strategy.server_learning_rate
     return 1.0 if strategy.name == "fedavgm" else 0.1
-
-
-KRUM_AGGREGATES = ("fedavg", "median")
-KRUM_SCORES = ("nearest", "median")
 
 
 def _strategy(study: _Study) -> StrategyConfig | None:
