@@ -282,7 +282,15 @@ DENSENET_MIN_SIDE = 32  # DenseNet121 halves its input five times
 
 
 def site_place(name: Any, index: int | None = None) -> str:
-    """How a refusal names a `[[sites]]` entry: by its name when it has a usable one."""
+    """How a refusal names a `[[sites]]` entry: by its name when it has a usable one.
+
+    Args:
+        name: the entry's `name` as found.
+        index: the entry's position (0-based), used when the name is unusable.
+
+    Returns:
+        e.g. `[[sites]] 'cleveland'` or `[[sites]] #2`.
+    """
     if isinstance(name, str) and NAME_PATTERN.match(name) and len(name) <= 64:
         return f"[[sites]] {quote_name(name)}"
     return f"[[sites]] #{(index or 0) + 1}"

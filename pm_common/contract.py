@@ -208,7 +208,16 @@ def _feature(spec: Any, index: int, problems: list[str]) -> Feature | None:
 
 
 def check_contract(data: Any, problems: list[str], place: str = "[contract]") -> DataContract | None:
-    """Check a `[contract]` table, appending one line per problem; the contract, or None if any."""
+    """Check a `[contract]` table, its target and every feature.
+
+    Args:
+        data: the table as loaded.
+        problems: where one line per problem is appended.
+        place: how refusals name the table.
+
+    Returns:
+        The contract, or None when it has any problem.
+    """
     before = len(problems)
     values = check_table(data, CONTRACT_RULES, place, problems, required=("target", "features"))
     if values is None:

@@ -73,14 +73,9 @@ def calibrate_noise_multiplier(
 ) -> float:
     """Smallest noise multiplier whose `steps` steps at `sample_rate` stay within (epsilon, delta).
 
-    Opacus' `get_noise_multiplier` search (double sigma until the budget holds, then bisect), with
-    one addition: the bisection also stops once sigma's interval can no longer shrink. Opacus loops
-    for ever when epsilon jumps by more than its tolerance between two neighbouring floats (a large
-    epsilon over billions of steps does that); wherever Opacus terminates the result is identical.
-    The sigma returned always keeps the composed epsilon within the budget.
-
     Raises:
-        ValueError: the budget is malformed, or no sigma up to MAX_NOISE_MULTIPLIER meets it.
+        ValueError: the budget is malformed, a PRV plan is longer than MAX_PRV_STEPS, or no sigma
+            up to MAX_NOISE_MULTIPLIER meets the budget.
     """
     if not (epsilon > 0 and 0 < delta < 1):
         raise ValueError(
@@ -88,6 +83,42 @@ def calibrate_noise_multiplier(
         )
     if not 0 < sample_rate <= 1 or steps < 1:
         raise ValueError(f"need 0 < sample_rate <= 1 and steps >= 1, got ({sample_rate}, {steps})")
+    return search_noise_multiplier(
+        target_epsilon=epsilon,
+        target_delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=accountant,
+    )
+
+
+def search_noise_multiplier(
+    *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """Opacus' `get_noise_multiplier` search, made to terminate: same arguments, same result.
+
+    Opacus doubles sigma until the budget holds, then bisects until epsilon is within 0.01 of the
+    budget. That bisection never ends when epsilon jumps by more than 0.01 between two neighbouring
+    floats, which a large epsilon over billions of steps does (epsilon 100, delta 0.1, q = 1e-7,
+    10^13 steps looped for ever here); this one also stops once sigma's interval cannot shrink, and
+    wherever Opacus terminates it returns exactly Opacus' sigma (checked on a grid of budgets, rates
+    and steps). The sigma returned always keeps the composed epsilon within the budget. The PRV
+    accountant is refused above MAX_PRV_STEPS, where it would exhaust the memory.
+
+    Args:
+        target_epsilon: the budget's epsilon.
+        target_delta: the budget's delta.
+        sample_rate: Poisson sampling rate q.
+        steps: DP-SGD steps planned in all.
+        accountant: Opacus accountant name ("rdp", "prv").
+
+    Returns:
+        The noise multiplier.
+
+    Raises:
+        ValueError: no sigma up to MAX_NOISE_MULTIPLIER meets the budget (Opacus: "The privacy budget
+            is too low."), or a PRV plan is too long.
+    """
     if accountant == "prv" and steps > MAX_PRV_STEPS:
         raise ValueError(
             f"the prv accountant is limited to {MAX_PRV_STEPS} planned DP-SGD steps (this plan has "
@@ -97,22 +128,22 @@ def calibrate_noise_multiplier(
 
     def spent(sigma: float) -> float:
         account.history = [(sigma, sample_rate, int(steps))]
-        return float(account.get_epsilon(delta=delta))
+        return float(account.get_epsilon(delta=target_delta))
 
     sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
-    while eps_high > epsilon:
+    while eps_high > target_epsilon:
         sigma_high *= 2
         eps_high = spent(sigma_high)
         if sigma_high > MAX_NOISE_MULTIPLIER:
             raise ValueError(
                 f"the privacy budget is too low: no noise multiplier up to {MAX_NOISE_MULTIPLIER:g} keeps "
-                f"epsilon within {epsilon:g} at delta {delta:g} over {steps} steps at sampling rate "
-                f"{sample_rate:.3g}; raise epsilon, or plan fewer rounds or local epochs"
+                f"epsilon within {target_epsilon:g} at delta {target_delta:g} over {steps} steps at "
+                f"sampling rate {sample_rate:.3g}; raise epsilon, or plan fewer rounds or local epochs"
             )
-    while epsilon - eps_high > EPSILON_TOLERANCE and sigma_high - sigma_low > 1e-12 * sigma_high:
+    while target_epsilon - eps_high > EPSILON_TOLERANCE and sigma_high - sigma_low > 1e-12 * sigma_high:
         sigma = (sigma_low + sigma_high) / 2
         eps = spent(sigma)
-        if eps < epsilon:
+        if eps < target_epsilon:
             sigma_high, eps_high = sigma, eps
         else:
             sigma_low = sigma

@@ -60,9 +60,15 @@ def _exception_type(line: str) -> str:
 def failure_reason(reason: str) -> str:
     """A failure as the coordinator records it, whatever a site's error reply says.
 
-    One line of at most MAX_REASON characters, paths replaced. A traceback is reduced to its
-    exception's type; Flower's wrapper of an exception that escaped a ClientApp
-    (`<class 'T'>:<'message'>`) keeps only the type: its message was never written to be shared.
+    A traceback is reduced to its exception's type; Flower's wrapper of an exception that escaped a
+    ClientApp (`<class 'T'>:<'message'>`) keeps only the type: its message was never written to be
+    shared.
+
+    Args:
+        reason: the failure as described, e.g. `node 7: ` and a reply's error reason.
+
+    Returns:
+        One line of at most MAX_REASON characters, paths replaced by `<path>`.
     """
     text = str(reason)
     if TRACEBACK in text:
@@ -91,8 +97,15 @@ def code_location(exc: BaseException) -> str:
 
 
 def internal_error_line(exc: BaseException, program: str = "pmfl") -> str:
-    """The one line a command prints for an exception it did not expect: its type and place, never
-    its message (which can hold values), and how to see the traceback."""
+    """The one line a command prints for an exception it did not expect.
+
+    Args:
+        exc: the exception that escaped the command.
+        program: the command's name, first on the line.
+
+    Returns:
+        Its type and place, never its message (which can hold values), and how to see the traceback.
+    """
     return (
         f"{program}: internal error ({type(exc).__name__} in {code_location(exc)}); set PMFL_DEBUG=1 "
         "to see the traceback, which may show data values"

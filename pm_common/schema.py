@@ -45,7 +45,14 @@ class Refused(Exception):
 
 
 def show(value: Any) -> str:
-    """A found value as a refusal quotes it: short, on one line, with its TOML type when that helps."""
+    """A found value as a refusal quotes it: short, on one line, with its TOML type when that helps.
+
+    Args:
+        value: a value as tomllib loaded it.
+
+    Returns:
+        e.g. `"abc" (text)`, `true (a boolean)`, `nan`, `an integer of 31 digits`, `a table`.
+    """
     if isinstance(value, bool):
         return f"{'true' if value else 'false'} (a boolean)"
     if isinstance(value, int):
@@ -68,7 +75,14 @@ def show(value: Any) -> str:
 
 
 def quote_name(name: Any) -> str:
-    """A name (site, feature) inside a place: 'cleveland', or JSON-quoted when it is unusual."""
+    """A name (site, feature) inside a place: 'cleveland', or JSON-quoted when it is unusual.
+
+    Args:
+        name: the entry's name as found.
+
+    Returns:
+        The name quoted, on one line, at most 64 characters of it.
+    """
     text = str(name)
     if text.isprintable() and "'" not in text and len(text) <= 64:
         return f"'{text}'"
@@ -284,8 +298,17 @@ def check_table(
 ) -> dict[str, Any] | None:
     """Check every key of `table` against `rules`; append one line per problem to `problems`.
 
-    Returns the accepted values (keys that passed), or None when `table` is not a table at all.
     Unknown keys are refused with the allowed keys listed: a typo never goes unnoticed.
+
+    Args:
+        table: the table as loaded (anything: a hostile file may hold a number where a table goes).
+        rules: what each allowed key accepts.
+        place: how refusals name the table, e.g. `[training]` or `[[sites]] 'cleveland'`.
+        problems: where each problem's line is appended.
+        required: keys that must be present.
+
+    Returns:
+        The accepted values (keys that passed), or None when `table` is not a table at all.
     """
     if not isinstance(table, Mapping):
         problems.append(f"{place}: got {show(table)}; expected a table")
@@ -307,7 +330,17 @@ def check_table(
 
 
 def check_value(value: Any, rule: Rule, place: str, problems: list[str]) -> Any:
-    """Check one value; None (and a problem line) when it is refused."""
+    """Check one value against `rule`.
+
+    Args:
+        value: the value as loaded.
+        rule: what it must be.
+        place: how a refusal names it, e.g. `[images].size`.
+        problems: where a refusal's line is appended.
+
+    Returns:
+        The value as pmfl uses it, or None (and a line in `problems`) when it is refused.
+    """
     try:
         return rule.check(value)
     except Refused as exc:
