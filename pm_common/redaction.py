@@ -22,6 +22,8 @@ SAFE_MESSAGE_ERRORS = frozenset(
         "server.pki.PkiError",
         "simulations.runner.SimulationError",
         "pm_common.secure_aggregation.SecAggError",  # protocol steps, node ids and counts
+        "pm_common.privacy.BudgetTooLow",  # a budget and a plan, never the site's data
+        "client.enrollment.SiteRefusal",  # runs, rounds and rosters a site refuses to answer
     }
 )
 """pmfl's own error types whose messages are written for people and never quote patient data (they

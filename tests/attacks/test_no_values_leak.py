@@ -161,17 +161,18 @@ def test_a_site_failing_inside_a_simulated_round_leaks_nothing(tmp_path: Path) -
     assert all("does not fit the study's contract: 1 problem(s) in columns ['chol']" in f for f in failures)
 
 
-def _audit_crash(tmp_path: Path, debug: bool) -> subprocess.CompletedProcess[str]:
-    """`pmfl audit` whose audit raises a KeyError holding a patient row, in a message and a local."""
+def _site_check_crash(tmp_path: Path, debug: bool) -> subprocess.CompletedProcess[str]:
+    """`pmfl site check` whose check raises a KeyError holding a patient row, in its message and in a
+    local variable."""
     code = (
         "import sys\n"
-        "import pm_common.audit\n"
-        "def crash(path):\n"
+        "import client.site_admin\n"
+        "def crash(site_dir, study_path):\n"
         f"    secret_row = [[0.0975, {MARKER}]]\n"
-        "    raise KeyError(f'no site for {secret_row}')\n"
-        "pm_common.audit.run_audit = crash\n"
+        "    raise KeyError(f'no column for {secret_row}')\n"
+        "client.site_admin.check_site = crash\n"
         "from pmfl.cli import main\n"
-        f"sys.argv = ['pmfl', 'audit', {str(tmp_path)!r}]\n"
+        f"sys.argv = ['pmfl', 'site', 'check', {str(tmp_path)!r}, '--study', 'study.toml']\n"
         "main()\n"
     )
     env = _env(PMFL_DEBUG="1") if debug else _env()
@@ -184,12 +185,12 @@ def test_an_unexpected_error_prints_one_line_without_values_or_locals(tmp_path: 
     its message) and exits 1; PMFL_DEBUG=1 shows the traceback, still without local variables.
     Attack: an internal error whose message and local variable hold a patient row (Typer's pretty
     exceptions printed every local, `x=array([[0.0975...`)."""
-    proc = _audit_crash(tmp_path, debug=False)
+    proc = _site_check_crash(tmp_path, debug=False)
     assert proc.returncode == 1 and proc.stdout == ""
     (line,) = proc.stderr.splitlines()
-    assert line.startswith("pmfl: internal error (KeyError in pmfl/cli.py:")
+    assert line.startswith("pmfl: internal error (KeyError in client/cli.py:")
     assert line.endswith("set PMFL_DEBUG=1 to see the traceback, which may show data values")
-    debug = _audit_crash(tmp_path, debug=True)
+    debug = _site_check_crash(tmp_path, debug=True)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
     assert "secret_row" not in debug.stderr  # Typer's pretty traceback, without its locals panel
 
@@ -198,18 +199,18 @@ def test_pmfls_own_errors_keep_their_safe_message(monkeypatch: pytest.MonkeyPatc
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Claim: one of pmfl's own errors that escapes a command keeps its message (written to be safe),
     one line each, exit 1.
-    Fault: a StudyConfigError raised where no command catches it."""
-    import pm_common.audit
+    Fault: a SiteAdminError raised where no command catches it."""
+    import client.site_admin
     from pmfl import cli
 
-    def refuse(path: Path) -> None:
-        raise StudyConfigError(["[study].name: got 5; expected a name", "[[sites]]: two problems"])
+    def refuse(site_dir: Path, study_path: Path) -> None:
+        raise client.site_admin.SiteAdminError("[connection].runtime_port: got 0\n[site].name: missing")
 
-    monkeypatch.setattr(pm_common.audit, "run_audit", refuse)
-    monkeypatch.setattr(sys, "argv", ["pmfl", "audit", "anywhere"])
+    monkeypatch.setattr(client.site_admin, "check_site", refuse)
+    monkeypatch.setattr(sys, "argv", ["pmfl", "site", "check", "anywhere", "--study", "study.toml"])
     monkeypatch.delenv("PMFL_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exited:
         cli.main()
     assert exited.value.code == 1
     assert capsys.readouterr().err.splitlines() == [
-        "pmfl: error: [study].name: got 5; expected a name", "pmfl: error: [[sites]]: two problems"]
+        "pmfl: error: [connection].runtime_port: got 0", "pmfl: error: [site].name: missing"]
