@@ -55,7 +55,17 @@ def safe_reason(exc: BaseException) -> str:
 
 def error_reply_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """A ClientApp mod: any exception of the handlers becomes a logged traceback here and an error
-    reply (Flower's CLIENT_APP_RAISED_EXCEPTION code) with `safe_reason` as its reason."""
+    reply (Flower's CLIENT_APP_RAISED_EXCEPTION code) with `safe_reason` as its reason.
+
+    Args:
+        msg: the coordinator's message.
+        context: the node's context (its state is kept as the handler left it: a spend the site
+            saved before failing stays on its books).
+        call_next: the handlers (and inner mods).
+
+    Returns:
+        The handler's reply, or the error reply.
+    """
     try:
         return call_next(msg, context)
     except Exception as exc:

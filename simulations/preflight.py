@@ -77,7 +77,19 @@ def _data_problems(place: str, exc: Exception) -> list[str]:
 
 
 def site_plan(study: StudyConfig, site: SiteSpec, train_rows: int) -> tuple[int, PrivacyPlan | None]:
-    """The rounds a site plans for and its DP-SGD plan, exactly as client/app.py computes them."""
+    """The rounds a site plans for and its DP-SGD plan, exactly as client/app.py computes them.
+
+    Args:
+        study: the study the coordinator sends.
+        site: the site, with its own privacy settings.
+        train_rows: the site's training rows after its split.
+
+    Returns:
+        (planned rounds, plan), the plan None when the site trains without DP.
+
+    Raises:
+        ValueError: no noise multiplier meets the budget, or a PRV plan is too long.
+    """
     privacy = site.privacy
     planned = study.rounds if privacy.max_rounds is None else min(study.rounds, privacy.max_rounds)
     if not privacy.dp:
