@@ -25,6 +25,7 @@ from torch import nn
 from client import enrollment
 from client import secure_aggregation as secagg
 from client.enrollment import SiteRefusal, append_signed_line
+from client.errors import error_reply_mod
 from client.site import load_site_data, parse_study_text, resolve_site
 from client.state import SiteState, StateStore
 from client.training import LocalTraining, pick_device, predict, train_round
@@ -39,7 +40,7 @@ from pm_common.roster import Roster
 from pm_common.tasks import SiteTensors, task_of
 
 log = logging.getLogger("pmfl.client")
-app = ClientApp()
+app = ClientApp(mods=[error_reply_mod])  # outermost: no exception reaches Flower (client/errors.py)
 
 FEW_TRAINING_ROWS = 20
 """Below this many training rows a site still trains, but says that DP noise will likely drown

@@ -22,8 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pm_common.app_bundle import bundle_hash, packed_state
+from pm_common.schema import Items, Rule, Text, check_table
 
 SITE_TOML = "site.toml"
+APPROVAL_RULES: dict[str, Rule] = {
+    "apps": Items(Text(max_length=64, min_length=64, what="a SHA-256 hex digest"), 0, 10_000),
+    "studies": Items(Text(max_length=100), 0, 10_000),
+    "trusted_entities": Text(max_length=4096, what="a file path"),
+}
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _HEADER = re.compile(r"^\s*\[{1,2}(?P<name>[^\]]+)\]{1,2}\s*(#.*)?$")
 _APPS_LINE = re.compile(r"^(?P<indent>\s*)apps\s*=\s*\[(?P<body>[^\]]*)\]\s*(?P<comment>#.*)?$")
@@ -72,21 +78,23 @@ def load_approval(site_dir: Path) -> Approval:
             raw = tomllib.load(fh)
     except FileNotFoundError as exc:
         raise ApprovalError(f"site config not found: {path}") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ApprovalError(f"{path}: not valid TOML ({exc})") from exc
-    table = raw.get("approval", {})
-    unknown = set(table) - {"apps", "studies", "trusted_entities"}
-    if unknown:
-        raise ApprovalError(f"{path}: [approval] unknown keys {sorted(unknown)}")
-    apps = tuple(str(h).lower() for h in table.get("apps", []))
+    problems: list[str] = []
+    table = check_table(raw.get("approval", {}), APPROVAL_RULES, "[approval]", problems)
+    if problems or table is None:
+        raise ApprovalError("\n".join(f"{path}: {problem}" for problem in problems))
+    apps = tuple(h.lower() for h in table.get("apps", ()))
     bad = [h for h in apps if not _HASH.match(h)]
     if bad:
         raise ApprovalError(f"{path}: [approval] apps must be SHA-256 hex digests, got {bad}")
     trusted = table.get("trusted_entities")
+    site = raw.get("site", {})
+    name = site.get("name") if isinstance(site, dict) else None
     return Approval(
-        site=str(raw.get("site", {}).get("name", path.parent.name)),
+        site=name if isinstance(name, str) and name.isprintable() else path.parent.name,
         apps=apps,
-        studies=tuple(str(s) for s in table["studies"]) if "studies" in table else None,
+        studies=table.get("studies"),
         trusted_entities=(path.parent / trusted).resolve() if trusted else None,
     )
 

@@ -16,14 +16,19 @@ from client.approval import ApprovalError, app_hash, approve_app, load_approval,
 # client.site_admin (torch, pandas) is imported inside the commands that need it: `pmfl --help` stays fast.
 
 site_app = typer.Typer(
-    no_args_is_help=True, help="Run a hospital site: its data, budget and approvals stay here."
+    no_args_is_help=True,
+    rich_markup_mode="markdown",  # help texts are Markdown: [[sites]] and [default: ...] print as written
+    pretty_exceptions_show_locals=False,  # a traceback's local variables can hold patient rows
+    help="Run a hospital site: its data, budget and approvals stay here.",
 )
 console = Console()
+err_console = Console(stderr=True)
 SiteDir = Annotated[Path, typer.Argument(help="the site directory")]
 
 
 def _fail(exc: Exception, code: int = 1) -> None:
-    console.print(f"[red]error:[/] {escape(str(exc))}")
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        err_console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code) from exc
 
 
@@ -63,12 +68,12 @@ def init(
         )
     except (SiteAdminError, StudyConfigError, OSError) as exc:
         _fail(exc)
-    console.print(f"site {name!r} created in {site_dir}")
+    console.print(escape(f"site {name!r} created in {site_dir}"))
     console.print(
         f"  send {site_dir / 'keys' / 'site.pub'} to the coordinator (public key; keep site.key here)"
     )
     if ca is None:
-        console.print(f"  put the coordinator's CA certificate in {site_dir / 'tls' / 'ca.crt'}")
+        console.print(escape(f"  put the coordinator's CA certificate in {site_dir / 'tls' / 'ca.crt'}"))
     console.print("  review and approve the study app: pmfl site approve DIR --app SOURCE (or --hash)")
 
 
@@ -85,8 +90,9 @@ def check(
         report = check_site(directory, study)
     except (StudyConfigError, ApprovalError, OSError) as exc:
         _fail(exc, 2)
-    table = Table(title=f"site {report.site}: study {report.study} (nothing was sent)", show_header=False)
-    table.add_row("data", str(report.data))
+    title = f"site {report.site}: study {report.study} (nothing was sent)"
+    table = Table(title=escape(title), show_header=False)
+    table.add_row("data", escape(str(report.data)))
     skipped = f" ({report.rows_dropped} files skipped)" if report.rows_dropped else ""
     table.add_row("usable rows", f"{report.rows}{skipped}")
     table.add_row("positive labels", str(report.positives))
@@ -105,7 +111,8 @@ def check(
     table.add_row("apps approved", str(report.apps_approved))
     console.print(table)
     for problem in report.problems:
-        console.print(f"[red]problem:[/] {problem}")
+        for line in problem.splitlines():
+            console.print(f"[red]problem:[/] {escape(line)}", soft_wrap=True, highlight=False)
     if not report.ok:
         raise typer.Exit(1)
     console.print("[green]ok[/]: the data fits the study's contract")
@@ -127,7 +134,7 @@ def approve(
     except (ApprovalError, OSError) as exc:
         _fail(exc)
     verb = "revoked" if revoke else "approved"
-    console.print(f"{verb}: {digest}" + ("" if changed else " (no change)"))
+    console.print(escape(f"{verb}: {digest}" + ("" if changed else " (no change)")))
 
 
 @site_app.command("status")
@@ -137,12 +144,12 @@ def status(directory: SiteDir) -> None:
         approval = load_approval(directory)
     except ApprovalError as exc:
         _fail(exc)
-    console.print(f"site {approval.site}: studies {list(approval.studies or ['(any)'])}")
+    console.print(escape(f"site {approval.site}: studies {list(approval.studies or ['(any)'])}"))
     for digest in approval.apps:
-        console.print(f"  approved app {digest}")
+        console.print(escape(f"  approved app {digest}"))
     for ledger in sorted((Path(directory) / "state").glob("*/ledger.jsonl")):
         lines = ledger.read_text(encoding="utf-8").splitlines()
-        console.print(f"  {ledger.parent.name}: {len(lines)} ledger lines in {ledger}")
+        console.print(escape(f"  {ledger.parent.name}: {len(lines)} ledger lines in {ledger}"))
 
 
 @site_app.command("start")

@@ -12,20 +12,26 @@ import logging
 import os
 import tomllib
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 
 from client.approval import load_approval
 from client.state import ContextStateStore, DirectoryStateStore, StateStore
 from pm_common.config import (
+    PRIVACY_RULES,
+    SITE_RULES,
     PrivacySettings,
     SiteSpec,
     StudyConfig,
     StudyConfigError,
     load_study,
     study_from_dict,
+    text_encoding,
 )
+from pm_common.schema import Rule, check_table, show, table_place
 from pm_common.tasks import SiteTensors, task_of
 
 log = logging.getLogger("pmfl.client")
@@ -34,9 +40,16 @@ STUDY_ENV = "PMFL_STUDY"
 SITES_DIR_ENV = "PMFL_SITES_DIR"  # simulation: where the simulated sites keep their directories
 
 
-def load_site_config(site_dir: Path) -> SiteSpec:
-    """Read a deployed site's `site.toml`: name, data file and the site's own privacy budget."""
-    path = Path(site_dir) / "site.toml"
+SITE_TABLES = ("site", "privacy", "approval", "connection")
+SITE_TABLE_RULES: dict[str, Rule] = {k: SITE_RULES[k] for k in ("name", "data", "delimiter", "encoding")}
+
+
+def read_site_toml(path: Path) -> dict[str, Any]:
+    """The site's `site.toml` as loaded; its top level holds only the site's four tables.
+
+    Raises:
+        StudyConfigError: the file is missing, not TOML, or has unknown top-level tables.
+    """
     try:
         with path.open("rb") as fh:
             raw = tomllib.load(fh)
@@ -44,20 +57,38 @@ def load_site_config(site_dir: Path) -> SiteSpec:
         raise StudyConfigError(
             f"site config not found: {path} (create it with `pmfl site init`)"
         ) from exc
-    site = raw.get("site", {})
-    if "name" not in site or "data" not in site:
-        raise StudyConfigError(f"{path}: [site] needs 'name' and 'data'")
-    privacy = raw.get("privacy", {})
-    allowed = set(PrivacySettings.__dataclass_fields__)
-    unknown = set(privacy) - allowed
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise StudyConfigError(f"{path}: cannot be read as TOML ({exc})") from exc
+    unknown = [key for key in raw if key not in SITE_TABLES]
     if unknown:
-        raise StudyConfigError(f"{path}: [privacy] unknown keys {sorted(unknown)}")
+        allowed = ", ".join(f"[{t}]" for t in SITE_TABLES)
+        lines = [f"{table_place(key)}: unknown table; allowed: {allowed}" for key in unknown]
+        raise StudyConfigError(lines, source=path)
+    return raw
+
+
+def load_site_config(site_dir: Path) -> SiteSpec:
+    """Read a deployed site's `site.toml`: name, data file and the site's own privacy budget.
+
+    Raises:
+        StudyConfigError: every problem of `[site]` and `[privacy]` (and unknown tables), one line each.
+    """
+    path = Path(site_dir) / "site.toml"
+    raw = read_site_toml(path)
+    problems: list[str] = []
+    site = check_table(raw.get("site", {}), SITE_TABLE_RULES, "[site]", problems, required=("name", "data"))
+    privacy = check_table(raw.get("privacy", {}), PRIVACY_RULES, "[privacy]", problems)
+    if site is not None and "encoding" in site and not text_encoding(site["encoding"]):
+        found = show(site["encoding"])
+        problems.append(f"[site].encoding: got {found}; expected the name of a text encoding")
+    if problems or site is None or privacy is None:
+        raise StudyConfigError(problems, source=path)
     return SiteSpec(
-        name=str(site["name"]),
+        name=site["name"],
         data=(path.parent / site["data"]).resolve(),
-        privacy=PrivacySettings(**privacy),
-        delimiter=str(site.get("delimiter", ",")),
-        encoding=str(site.get("encoding", "utf-8")),
+        privacy=replace(PrivacySettings(), **privacy),
+        delimiter=site.get("delimiter", ","),
+        encoding=site.get("encoding", "utf-8"),
     )
 
 

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from client.approval import SITE_TOML, load_approval
 from client.supernode_launcher import POLL_ENV
 from pm_common.processes import console_script, flower_env
+from pm_common.schema import Integer, Number, Rule, Text, check_table
 
 # client.site, pm_common.privacy (torch, Opacus: seconds to import) are imported where they are
 # needed, so that `pmfl site init` and `approve` start fast.
@@ -153,19 +154,38 @@ class SiteConnection:
     poll_interval: float | None  # None: Flower's own 3 s idle poll, unpatched
 
 
+CONNECTION_RULES: dict[str, Rule] = {
+    "superlink": Text(max_length=300, what="a host:port address"),
+    "root_certificates": Text(max_length=4096, what="a file path"),
+    "private_key": Text(max_length=4096, what="a file path"),
+    "runtime_port": Integer(1, 65535),
+    "poll_interval": Number(0.01, 60),  # seconds; 0 would poll the coordinator without pause
+}
+
+
 def load_connection(site_dir: Path) -> SiteConnection:
+    """The site's `[connection]` table, every key checked.
+
+    Raises:
+        SiteAdminError: every problem of the table, one line each, named `[connection].key`.
+    """
     site_dir = Path(site_dir).resolve()
-    with (site_dir / SITE_TOML).open("rb") as fh:
-        table = tomllib.load(fh).get("connection", {})
-    unknown = set(table) - {"superlink", "root_certificates", "private_key", "runtime_port", "poll_interval"}
-    if unknown:
-        raise SiteAdminError(f"{site_dir / SITE_TOML}: [connection] unknown keys {sorted(unknown)}")
+    path = site_dir / SITE_TOML
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SiteAdminError(f"{path}: cannot be read as TOML ({exc})") from exc
+    problems: list[str] = []
+    table = check_table(raw.get("connection", {}), CONNECTION_RULES, "[connection]", problems)
+    if problems or table is None:
+        raise SiteAdminError("\n".join(f"{path}: {problem}" for problem in problems))
     return SiteConnection(
-        superlink=str(table.get("superlink", "127.0.0.1:8000")),
-        root_certificates=site_dir / str(table.get("root_certificates", CA_FILE)),
-        private_key=site_dir / str(table.get("private_key", PRIVATE_KEY)),
-        runtime_port=int(table.get("runtime_port", DEFAULT_RUNTIME_PORT)),
-        poll_interval=float(table["poll_interval"]) if "poll_interval" in table else None,
+        superlink=table.get("superlink", "127.0.0.1:8000"),
+        root_certificates=site_dir / table.get("root_certificates", CA_FILE),
+        private_key=site_dir / table.get("private_key", PRIVATE_KEY),
+        runtime_port=table.get("runtime_port", DEFAULT_RUNTIME_PORT),
+        poll_interval=table.get("poll_interval"),
     )
 
 

@@ -6,28 +6,50 @@ written into every run directory, so a run can be reproduced from its own `confi
 
 from __future__ import annotations
 
+import codecs
 import copy
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tomli_w
 
-from pm_common.contract import DataContract, contract_from_dict
-from pm_common.models import resolve_grad_sample_mode
-
-if TYPE_CHECKING:
-    from pm_common.imaging import ImageSpec
+from pm_common.contract import DataContract, check_contract
+from pm_common.image_models import IMAGE_MODELS
+from pm_common.imaging import FORMATS, ImageSpec
+from pm_common.models import AUTO_MODE, OPACUS_MODES, TABULAR_MODELS, resolve_grad_sample_mode
 from pm_common.privacy import DEFAULT_ACCOUNTANT
+from pm_common.redaction import one_line
+from pm_common.schema import (
+    NAME_PATTERN,
+    Boolean,
+    Choice,
+    InputError,
+    Integer,
+    Items,
+    Nested,
+    Number,
+    Rule,
+    Text,
+    check_table,
+    key_place,
+    quote_name,
+    show,
+    table_place,
+)
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 ROBUST_STRATEGIES = ("trimmed-mean", "median", "krum")  # Byzantine-robust: see docs/robustness.md
 
 
-class StudyConfigError(ValueError):
-    """The study config is malformed; says which key and why."""
+class StudyConfigError(InputError):
+    """The study config is malformed: `problems` holds one line per problem, naming `[table].key`,
+    what was found and what is allowed. A ValueError, as it always was."""
+
+    def __init__(self, problems: str | Sequence[str], source: object = None) -> None:
+        super().__init__(problems, source)
 
 
 @dataclass(frozen=True)
@@ -149,81 +171,240 @@ class StudyConfig:
         raise KeyError(f"no site named {name!r} in study {self.name!r}")
 
 
-def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = data.get(key, {})
-    if not isinstance(value, Mapping):
-        raise StudyConfigError(f"[{key}] must be a table")
-    return value
+# -- what every key accepts ------------------------------------------------------------------
+# The upper bounds refuse absurd magnitudes before anything starts; each says what it guards.
+MAX_ROUNDS = 10_000  # federated rounds (and a site's max_rounds): a study of days, not years
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64-bit seeds
+MAX_SPLIT_SEED = 2**32 - 1  # scikit-learn's random_state is a 32-bit seed
+MAX_MIN_REPORT_COUNT = 1_000_000
+MAX_LOCAL_EPOCHS = 100  # per round: steps = epochs * ceil(rows / batch_size)
+MAX_BATCH_SIZE = 100_000  # expected Poisson batch; per-sample gradients are batch x parameters
+MAX_HIDDEN_WIDTH = 1024  # MLP units per layer
+MAX_HIDDEN_LAYERS = 8
+MAX_LEARNING_RATE = 100.0
+MAX_CLIP_NORM = 1e4  # max_grad_norm and hospital-level clip_norm
+MAX_EPSILON = 100.0  # beyond it DP-SGD's noise calibration loses its meaning (and its precision)
+MAX_DELTA = 0.1  # a delta this large already protects almost nothing
+MAX_SITES = 1000  # [[sites]] entries, min_sites, krum sizes, secure-aggregation neighbours
+MAX_NOISE_MULTIPLIER = 1e4
+MAX_UPDATE_NORM = 1e9
+MAX_SECAGG_WEIGHT = 1e9
+MAX_SECAGG_CLIP = 1e6
+MAX_PATH_LENGTH = 4096
+DELIMITERS = (",", ";", "\t", "|")  # what a CSV export uses (and what the reader can sniff)
+ACCOUNTANTS = ("rdp", "prv")  # Opacus accountants the audit can recompute (pm_common.audit)
+TOP_LEVEL = ("study", "model", "training", "strategy", "privacy", "split", "contract", "images",
+             "hospital_dp", "secure_aggregation", "simulation", "sites")
+SITE_NAME = Text(max_length=64, pattern=NAME_PATTERN)
+STUDY_NAME = Text(max_length=100, pattern=NAME_PATTERN)
+PATH = Text(max_length=MAX_PATH_LENGTH, what="a file path")
+GRAD_SAMPLE_MODES = (AUTO_MODE, *OPACUS_MODES)
+KRUM_AGGREGATES = ("fedavg", "median")
+KRUM_SCORES = ("nearest", "median")
+
+STUDY_RULES: dict[str, Rule] = {
+    "name": STUDY_NAME,
+    "task": Choice(TASKS),
+    "rounds": Integer(1, MAX_ROUNDS),
+    "seed": Integer(0, MAX_SEED),
+    "min_report_count": Integer(1, MAX_MIN_REPORT_COUNT),
+}
+MODEL_RULES: dict[str, Rule] = {
+    "name": Nested("a model name"),  # one of the study task's models: checked below
+    "hidden": Items(Integer(1, MAX_HIDDEN_WIDTH), 1, MAX_HIDDEN_LAYERS),
+}
+TRAINING_RULES: dict[str, Rule] = {
+    "local_epochs": Integer(1, MAX_LOCAL_EPOCHS),
+    "batch_size": Integer(1, MAX_BATCH_SIZE),
+    "learning_rate": Number(0, MAX_LEARNING_RATE, low_open=True),
+    "momentum": Number(0, 1, high_open=True),
+    "max_grad_norm": Number(0, MAX_CLIP_NORM, low_open=True),
+    "grad_sample_mode": Choice(GRAD_SAMPLE_MODES),
+    "max_physical_batch_size": Integer(0, MAX_BATCH_SIZE),
+}
+STRATEGY_RULES: dict[str, Rule] = {
+    "name": Choice(STRATEGIES + ROBUST_STRATEGIES),
+    "proximal_mu": Number(0, 1000),
+    "server_learning_rate": Number(0, MAX_LEARNING_RATE, low_open=True),
+    "server_momentum": Number(0, 1, high_open=True),
+    "tau": Number(0, 10, low_open=True),
+    "min_sites": Integer(1, MAX_SITES),
+    "max_update_norm": Number(0, MAX_UPDATE_NORM, low_open=True),
+    "trim_fraction": Number(0, 0.5, high_open=True),
+    "krum_malicious": Integer(0, MAX_SITES),
+    "krum_select": Integer(1, MAX_SITES),
+    "krum_history": Number(0, 1, high_open=True),
+    "krum_outlier_ratio": Number(1, 1e6),
+    "krum_aggregate": Choice(KRUM_AGGREGATES),
+    "krum_score": Choice(KRUM_SCORES),
+}
+PRIVACY_RULES: dict[str, Rule] = {
+    "dp": Boolean(),
+    "epsilon": Number(0, MAX_EPSILON, low_open=True),
+    "delta": Number(0, MAX_DELTA, low_open=True),
+    "max_rounds": Integer(1, MAX_ROUNDS),
+    "accountant": Choice(ACCOUNTANTS),
+}
+SPLIT_RULES: dict[str, Rule] = {
+    "test_fraction": Number(0, 1, low_open=True, high_open=True),
+    "seed": Integer(0, MAX_SPLIT_SEED),
+}
+HOSPITAL_DP_RULES: dict[str, Rule] = {
+    "enabled": Boolean(),
+    "clip_norm": Number(0, MAX_CLIP_NORM, low_open=True),
+    "noise_multiplier": Number(0, MAX_NOISE_MULTIPLIER),
+    "delta": Number(0, MAX_DELTA, low_open=True),
+}
+SECURE_AGGREGATION_RULES: dict[str, Rule] = {
+    "enabled": Boolean(),
+    "neighbours": Integer(0, MAX_SITES),
+    "threshold": Number(0.5, 1),
+    "clip_range": Number(1, MAX_SECAGG_CLIP),
+    "max_weight": Number(0, MAX_SECAGG_WEIGHT, low_open=True),
+}
+SITE_RULES: dict[str, Rule] = {
+    "name": SITE_NAME,
+    "data": PATH,
+    "delimiter": Choice(DELIMITERS),
+    "encoding": Text(max_length=40, what="a text encoding name"),
+    **PRIVACY_RULES,
+}
+IMAGE_SOURCE_RULES: dict[str, Rule] = {
+    "format": Choice(FORMATS),
+    "manifest": PATH,
+    "window_center": Number(-1e6, 1e6),
+    "window_width": Number(0, 1e6, low_open=True),
+    "on_bad_file": Choice(("stop", "skip")),
+    "npz_val": Choice(("train", "ignore")),
+}
+SIMULATION_RULES: dict[str, Rule] = {
+    "attacks": Nested("a table { site = \"attack\" }"),
+    # simulations/faults.py: the simulated coordinator is killed once this round's replies are in
+    "crash_coordinator_after": Integer(1, MAX_ROUNDS),
+}
+DENSENET_MIN_SIDE = 32  # DenseNet121 halves its input five times
 
 
-def _build(cls: type, table: Mapping[str, Any], where: str) -> Any:
-    known = cls.__dataclass_fields__
-    unknown = sorted(set(table) - set(known))
-    if unknown:
-        raise StudyConfigError(f"[{where}]: unknown keys {unknown}; allowed: {sorted(known)}")
-    values = dict(table)
-    if "hidden" in values:
-        values["hidden"] = tuple(int(h) for h in values["hidden"])
+def site_place(name: Any, index: int | None = None) -> str:
+    """How a refusal names a `[[sites]]` entry: by its name when it has a usable one.
+
+    Args:
+        name: the entry's `name` as found.
+        index: the entry's position (0-based), used when the name is unusable.
+
+    Returns:
+        e.g. `[[sites]] 'cleveland'` or `[[sites]] #2`.
+    """
+    if isinstance(name, str) and NAME_PATTERN.match(name) and len(name) <= 64:
+        return f"[[sites]] {quote_name(name)}"
+    return f"[[sites]] #{(index or 0) + 1}"
+
+
+def text_encoding(name: str) -> bool:
+    """True for a codec that decodes bytes to text (not 'hex', 'rot13', ...)."""
     try:
-        return cls(**values)
-    except TypeError as exc:
-        raise StudyConfigError(f"[{where}]: {exc}") from exc
+        info = codecs.lookup(name)
+    except LookupError:
+        return False
+    return bool(getattr(info, "_is_text_encoding", True)) and info.name not in {"idna", "punycode"}
 
 
-def _privacy(table: Mapping[str, Any], defaults: PrivacySettings, where: str) -> PrivacySettings:
-    merged = {
-        **defaults.__dict__,
-        **{k: v for k, v in table.items() if k in PrivacySettings.__dataclass_fields__},
-    }
-    settings = _build(PrivacySettings, merged, where)
-    if settings.dp and (settings.epsilon <= 0 or not 0 < settings.delta < 1):
-        raise StudyConfigError(f"[{where}]: need epsilon > 0 and 0 < delta < 1")
-    return settings
+class _Study:
+    """One pass over a study table: every problem collected, the typed settings built at the end."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.raw = raw
+        self.problems: list[str] = []
+
+    def table(
+        self, key: str, rules: Mapping[str, Rule], required: tuple[str, ...] = ()
+    ) -> dict[str, Any] | None:
+        """The checked values of top-level table `key` ({} when absent), None when it has problems."""
+        before = len(self.problems)
+        values = check_table(self.raw.get(key, {}), rules, f"[{key}]", self.problems, required=required)
+        return values if values is not None and len(self.problems) == before else None
+
+    def refuse(self, place: str, message: str) -> None:
+        self.problems.append(f"{place}: {message}")
 
 
-def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
-    """Make data and contract paths absolute, so the effective config works from any directory."""
-    if isinstance(raw.get("contract"), str):
-        raw["contract"] = str((base_dir / raw["contract"]).resolve())
-    for site in raw.get("sites", []):
-        for key in ("data", "manifest"):
-            if isinstance(site, dict) and key in site:
-                site[key] = str((base_dir / site[key]).resolve())
+def _top_level(study: _Study) -> None:
+    for key, value in study.raw.items():
+        if key not in TOP_LEVEL:
+            what = "table" if isinstance(value, Mapping) else "top-level key"
+            allowed = ", ".join("[[sites]]" if k == "sites" else f"[{k}]" for k in TOP_LEVEL)
+            study.refuse(table_place(key), f"unknown {what}; allowed: {allowed}")
 
 
-def _contract(raw: dict[str, Any]) -> DataContract:
+def _task(study: _Study) -> tuple[dict[str, Any] | None, str]:
+    values = study.table("study", STUDY_RULES)
+    task = (values or {}).get("task", "binary-classification")
+    if values is None and isinstance(study.raw.get("study"), Mapping):
+        raw_task = study.raw["study"].get("task", "binary-classification")
+        task = raw_task if raw_task in TASKS else "binary-classification"
+    return values, task
+
+
+def _contract(study: _Study, task: str) -> DataContract | None:
     """The tabular data contract: inline `[contract]`, or `contract = "path.toml"` (then inlined)."""
-    contract_table: Any = raw.get("contract")
-    if isinstance(contract_table, str):
+    table: Any = study.raw.get("contract")
+    if task != "binary-classification":
+        if table is not None:
+            study.refuse("[contract]", f"applies to tabular studies only; [study].task is {task!r}")
+        return None
+    if table is None:
+        study.refuse("[contract]", "missing: a tabular study needs a table, or the path of a contract TOML")
+        return None
+    if isinstance(table, str):
         try:
-            with open(contract_table, "rb") as fh:
+            with open(table, "rb") as fh:
                 loaded = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise StudyConfigError(f"contract file {contract_table}: {exc}") from exc
-        contract_table = loaded.get("contract", loaded)
-        raw["contract"] = contract_table  # inline it: the effective config stands on its own
-    if not isinstance(contract_table, Mapping):
-        raise StudyConfigError("[contract] is required: a table, or the path of a contract TOML")
-    return contract_from_dict(contract_table)
+        except (OSError, ValueError) as exc:  # ValueError: TOMLDecodeError, or a NUL in the path
+            why = one_line(str(exc), 200)
+            study.refuse("[contract]", f"cannot read the contract file {show(table)}: {why}")
+            return None
+        table = loaded.get("contract", loaded)
+        study.raw["contract"] = table  # inline it: the effective config stands on its own
+    return check_contract(table, study.problems)
 
 
-def _image_spec(table: Mapping[str, Any]) -> ImageSpec:
-    from pm_common.imaging import ImageSpec
-
+def _images(study: _Study, task: str) -> ImageSpec | None:
+    table = study.raw.get("images")
+    if task != "image-classification":
+        if table is not None:
+            study.refuse("[images]", f"applies to image studies only; [study].task is {task!r}")
+        return None
     try:
-        return ImageSpec.from_mapping(table)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise StudyConfigError(f"[images]: needs size = [H, W], channels and classes ({exc})") from exc
+        return ImageSpec.from_mapping(table if table is not None else {})
+    except InputError as exc:
+        study.problems.extend(exc.problems)
+        return None
 
 
-def _training(table: Mapping[str, Any], model: ModelConfig) -> TrainingConfig:
+def _model(study: _Study, task: str, images: ImageSpec | None) -> ModelConfig | None:
+    values = study.table("model", MODEL_RULES)
+    table = study.raw.get("model", {})
+    allowed = IMAGE_MODELS if task == "image-classification" else TABULAR_MODELS
+    name = table.get("name", allowed[0]) if isinstance(table, Mapping) else allowed[0]
+    if name not in allowed or not isinstance(name, str):
+        study.refuse("[model].name", f"got {show(name)}; expected one of "
+                     + ", ".join(f'"{m}"' for m in allowed) + f" (the models of task {task!r})")
+        return None
+    if name == "densenet121" and images is not None and min(images.size) < DENSENET_MIN_SIDE:
+        study.refuse("[images].size", f"{list(images.size)} is too small for densenet121: it needs at least "
+                     f"{DENSENET_MIN_SIDE} pixels per side")
+    if values is None:
+        return None
+    return ModelConfig(name=name, hidden=values.get("hidden", ModelConfig.hidden))
+
+
+def _training(study: _Study, model: ModelConfig | None) -> TrainingConfig | None:
     """[training] with "auto" resolved for the model; `raw` keeps "auto", so `--model` re-resolves it."""
-    training = _build(TrainingConfig, table, "training")
-    try:
-        mode = resolve_grad_sample_mode(training.grad_sample_mode, model.name)
-    except ValueError as exc:
-        raise StudyConfigError(f"[training] {exc}") from exc
-    return replace(training, grad_sample_mode=mode)
+    values = study.table("training", TRAINING_RULES)
+    if values is None or model is None:
+        return None
+    training = TrainingConfig(**values)
+    return replace(training, grad_sample_mode=resolve_grad_sample_mode(training.grad_sample_mode, model.name))
 
 
 def server_learning_rate(strategy: StrategyConfig) -> float:
@@ -233,148 +414,214 @@ def server_learning_rate(strategy: StrategyConfig) -> float:
     return 1.0 if strategy.name == "fedavgm" else 0.1
 
 
-KRUM_AGGREGATES = ("fedavg", "median")
-KRUM_SCORES = ("nearest", "median")
-
-
-def _check_robustness(strategy: StrategyConfig) -> None:
-    if strategy.server_learning_rate is not None and not strategy.server_learning_rate > 0:
-        raise StudyConfigError("[strategy] server_learning_rate must be positive")
-    if strategy.max_update_norm is not None and not strategy.max_update_norm > 0:
-        raise StudyConfigError("[strategy] max_update_norm must be positive")
-    if not 0 <= strategy.trim_fraction < 0.5:
-        raise StudyConfigError("[strategy] trim_fraction must be in [0, 0.5)")
-    if strategy.krum_malicious < 0 or strategy.krum_select < 1:
-        raise StudyConfigError("[strategy] need krum_malicious >= 0 and krum_select >= 1")
-    if not 0 <= strategy.krum_history < 1:
-        raise StudyConfigError("[strategy] krum_history must be in [0, 1) (0: no history)")
+def _strategy(study: _Study) -> StrategyConfig | None:
+    values = study.table("strategy", STRATEGY_RULES)
+    if values is None:
+        return None
+    strategy = StrategyConfig(**values)
     if strategy.krum_history > 0 and strategy.krum_select != 1:
-        raise StudyConfigError(
-            "[strategy] krum_select does not apply with krum_history: history-Krum leaves out at most "
-            "krum_malicious sites, those whose suspicion exceeds krum_outlier_ratio"
-        )
-    if not strategy.krum_outlier_ratio >= 1:
-        raise StudyConfigError("[strategy] krum_outlier_ratio must be at least 1")
-    if strategy.krum_aggregate not in KRUM_AGGREGATES:
-        raise StudyConfigError(f"[strategy] krum_aggregate must be one of {KRUM_AGGREGATES}")
-    if strategy.krum_score not in KRUM_SCORES:
-        raise StudyConfigError(f"[strategy] krum_score must be one of {KRUM_SCORES}")
+        study.refuse("[strategy].krum_select", "does not apply with krum_history: history-Krum leaves out at "
+                     "most krum_malicious sites, those whose suspicion exceeds krum_outlier_ratio")
     for key, default in (("krum_aggregate", "fedavg"), ("krum_score", "nearest")):
         if getattr(strategy, key) != default and strategy.krum_history == 0:
-            raise StudyConfigError(f"[strategy] {key} applies to history-Krum only (krum_history > 0)")
+            study.refuse(f"[strategy].{key}", "applies to history-Krum only (krum_history > 0)")
+    return strategy
 
 
-def _hospital_dp(table: Mapping[str, Any], strategy: StrategyConfig) -> HospitalDPConfig:
-    config = _build(HospitalDPConfig, table, "hospital_dp")
-    if config.enabled and strategy.name in ROBUST_STRATEGIES:
-        raise StudyConfigError(
-            f"[hospital_dp] cannot combine with strategy {strategy.name!r}: its guarantee needs the "
-            "sum of every site's noise share, and a robust aggregator keeps only some of them"
-        )
+def _hospital_dp(study: _Study, strategy: StrategyConfig | None) -> HospitalDPConfig | None:
+    values = study.table("hospital_dp", HOSPITAL_DP_RULES)
+    if values is None:
+        return None
+    config = HospitalDPConfig(**values)
+    if config.enabled and strategy is not None and strategy.name in ROBUST_STRATEGIES:
+        study.refuse("[hospital_dp]", f"cannot combine with strategy {strategy.name!r}: its guarantee needs "
+                     "the sum of every site's noise share, and a robust aggregator keeps only some of them")
     return config
 
 
-def _secure_aggregation(table: Mapping[str, Any], strategy: StrategyConfig) -> SecureAggregationConfig:
-    config = _build(SecureAggregationConfig, table, "secure_aggregation")
-    if not config.enabled:
-        return config
-    if strategy.name in ROBUST_STRATEGIES:
-        raise StudyConfigError(
-            f"[secure_aggregation] cannot combine with strategy {strategy.name!r}: robust aggregators "
-            "inspect each update, which secure aggregation hides from the coordinator"
-        )
-    if not 0.5 <= config.threshold <= 1:
-        raise StudyConfigError("[secure_aggregation] threshold must be in [0.5, 1]")
-    if config.clip_range < 1 or config.max_weight <= 0:
-        raise StudyConfigError("[secure_aggregation] needs clip_range >= 1 and max_weight > 0")
-    if config.neighbours < 0 or config.neighbours == 1:
-        raise StudyConfigError("[secure_aggregation] neighbours must be 0 (every site) or at least 2")
+def _secure_aggregation(study: _Study, strategy: StrategyConfig | None) -> SecureAggregationConfig | None:
+    values = study.table("secure_aggregation", SECURE_AGGREGATION_RULES)
+    if values is None:
+        return None
+    config = SecureAggregationConfig(**values)
+    if config.neighbours == 1:
+        study.refuse("[secure_aggregation].neighbours", "got 1; expected 0 (every site) or at least 2")
+    if config.enabled and strategy is not None and strategy.name in ROBUST_STRATEGIES:
+        study.refuse("[secure_aggregation]", f"cannot combine with strategy {strategy.name!r}: robust "
+                     "aggregators inspect each update, which secure aggregation hides from the coordinator")
     return config
+
+
+def _privacy(values: Mapping[str, Any], defaults: PrivacySettings) -> PrivacySettings:
+    return replace(defaults, **{k: v for k, v in values.items() if k in PrivacySettings.__dataclass_fields__})
+
+
+def _sites(study: _Study, privacy: PrivacySettings | None, task: str) -> tuple[SiteSpec, ...]:
+    entries = study.raw.get("sites", [])
+    if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
+        study.refuse("[[sites]]", f"got {show(entries)}; expected an array of tables ([[sites]] entries)")
+        return ()
+    if len(entries) > MAX_SITES:
+        study.refuse("[[sites]]", f"{len(entries)} entries; at most {MAX_SITES}")
+        return ()
+    imaging = task == "image-classification"
+    rules = {**SITE_RULES, **(IMAGE_SOURCE_RULES if imaging else {})}
+    required = ("name", "data", "format") if imaging else ("name", "data")
+    sites, names = [], []
+    for i, entry in enumerate(entries):
+        place = site_place(entry.get("name"), i)
+        before = len(study.problems)
+        values = check_table(entry, rules, place, study.problems, required=required)
+        if values is None:
+            continue
+        if "encoding" in values and not text_encoding(values["encoding"]):
+            study.refuse(f"{place}.encoding", f"got {show(values['encoding'])}; expected the name of a text "
+                         "encoding Python knows (e.g. \"utf-8\", \"latin-1\", \"cp1252\")")
+        if ("window_center" in values) != ("window_width" in values):
+            study.refuse(f"{place}.window_center", "window_center and window_width must be given together")
+        if "name" in values:
+            names.append(values["name"])
+        if len(study.problems) > before or privacy is None:
+            continue
+        sites.append(
+            SiteSpec(
+                name=values["name"],
+                data=Path(values["data"]),
+                privacy=_privacy(values, privacy),
+                delimiter=values.get("delimiter", ","),
+                encoding=values.get("encoding", "utf-8"),
+                image_source=tuple(sorted((k, entry[k]) for k in IMAGE_SOURCE_KEYS if k in entry)),
+            )
+        )
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        study.refuse("[[sites]]", f"site names must be unique; repeated: {duplicates}")
+    return tuple(sites)
+
+
+def _simulation(study: _Study, sites: tuple[SiteSpec, ...]) -> None:
+    """[simulation] attacks: the shape and the site names here; each attack's spec in simulations.attacks."""
+    values = study.table("simulation", SIMULATION_RULES)
+    if values is None or "attacks" not in values:
+        return
+    attacks = values["attacks"]
+    if not isinstance(attacks, Mapping):
+        study.refuse("[simulation].attacks", f"got {show(attacks)}; expected a table {{ site = \"attack\" }}")
+        return
+    declared = {site.name for site in sites}
+    for site, spec in attacks.items():
+        place = key_place("[simulation].attacks", site)
+        if not isinstance(spec, str) or not spec.isprintable():
+            study.refuse(place, f"got {show(spec)}; expected text such as \"sign-flip\" or \"scale:10\"")
+        if sites and site not in declared:
+            study.refuse(place, f"no simulated site named {site!r}; the [[sites]] are {sorted(declared)}")
+
+
+def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    """Make data and contract paths absolute, so the effective config works from any directory.
+
+    Only well-formed paths are resolved; anything else is left for the checks to refuse."""
+
+    def resolved(value: Any) -> Any:
+        if isinstance(value, str) and value.isprintable() and 0 < len(value) <= MAX_PATH_LENGTH:
+            return str((base_dir / value).resolve())
+        return value
+
+    if isinstance(raw.get("contract"), str):
+        raw["contract"] = resolved(raw["contract"])
+    sites = raw.get("sites", [])
+    for site in sites if isinstance(sites, list) else []:
+        for key in ("data", "manifest"):
+            if isinstance(site, dict) and key in site:
+                site[key] = resolved(site[key])
 
 
 def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
+    """Check every table of a study and build it.
+
+    Args:
+        data: the study's TOML as loaded (tables and arrays of tables).
+        base_dir: the folder relative data and contract paths are resolved against.
+
+    Returns:
+        The study, its `raw` the TOML with paths resolved (written back as the effective config).
+
+    Raises:
+        StudyConfigError: listing every problem of every table, one line each, named `[table].key`.
+    """
+    if not isinstance(data, Mapping):
+        raise StudyConfigError(f"the study must be a TOML document of tables, got {show(data)}")
     raw = copy.deepcopy(dict(data))
     _resolve_paths(raw, base_dir)
-    study = _table(raw, "study")
-    task = str(study.get("task", "binary-classification"))
-    if task not in TASKS:
-        raise StudyConfigError(f"[study] task must be one of {TASKS}, got {task!r}")
-    contract, images = None, None
-    if task == "image-classification":
-        images = _image_spec(_table(raw, "images"))
-    else:
-        contract = _contract(raw)
-
-    privacy = _privacy(_table(raw, "privacy"), PrivacySettings(), "privacy")
-    sites = []
-    for i, site in enumerate(raw.get("sites", [])):
-        if "name" not in site or "data" not in site:
-            raise StudyConfigError(f"[[sites]] entry {i + 1}: needs 'name' and 'data'")
-        extra = (
-            set(site)
-            - {"name", "data", "delimiter", "encoding"}
-            - set(PrivacySettings.__dataclass_fields__)
-            - (set(IMAGE_SOURCE_KEYS) if images is not None else set())
-        )
-        if extra:
-            raise StudyConfigError(f"[[sites]] {site['name']!r}: unknown keys {sorted(extra)}")
-        sites.append(
-            SiteSpec(
-                name=str(site["name"]),
-                data=Path(site["data"]),
-                privacy=_privacy(site, privacy, f"sites.{site['name']}"),
-                delimiter=str(site.get("delimiter", ",")),
-                encoding=str(site.get("encoding", "utf-8")),
-                image_source=tuple(sorted((k, site[k]) for k in IMAGE_SOURCE_KEYS if k in site)),
-            )
-        )
-    names = [s.name for s in sites]
-    if len(set(names)) != len(names):
-        raise StudyConfigError(f"[[sites]]: site names must be unique, got {names}")
-
-    strategy = _build(StrategyConfig, _table(raw, "strategy"), "strategy")
-    if strategy.name not in STRATEGIES + ROBUST_STRATEGIES:
-        raise StudyConfigError(
-            f"[strategy] name must be one of {STRATEGIES + ROBUST_STRATEGIES}, got {strategy.name!r}"
-        )
-    _check_robustness(strategy)
-    model = _build(ModelConfig, _table(raw, "model"), "model")
-    rounds = int(study.get("rounds", 20))
-    if rounds < 1:
-        raise StudyConfigError("[study] rounds must be at least 1")
+    study = _Study(raw)
+    _top_level(study)
+    values, task = _task(study)
+    contract = _contract(study, task)
+    images = _images(study, task)
+    model = _model(study, task, images)
+    training = _training(study, model)
+    strategy = _strategy(study)
+    privacy_values = study.table("privacy", PRIVACY_RULES)
+    privacy = None if privacy_values is None else _privacy(privacy_values, PrivacySettings())
+    sites = _sites(study, privacy, task)
+    if strategy is not None and sites and strategy.min_sites > len(sites):
+        study.refuse("[strategy].min_sites", f"{strategy.min_sites} is more than the study's {len(sites)} "
+                     "[[sites]]: no round could ever aggregate")
+    split = study.table("split", SPLIT_RULES)
+    hospital_dp = _hospital_dp(study, strategy)
+    secure_aggregation = _secure_aggregation(study, strategy)
+    _simulation(study, sites)
+    if study.problems:
+        raise StudyConfigError(study.problems)
+    assert values is not None and model is not None and training is not None and strategy is not None
+    assert privacy is not None and split is not None and hospital_dp is not None
+    assert secure_aggregation is not None
     return StudyConfig(
-        name=str(study.get("name", "study")),
-        rounds=rounds,
-        seed=int(study.get("seed", 0)),
+        name=values.get("name", "study"),
+        rounds=values.get("rounds", 20),
+        seed=values.get("seed", 0),
         task=task,
         contract=contract,
         images=images,
         model=model,
-        training=_training(_table(raw, "training"), model),
+        training=training,
         strategy=strategy,
         privacy=privacy,
-        split=_build(SplitConfig, _table(raw, "split"), "split"),
-        hospital_dp=_hospital_dp(_table(raw, "hospital_dp"), strategy),
-        secure_aggregation=_secure_aggregation(_table(raw, "secure_aggregation"), strategy),
-        sites=tuple(sites),
-        min_report_count=int(study.get("min_report_count", 10)),
+        split=SplitConfig(**split),
+        hospital_dp=hospital_dp,
+        secure_aggregation=secure_aggregation,
+        sites=sites,
+        min_report_count=values.get("min_report_count", 10),
         raw=raw,
     )
 
 
 def load_study(path: Path) -> StudyConfig:
+    """Read and check a study file.
+
+    Args:
+        path: the study TOML; relative data and contract paths are resolved against its folder.
+
+    Returns:
+        The checked study.
+
+    Raises:
+        StudyConfigError: every problem of the file, one line each, prefixed with the file's path.
+    """
     path = Path(path)
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError as exc:
         raise StudyConfigError(f"study config not found: {path}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StudyConfigError(f"{path}: cannot be read ({exc.__class__.__name__}: {exc})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise StudyConfigError(f"{path}: not valid TOML ({exc})") from exc
     try:
         return study_from_dict(data, path.parent)
-    except (StudyConfigError, ValueError) as exc:
-        raise StudyConfigError(f"{path}: {exc}") from exc
+    except StudyConfigError as exc:
+        raise StudyConfigError(exc.problems, source=path) from None
 
 
 def with_overrides(study: StudyConfig, **overrides: Any) -> StudyConfig:

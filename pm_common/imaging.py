@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pm_common.schema import AnyOf, Choice, InputError, Integer, Items, Rule, Text, check_table
+
 FORMATS = ("dicom", "folder", "npz")
 FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _SOURCE_KEYS = frozenset(
@@ -84,15 +86,34 @@ class ImageSpec:
             raise ValueError(f"ImageSpec.classes needs >= 2 distinct names, got {self.classes}")
 
     @classmethod
-    def from_mapping(cls, table: Mapping[str, Any]) -> ImageSpec:
-        """Build from a study TOML table: `size = [H, W]` (or one int), `channels`, `classes`."""
-        size = table["size"]
-        hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    def from_mapping(cls, table: Mapping[str, Any], place: str = "[images]") -> ImageSpec:
+        """Build from a study TOML table: `size = [H, W]` (or one int), `channels`, `classes`.
+
+        Raises:
+            InputError: listing every problem of the table, one line each, named `[images].key`.
+        """
+        problems: list[str] = []
+        values = check_table(table, IMAGE_SPEC_RULES, place, problems, required=("size", "classes"))
+        if values is None or problems:
+            raise InputError(problems)
+        size = values["size"]
         return cls(
-            size=hw,
-            channels=int(table.get("channels", 1)),
-            classes=[str(c) for c in table["classes"]],
+            size=(size, size) if isinstance(size, int) else (size[0], size[1]),
+            channels=values.get("channels", 1),
+            classes=[str(c) for c in values["classes"]],
         )
+
+
+MIN_IMAGE_SIDE = 16  # the smallest input SmallCNN takes (pm_common.image_models)
+MAX_IMAGE_SIDE = 1024  # pixels per side: beyond this a DP-SGD step's per-sample gradients do not fit
+MAX_CLASSES = 1000
+_SIDE = Integer(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE)
+IMAGE_SPEC_RULES: dict[str, Rule] = {
+    "size": AnyOf((_SIDE, Items(_SIDE, 2, 2)), f"an integer from {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE}, or "
+                  f"[height, width] of two such integers"),
+    "channels": Choice((1, 3)),
+    "classes": Items(Text(max_length=100), 2, MAX_CLASSES, unique=True),
+}
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 import json
 import math
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,16 +20,29 @@ from rich.markup import escape
 from rich.table import Table
 
 from client.cli import site_app
+from pm_common.redaction import internal_error_line, is_safe_error
 from server.cli import coordinator_app
+
+DEBUG_ENV = "PMFL_DEBUG"  # "1": an unexpected error shows its traceback (which may show data values)
+BAD_INPUT = 2  # exit code of a refused study file, data file or option
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="pmfl: federated learning for precision medicine with honest per-site DP.",
+    rich_markup_mode="markdown",  # help texts are Markdown: [privacy] and [[sites]] print as written
+    pretty_exceptions_show_locals=False,  # a traceback's local variables can hold patient rows
 )
 console = Console()
+err_console = Console(stderr=True)
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(site_app, name="site")
+
+
+def _errors(lines: Iterable[str]) -> None:
+    """Print one refusal per line on stderr, literally (no markup) and never wrapped."""
+    for line in lines:
+        err_console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True, highlight=False)
 
 
 @app.callback()
@@ -55,10 +70,10 @@ def _progress_printer(num_rounds: int):  # type: ignore[no-untyped-def]
             f"max ε {_fmt(progress.max_epsilon, 2)}",
         ]
         for site, reason in progress.declined.items():
-            parts.append(f"[yellow]{site} declined[/]")
-            console.log(f"[yellow]{site} declined round {progress.round}: {reason}")
+            parts.append(f"[yellow]{escape(site)} declined[/]")
+            console.log(f"[yellow]{escape(site)} declined round {progress.round}: {escape(reason)}")
         for site, reason in progress.rejected.items():
-            console.log(f"[red]{site}'s update rejected in round {progress.round}: {reason}")
+            console.log(f"[red]{escape(site)}'s update rejected in round {progress.round}: {escape(reason)}")
         if progress.failed:
             parts.append(f"[red]{progress.failed} failed[/]")
         console.print("  ".join(parts))
@@ -69,7 +84,7 @@ def _progress_printer(num_rounds: int):  # type: ignore[no-untyped-def]
 def _print_results(out: Path, metrics: dict[str, Any]) -> None:
     summary = json.loads((out / "privacy" / "summary.json").read_text())
     final = metrics["rounds"][-1]
-    table = Table(title=f"{metrics['study']}: final model (round {final['round']})")
+    table = Table(title=escape(f"{metrics['study']}: final model (round {final['round']})"))
     balanced = any("balanced_accuracy" in m for m in final["sites"].values())  # imaging studies
     for column in ("site", "test acc", *(["bal. acc"] if balanced else []), "AUC", "n", "ε (cumulative)",
                    "budget", "δ", "status"):
@@ -78,7 +93,7 @@ def _print_results(out: Path, metrics: dict[str, Any]) -> None:
         m = final["sites"].get(site, {})
         eps = "none (no DP)" if not info["dp"] else _fmt(info["epsilon"], 3)
         table.add_row(
-            site,
+            escape(site),
             _fmt(m.get("accuracy")),
             *([_fmt(m.get("balanced_accuracy"))] if balanced else []),
             _fmt(m.get("auc")),
@@ -86,7 +101,7 @@ def _print_results(out: Path, metrics: dict[str, Any]) -> None:
             eps,
             _fmt(info.get("epsilon_budget"), 2),
             f"{info['delta']:g}",
-            info["status"],
+            escape(info["status"]),
         )
     console.print(table)
     console.print(
@@ -97,7 +112,7 @@ def _print_results(out: Path, metrics: dict[str, Any]) -> None:
         console.print(
             "[bold red]NO PRIVACY GUARANTEE: this study ran without differential privacy (--no-dp)."
         )
-    console.print(f"results: {out}/ (metrics.json, model.pt, config.toml, privacy/)")
+    console.print(escape(f"results: {out}/ (metrics.json, model.pt, config.toml, privacy/)"))
 
 
 @app.command()
@@ -109,14 +124,19 @@ def simulate(
         Path | None, typer.Option("--config", help="study TOML over your own data")
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="run directory")] = Path("runs/latest"),
-    rounds: Annotated[int | None, typer.Option(help="number of rounds")] = None,
-    epsilon: Annotated[float | None, typer.Option(help="every site's epsilon budget")] = None,
-    delta: Annotated[float | None, typer.Option(help="every site's delta")] = None,
+    rounds: Annotated[int | None, typer.Option(help="number of rounds (replaces [study] rounds)")] = None,
+    epsilon: Annotated[float | None, typer.Option(
+        help="every site's epsilon budget (replaces [privacy] epsilon and each [[sites]] entry's own)"
+    )] = None,
+    delta: Annotated[float | None, typer.Option(
+        help="every site's delta (replaces [privacy] delta and each [[sites]] entry's own)")] = None,
     strategy: Annotated[
-        str | None, typer.Option(help="fedavg, fedprox, fedadam, fedyogi, ...")
+        str | None, typer.Option(help="fedavg, fedprox, fedadam, fedyogi, ... (replaces [strategy] name)")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="logreg or mlp")] = None,
-    seed: Annotated[int | None, typer.Option(help="study seed (initial model)")] = None,
+    model: Annotated[str | None, typer.Option(help="logreg or mlp (replaces [model] name)")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="study seed: the initial model (replaces [study] seed)")
+    ] = None,
     no_dp: Annotated[
         bool, typer.Option("--no-dp", help="train WITHOUT differential privacy")
     ] = False,
@@ -131,13 +151,16 @@ def simulate(
     canaries: Annotated[int, typer.Option(help="canaries for --empirical-audit")] = 200,
     secure_aggregation: Annotated[bool, typer.Option(
         "--secure-aggregation", help="SecAgg+: the coordinator learns only the sum of the updates")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="check the study, every site's data and each site's DP plan, print the plans, "
+        "and start nothing (exit 0: it would run; 2: refused, one line per problem)")] = False,
 ) -> None:
     """Simulate a federated study locally: one simulated hospital per site, real Flower apps."""
     from pm_common.config import StudyConfigError, load_study, with_overrides
     from pm_common.imaging import ImageDataError
+    from pm_common.schema import InputError
     from pm_common.tabular import DataValidationError
-    from simulations.runner import SimulationError
-    from simulations.runner import simulate as run
+    from simulations.preflight import SiteDataError, preflight
     from simulations.scenarios import SYNTHETIC, scenario_study
 
     if (scenario is None) == (config is None):
@@ -162,19 +185,38 @@ def simulate(
                 "--empirical-audit needs the audited site's individual updates, which secure "
                 "aggregation hides: run the audit without it"
             )
-    except (StudyConfigError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
+        if dry_run:
+            sites = preflight(study)
+    except InputError as exc:
+        _errors(exc.problems if exc.source is None else [f"{exc.source}: {p}" for p in exc.problems])
+        raise typer.Exit(BAD_INPUT) from exc
+    except SiteDataError as exc:
+        _errors(exc.problems)
+        raise typer.Exit(BAD_INPUT) from exc
+    except ValueError as exc:  # an unknown scenario name
+        _errors(str(exc).splitlines())
+        raise typer.Exit(BAD_INPUT) from exc
+    if dry_run:
+        console.print(escape(f"{study.name}: the study and every site's data check out; {len(study.sites)} "
+                             f"sites, {study.rounds} rounds, {study.strategy.name}, {study.model.name} "
+                             "(dry run: nothing was started)"), soft_wrap=True, highlight=False)
+        for site in sites:
+            console.print(escape(f"  {site.describe()}"), soft_wrap=True, highlight=False)
+        return
+    from simulations.runner import SimulationError
+    from simulations.runner import simulate as run
+
     if scenario in SYNTHETIC:
-        console.print(f"[bold yellow]SYNTHETIC DATA: the {scenario} images are generated "
-                      f"({out}/synthetic-data), not from patients; results say nothing about real disease.")
+        console.print(f"[bold yellow]SYNTHETIC DATA: the {escape(str(scenario))} images are generated "
+                      f"({escape(str(out))}/synthetic-data), not from patients; results say nothing about "
+                      "real disease.")
     if no_dp:
         console.print(
             "[bold red]--no-dp: sites train WITHOUT differential privacy. "
             "Nothing in this run carries a privacy guarantee."
         )
     console.print(
-        f"[bold]{study.name}[/]: {len(study.sites)} sites, {study.rounds} rounds, "
+        f"[bold]{escape(study.name)}[/]: {len(study.sites)} sites, {study.rounds} rounds, "
         f"{study.strategy.name}, {study.model.name}, "
         + ("" if no_dp else f"Opacus grad_sample_mode {study.training.grad_sample_mode}, ")
         + (
@@ -190,14 +232,18 @@ def simulate(
         try:
             audit_data = ea.simulate_with_empirical_audit(
                 study, out, canaries=canaries, overwrite=overwrite, verbose=verbose,
-                progress=_progress_printer(study.rounds), on_run=lambda r: console.print(f"[bold]{r} run")
+                progress=_progress_printer(study.rounds),
+                on_run=lambda r: console.print(f"[bold]{escape(str(r))} run"),
             )
-        except (DataValidationError, SimulationError, ea.EmpiricalAuditError) as exc:
-            console.print(f"[red]error:[/] {exc}")
+        except (SiteDataError, DataValidationError, ImageDataError) as exc:
+            _errors(str(exc).splitlines())
+            raise typer.Exit(BAD_INPUT) from exc
+        except (SimulationError, ea.EmpiricalAuditError) as exc:
+            _errors(str(exc).splitlines())
             raise typer.Exit(1) from exc
         _print_results(out.resolve(), json.loads((out / "metrics.json").read_text()))
         for line in ea.summary_lines(audit_data):
-            console.print(line)
+            console.print(escape(line))
         return
     try:
         metrics = run(
@@ -208,8 +254,11 @@ def simulate(
             verbose=verbose,
             resume=resume,
         )
-    except (DataValidationError, ImageDataError, SimulationError) as exc:
-        console.print(f"[red]error:[/] {exc}")
+    except (SiteDataError, DataValidationError, ImageDataError, StudyConfigError) as exc:
+        _errors(str(exc).splitlines())
+        raise typer.Exit(BAD_INPUT) from exc
+    except SimulationError as exc:
+        _errors(str(exc).splitlines())
         raise typer.Exit(1) from exc
     _print_results(out.resolve(), metrics)
 
@@ -238,24 +287,37 @@ def audit(
     console.print(f"[bold {colour}]{escape(result.verdict)}")
     for finding in result.findings:
         if finding.severity != NOTE:
-            console.print(f"  [{finding.severity}] {escape(finding.message)}")
+            console.print(escape(f"  [{finding.severity}] {finding.message}"))
     table = Table(title="Per-site privacy (cumulative over all rounds)")
     for column in ("site", "reported ε", "recomputed ε (RDP)", "tight ε (PLD)", "budget", "δ", "verdict"):
         table.add_column(column)
     for s in result.sites:
         delta = "-" if s.delta is None else f"{s.delta:g}"
         table.add_row(escape(s.site), _fmt(s.reported_epsilon), _fmt(s.rdp_epsilon), _fmt(s.pld_epsilon),
-                      _fmt(s.epsilon_budget, 2), delta, s.verdict)
+                      _fmt(s.epsilon_budget, 2), delta, escape(s.verdict))
     if result.sites:
         console.print(table)
     if result.roster_digest:
-        console.print(f"run {result.run}, roster digest {result.roster_digest}")
-    console.print(f"report: {path / 'audit' / 'report.html'}  json: {path / 'audit' / 'audit.json'}")
+        console.print(escape(f"run {result.run}, roster digest {result.roster_digest}"))
+    console.print(escape(f"report: {path / 'audit' / 'report.html'}  json: {path / 'audit' / 'audit.json'}"))
     raise typer.Exit(result.exit_code)
 
 
 def main() -> None:
-    app()
+    """The `pmfl` entry point: any exception a command did not expect becomes one line on stderr
+    and exit code 1. Its message is shown only for pmfl's own error types, whose messages never
+    quote data; otherwise its type and place (PMFL_DEBUG=1 shows the traceback, without locals)."""
+    try:
+        app()
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        if is_safe_error(exc):
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                print(f"pmfl: error: {line}", file=sys.stderr)
+        else:
+            print(internal_error_line(exc), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

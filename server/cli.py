@@ -28,14 +28,23 @@ from server.pki import PkiError, PkiPaths, check_pki_files, write_pilot_pki
 
 coordinator_app = typer.Typer(
     no_args_is_help=True,
+    rich_markup_mode="markdown",  # help texts are Markdown: [[sites]] and [default: ...] print as written
+    pretty_exceptions_show_locals=False,  # a traceback's local variables can hold patient rows
     help="Run the coordinator: certificates, the SuperLink, site keys and deployed studies.",
 )
 console = Console()
+err_console = Console(stderr=True)
 CoordDir = Annotated[Path, typer.Argument(help="coordinator directory (certificates, database, runs)")]
 
 
+def _say(text: str) -> None:
+    """Print text that is not markup: bracketed names ([[sites]], a site's reason) show as written."""
+    console.print(escape(text))
+
+
 def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/] {escape(str(exc))}")
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        err_console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True, highlight=False)
     raise typer.Exit(1) from exc
 
 
@@ -54,9 +63,9 @@ def pki(
         paths = write_pilot_pki(Coordinator(directory).pki.directory, hosts, overwrite=overwrite)
     except PkiError as exc:
         _fail(exc)
-    console.print(f"CA certificate (give to every site): {paths.ca_cert}")
-    console.print(f"server certificate for {', '.join(hosts)}: {paths.server_cert}")
-    console.print(f"[yellow]keep private:[/] {paths.ca_key}, {paths.server_key}")
+    console.print(escape(f"CA certificate (give to every site): {paths.ca_cert}"))
+    console.print(escape(f"server certificate for {', '.join(hosts)}: {paths.server_cert}"))
+    console.print(f"[yellow]keep private:[/] {escape(f'{paths.ca_key}, {paths.server_key}')}")
 
 
 @coordinator_app.command("check-pki")
@@ -69,9 +78,8 @@ def check_pki(
         cert = check_pki_files(PkiPaths(Coordinator(directory).pki.directory), host)
     except PkiError as exc:
         _fail(exc)
-    console.print(
-        f"[green]ok[/]: {cert.subject.rfc4514_string()} is valid for {host}, until {cert.not_valid_after_utc}"
-    )
+    valid = f"{cert.subject.rfc4514_string()} is valid for {host}, until {cert.not_valid_after_utc}"
+    console.print(f"[green]ok[/]: {escape(valid)}")
 
 
 @coordinator_app.command("start")
@@ -108,7 +116,7 @@ def start(
         proc = start_superlink(coord, host, port, insecure, remote_control=remote_control)
     except (PkiError, CoordinatorError) as exc:
         _fail(exc)
-    console.print(f"SuperLink on {host}:{port} (pid {proc.pid}); state in {coord.database}; Ctrl-C stops it")
+    _say(f"SuperLink on {host}:{port} (pid {proc.pid}); state in {coord.database}; Ctrl-C stops it")
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
         code = proc.wait()
@@ -129,7 +137,7 @@ def register(
         node = register_site(Coordinator(directory.resolve()), public_key, name)
     except CoordinatorError as exc:
         _fail(exc)
-    console.print(f"[green]registered[/] {name} as node {node}")
+    console.print(f"[green]registered[/] {escape(name)} as node {node}")
 
 
 @coordinator_app.command("unregister")
@@ -139,7 +147,7 @@ def unregister(directory: CoordDir, name: Annotated[str, typer.Option(help="the 
         unregister_site(Coordinator(directory.resolve()), name)
     except CoordinatorError as exc:
         _fail(exc)
-    console.print(f"unregistered {name}")
+    console.print(escape(f"unregistered {name}"))
 
 
 @coordinator_app.command("sites")
@@ -154,7 +162,7 @@ def sites(directory: CoordDir) -> None:
     for row in rows:
         site = row["site"] or f"({row['name'] or 'no name'})"
         enrolled = "yes" if row["enrolled"] else f"[bold red]{escape(row['flag'])}[/]"
-        table.add_row(escape(site), str(row["node_id"]), row["status"], enrolled)
+        table.add_row(escape(str(site)), str(row["node_id"]), escape(str(row["status"])), enrolled)
     console.print(table)
     _warn_not_enrolled(rows)
 
@@ -175,11 +183,11 @@ def _show_round(entry: dict[str, Any]) -> None:
     parts = [f"round {entry['round']:>3}", f"trained: {', '.join(entry['trained']) or '-'}"]
     if acc is not None:
         parts.append(f"model r{entry['round']}: mean site acc {acc:.3f}")
-    console.print("  ".join(parts))
+    console.print(escape("  ".join(parts)))
     for site, reason in entry.get("declined", {}).items():
-        console.print(f"  [yellow]{site} declined:[/] {reason}")
+        console.print(f"  [yellow]{escape(site)} declined:[/] {escape(reason)}", soft_wrap=True)
     for text in entry.get("failures", []):
-        console.print(f"  [red]failure:[/] {text}")
+        console.print(f"  [red]failure:[/] {escape(text)}", soft_wrap=True)
 
 
 @coordinator_app.command("run")
@@ -203,19 +211,20 @@ def run(
         online = [s["site"] for s in rows if s["status"] == "online" and s["enrolled"] and s["site"]]
         expected = len(online) if expected_sites is None else expected_sites
         run_id = submit(coord, study, out, app_dir, expected)
-        console.print(f"run {run_id} submitted; waiting for {expected} sites (online: {', '.join(online)})")
+        _say(f"run {run_id} submitted; waiting for {expected} sites (online: {', '.join(online)})")
         info = follow(coord, run_id, out, on_round=_show_round, timeout=timeout)
         deployment = collect(coord, run_id, out, info)
     except CoordinatorError as exc:
         _fail(exc)
     status = deployment["status"]
     colour = "green" if status == "finished:completed" else "red"
-    console.print(f"[{colour}]run {run_id}: {status}[/]; app {deployment['fab_hash']}")
+    fab = escape(str(deployment["fab_hash"]))
+    console.print(f"[{colour}]{escape(f'run {run_id}: {status}')}[/]; app {fab}")
     if deployment["dropped_out"]:
-        console.print(f"[yellow]dropped out:[/] {', '.join(deployment['dropped_out'])}")
+        console.print(f"[yellow]dropped out:[/] {escape(', '.join(deployment['dropped_out']))}")
     refused = sorted({f["site"] or "?" for f in deployment["failures"] if "refuse" in f["reason"]})
     if refused:
-        console.print(f"[yellow]refused the study or app:[/] {', '.join(refused)}")
-    console.print(f"results: {out}/ (metrics.json, model.pt, privacy/, deployment.json, serverapp.log)")
+        console.print(f"[yellow]refused the study or app:[/] {escape(', '.join(refused))}")
+    _say(f"results: {out}/ (metrics.json, model.pt, privacy/, deployment.json, serverapp.log)")
     if status != "finished:completed":
         sys.exit(1)

@@ -22,6 +22,7 @@ from pm_common.config import StudyConfig, write_study
 from pm_common.hospital_dp import hospital_epsilon
 from pm_common.ledger import DECLINED, TRAINED, LedgerEntry, append_line, ledger_path, read_ledger, summarize
 from pm_common.metrics import mean_over_sites
+from pm_common.redaction import failure_reason
 from pm_common.roster import SignedRoster
 from pm_common.signing import chain_head, public_key_pem, read_raw_ledger, verify_chain
 
@@ -171,7 +172,9 @@ class RunRecorder:
         np.savez(path, **{key: np.asarray(array.numpy()) for key, array in arrays.items()})
 
     def record_failure(self, server_round: int, description: str) -> None:
-        self.failures.setdefault(server_round, []).append(description)
+        """Keep one line per failure, whatever a site's error reply says: no traceback, path or value
+        (pm_common.redaction.failure_reason)."""
+        self.failures.setdefault(server_round, []).append(failure_reason(description))
 
     def record_left_out(self, server_round: int, sites: list[str]) -> None:
         """Sites whose valid updates the robust aggregator did not use (their spend still counts)."""

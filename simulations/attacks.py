@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message, MessageType
+from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
 
 from pm_common import protocol as p
 from pm_common import wire
-from pm_common.config import StudyConfig, StudyConfigError, study_from_dict
+from pm_common.config import MAX_ROUNDS, StudyConfig, StudyConfigError, study_from_dict
+from pm_common.schema import key_place, show
 
 KINDS = ("sign-flip", "scale", "nan", "drop-out")
 
@@ -45,34 +47,62 @@ class Attack:
         return f"{self.kind}:{self.factor:g}"
 
 
-def parse_attack(spec: str) -> Attack:
-    """"sign-flip", "sign-flip:K", "scale:K" (K > 0), "nan" or "drop-out:R" (R: the round)."""
-    kind, _, factor = str(spec).partition(":")
-    if kind not in KINDS or (kind in ("scale", "drop-out") and not factor):
-        raise StudyConfigError(
-            f"[simulation] attacks: {spec!r} is not 'sign-flip', 'sign-flip:K', 'scale:K', 'nan' "
-            "or 'drop-out:R'"
-        )
+DROP_OUT_REASON = "simulated drop-out: the site went silent mid-round"
+MAX_FACTOR = 1e6  # K of "sign-flip:K" and "scale:K": larger only overflows the model to inf
+
+
+def parse_attack(spec: str, place: str = "[simulation].attacks") -> Attack:
+    """"sign-flip", "sign-flip:K", "scale:K" (0 < K <= 1e6), "nan" or "drop-out:R" (R: a round).
+
+    Raises:
+        StudyConfigError: one line naming `place`, what was found and what is allowed.
+    """
+    allowed = "'sign-flip', 'sign-flip:K', 'scale:K' (0 < K <= 1e6), 'nan' or 'drop-out:R' (R: a round)"
+    if not isinstance(spec, str):
+        raise StudyConfigError(f"{place}: got {show(spec)}; expected {allowed}")
+    kind, _, factor = spec.partition(":")
+    if kind not in KINDS or (kind in ("scale", "drop-out") and not factor) or (kind == "nan" and factor):
+        raise StudyConfigError(f"{place}: got {show(spec)}; expected {allowed}")
+    if kind == "drop-out":
+        if not factor.isdigit() or not 1 <= int(factor) <= MAX_ROUNDS:
+            raise StudyConfigError(f"{place}: {spec!r}: R must be a round from 1 to {MAX_ROUNDS}")
+        return Attack(kind, float(int(factor)))
     try:
         value = float(factor) if factor else 1.0
     except ValueError as exc:
-        raise StudyConfigError(f"[simulation] attacks: {spec!r}: K must be a number") from exc
-    if not value > 0:
-        raise StudyConfigError(f"[simulation] attacks: {spec!r}: K must be positive")
+        raise StudyConfigError(f"{place}: {spec!r}: K must be a number") from exc
+    if not 0 < value <= MAX_FACTOR:  # also refuses nan and inf
+        raise StudyConfigError(f"{place}: {spec!r}: K must be positive and at most {MAX_FACTOR:g}")
     return Attack(kind, value)
 
 
 def study_attacks(study: StudyConfig) -> dict[str, Attack]:
-    """The study's attackers by site name; every name must be one of its simulated sites."""
+    """The study's attackers by site name; every name must be one of its simulated sites.
+
+    Raises:
+        StudyConfigError: every problem of `[simulation] attacks`, one line each.
+    """
     table = study.raw.get("simulation", {})
     attacks = table.get("attacks", {}) if isinstance(table, Mapping) else {}
     if not isinstance(attacks, Mapping):
-        raise StudyConfigError("[simulation] attacks must be a table: { site = \"sign-flip\" }")
+        raise StudyConfigError("[simulation].attacks must be a table: { site = \"sign-flip\" }")
     names = {site.name for site in study.sites}
-    unknown = sorted(set(attacks) - names)
-    if unknown:
-        raise StudyConfigError(f"[simulation] attacks: no simulated site named {unknown}")
-    return {site: parse_attack(spec) for site, spec in attacks.items()}
+    problems, parsed = [], {}
+    for site, spec in attacks.items():
+        place = key_place("[simulation].attacks", site)
+        if site not in names:
+            problems.append(f"{place}: no simulated site named {site!r}; the [[sites]] are {sorted(names)}")
+            continue
+        try:
+            parsed[site] = parse_attack(spec, place)
+        except StudyConfigError as exc:
+            problems.extend(exc.problems)
+        else:
+            if parsed[site].kind == "drop-out" and parsed[site].factor > study.rounds:
+                problems.append(f"{place}: {spec!r}: the study has only {study.rounds} rounds")
+    if problems:
+        raise StudyConfigError(problems)
+    return parsed
 
 
 def with_attacks(study: StudyConfig, attacks: Mapping[str, str]) -> StudyConfig:
@@ -106,7 +136,9 @@ def attack_mod(attacks: Mapping[str, Attack], site_names: Sequence[str] = ()) ->
         planned = attacks.get(site_names[partition]) if 0 <= partition < len(site_names) else None
         if planned is not None and planned.kind == "drop-out":
             if int(msg.content[p.CONFIG][p.SERVER_ROUND]) == int(planned.factor):
-                raise RuntimeError("simulated drop-out: the site went silent mid-round")
+                # an error reply, as Flower sends for a ClientApp that fails, with pmfl's own reason
+                error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, DROP_OUT_REASON)
+                return Message(error, reply_to=msg)
             return call_next(msg, context)
         sent = wire.unpacked(msg.content[p.MODEL])
         reply = call_next(msg, context)

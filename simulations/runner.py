@@ -33,13 +33,14 @@ from client.app import app as client_app
 from client.site import SITES_DIR_ENV
 from pm_common import protocol as p
 from pm_common.config import StudyConfig, write_study
-from pm_common.tasks import SiteTensors, task_of
+from pm_common.tasks import SiteTensors
 from server.app import RUN_DIR_ENV, STUDY_ENV, set_progress_callback
 from server.app import app as server_app
 from server.recorder import ProgressCallback
 from server.resume import RESUME_ENV
 from simulations.attacks import attack_mod, study_attacks
 from simulations.faults import crash_round, crashing_server_app
+from simulations.preflight import preflight
 
 SITES_DIR = "simulated-sites"  # under the run directory: one directory per simulated hospital
 
@@ -53,11 +54,11 @@ def check_sites(study: StudyConfig) -> dict[str, SiteTensors]:
 
     In a real federation each hospital runs this check on its own data (`pmfl site check`); in a
     simulation the researcher holds every file. Returns each site's split (counts are reported).
+
+    Raises:
+        SiteDataError: every problem of every site's data, one line each (simulations.preflight).
     """
-    if not study.sites:
-        raise SimulationError("the study declares no [[sites]] to simulate")
-    task = task_of(study)
-    return {site.name: task.load_site(site, study) for site in study.sites}
+    return {checked.site.name: checked.data for checked in preflight(study, plans=False)}
 
 
 def simulated_client_app(study: StudyConfig) -> ClientApp:
@@ -123,8 +124,7 @@ def simulate(
     Returns:
         The run's metrics.json.
     """
-    check_sites(study)
-    study_attacks(study)  # a misnamed attacker fails here, before any process starts
+    preflight(study)  # attackers, every site's data and DP plan: refused here, before any process starts
     crash = crash_round(study)
     run_dir = prepare_run_dir(out_dir, overwrite, resume)
     config_path = run_dir / "config.toml"

@@ -9,7 +9,6 @@ import pytest
 from flwr.app import Context, MessageType
 
 from client.app import app as client_app
-from client.enrollment import SiteRefusal
 from pm_common import protocol as p
 from pm_common import wire
 from pm_common.models import build_tabular_model
@@ -116,8 +115,8 @@ def test_final_evaluation_closes_the_run_and_sends_the_whole_ledger(tmp_path: Pa
         lines = [json.loads(str(line)) for line in reply.content[p.SITE][p.LEDGER_LINES]]
         assert [e["status"] for e in lines] == ["enrolled", "trained", "closed"]
     assert wire.split_metrics(reply.content[p.TRAIN_METRICS])[1] is not None  # it evaluated too
-    with pytest.raises(SiteRefusal, match="closed"):  # nothing after the close
-        client_app(train_message(study, 2, run=run), context)
+    refused = client_app(train_message(study, 2, run=run), context)  # nothing after the close
+    assert refused.has_error() and "closed" in refused.error.reason
 
 
 def test_site_answers_only_runs_it_enrolled_in_and_each_round_once(tmp_path: Path, heart_sites: list) -> None:
@@ -125,11 +124,11 @@ def test_site_answers_only_runs_it_enrolled_in_and_each_round_once(tmp_path: Pat
     the round under a new attempt (a restarted coordinator) is a new ledger line."""
     path, study = heart_study(tmp_path, heart_sites, study={"rounds": 5})
     context, run = _enrolled(path, study, partition=0)
-    with pytest.raises(SiteRefusal, match="not enrolled"):
-        client_app(train_message(study, 1, run="0" * 32), context)
+    refused = client_app(train_message(study, 1, run="0" * 32), context)
+    assert refused.has_error() and "not enrolled" in refused.error.reason
     _run_round(study, context, 1, run)
-    with pytest.raises(SiteRefusal, match="already answered"):
-        client_app(train_message(study, 1, run=run), context)
+    refused = client_app(train_message(study, 1, run=run), context)
+    assert refused.has_error() and "already answered" in refused.error.reason
     _, _, entry = _run_round(study, context, 1, run, attempt=1)
     assert (entry["round"], entry["attempt"]) == (1, 1)
 

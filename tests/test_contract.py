@@ -145,9 +145,10 @@ def _contract_table() -> dict:
     [
         ({"features": []}, "declare at least one feature"),
         ({"target": {"name": "num", "positive": [1], "negative": [1]}}, "disjoint"),
-        ({"missing": "guess"}, "contract.missing"),
+        ({"missing": "guess"}, r"\[contract\]\.missing: got \"guess\" .*expected one of \"impute\""),
         ({"features": [{"name": "age", "type": "numeric", "min": 5, "max": 1}]}, "min must be below max"),
-        ({"features": [{"name": "sex", "type": "categorical", "values": ["M"]}]}, "2\\+ 'values'"),
+        ({"features": [{"name": "sex", "type": "categorical", "values": ["M"]}]},
+         r"\[\[contract\.features\]\] 'sex'\.values: got an array of 1 item\(s\); expected an array of 2 to"),
     ],
 )
 def test_malformed_contracts_are_rejected(change: dict, message: str) -> None:

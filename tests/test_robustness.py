@@ -99,7 +99,7 @@ def test_study_rejects_bad_robustness_settings(tmp_path: Path, strategy: dict) -
 def test_hospital_dp_is_refused_with_a_robust_aggregator(tmp_path: Path) -> None:
     """Hospital-level DP is accounted for the sum of every site's noise share; Krum or a median
     keeps only some, so the reported epsilon would be wrong."""
-    with pytest.raises(StudyConfigError, match=r"\[hospital_dp\] cannot combine with strategy 'krum'"):
+    with pytest.raises(StudyConfigError, match=r"\[hospital_dp\]: cannot combine with strategy 'krum'"):
         heart_study(tmp_path, strategy={"name": "krum"}, hospital_dp={"enabled": True})
     heart_study(tmp_path, strategy={"name": "krum"}, hospital_dp={"enabled": False})
 
@@ -316,7 +316,7 @@ def test_fedavgm_takes_the_studys_server_learning_rate(tmp_path: Path) -> None:
     np.testing.assert_allclose(doubled["b"].numpy(), [2.0], rtol=1e-6)
     assert build_strategy(StrategyConfig(name="fedadam"), 4).eta == 0.1
     assert build_strategy(StrategyConfig(name="fedyogi", server_learning_rate=0.03), 4).eta == 0.03
-    with pytest.raises(StudyConfigError, match=r"\[strategy\] server_learning_rate must be positive"):
+    with pytest.raises(StudyConfigError, match=r"\[strategy\]\.server_learning_rate: got 0\.0; expected"):
         heart_study(tmp_path / "c", strategy={"name": "fedavgm", "server_learning_rate": 0.0})
 
 

@@ -1,0 +1,152 @@
+"""Everything a simulation checks before any process starts, and what `pmfl simulate --dry-run` shows.
+
+Why: a study that starts and then fails at every site in every round wastes the researcher's time
+and says nothing useful. Before Flower starts, every problem the study's sites would meet is
+collected: the study's attackers (`[simulation]`), every site's data against the contract, and
+each site's DP-SGD plan, computed exactly as its ClientApp will (client/app.py: `plan_study` over
+the site's training rows, the study's training settings and min(rounds, the site's max_rounds)).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pm_common.config import SiteSpec, StudyConfig, site_place
+from pm_common.imaging import ImageDataError
+from pm_common.privacy import PrivacyPlan, plan_study
+from pm_common.redaction import one_line
+from pm_common.tabular import MAX_LISTED_PROBLEMS, DataValidationError
+from pm_common.tasks import SiteTensors, task_of
+from simulations.attacks import study_attacks
+
+
+class SiteDataError(ValueError):
+    """The simulated sites' data or DP plans cannot run the study; `problems`: one line each, each
+    naming the site (`[[sites]] 'cleveland'`). Lines may quote the researcher's own data cells."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class SitePreflight:
+    """One simulated site as its ClientApp will meet the study."""
+
+    site: SiteSpec
+    data: SiteTensors
+    planned_rounds: int
+    plan: PrivacyPlan | None  # None: the site trains without DP (`dp = false`)
+
+    @property
+    def train_rows(self) -> int:
+        return len(self.data.train_y)
+
+    @property
+    def test_rows(self) -> int:
+        return len(self.data.test_y)
+
+    def describe(self) -> str:
+        """One line: rows, sampling rate, steps and noise multiplier."""
+        rows = f"{self.site.name}: {self.train_rows} train / {self.test_rows} test rows"
+        if self.data.skipped:
+            rows += f" ({len(self.data.skipped)} files skipped)"
+        if self.plan is None:
+            return f"{rows}; dp = false: trains WITHOUT differential privacy, {self.planned_rounds} rounds"
+        plan = self.plan
+        return (
+            f"{rows}; sampling rate {plan.sample_rate:.4g}, {plan.steps_per_round} steps per round x "
+            f"{plan.planned_rounds} rounds; noise multiplier {plan.noise_multiplier:.4g} "
+            f"(epsilon {plan.epsilon_budget:g}, delta {plan.delta:g}, {plan.accountant})"
+        )
+
+
+def _data_problems(place: str, exc: Exception) -> list[str]:
+    if isinstance(exc, DataValidationError):
+        described = [p.describe(exc.path) for p in exc.problems]
+    elif isinstance(exc, ImageDataError) and exc.problems:
+        described = [f"{name}: {why}" for name, why in exc.problems]
+    else:
+        return [f"{place}: {one_line(str(exc), 500)}"]
+    lines = [f"{place}.data: {one_line(text, 500)}" for text in described[:MAX_LISTED_PROBLEMS]]
+    if len(described) > MAX_LISTED_PROBLEMS:
+        lines.append(f"{place}.data: ... and {len(described) - MAX_LISTED_PROBLEMS} more problems")
+    return lines
+
+
+def site_plan(study: StudyConfig, site: SiteSpec, train_rows: int) -> tuple[int, PrivacyPlan | None]:
+    """The rounds a site plans for and its DP-SGD plan, exactly as client/app.py computes them.
+
+    Args:
+        study: the study the coordinator sends.
+        site: the site, with its own privacy settings.
+        train_rows: the site's training rows after its split.
+
+    Returns:
+        (planned rounds, plan), the plan None when the site trains without DP.
+
+    Raises:
+        ValueError: no noise multiplier meets the budget, or a PRV plan is too long.
+    """
+    privacy = site.privacy
+    planned = study.rounds if privacy.max_rounds is None else min(study.rounds, privacy.max_rounds)
+    if not privacy.dp:
+        return planned, None
+    with warnings.catch_warnings():  # Opacus: "optimal order is the largest alpha", a looser bound only
+        warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
+        plan = plan_study(
+            epsilon_budget=privacy.epsilon,
+            delta=privacy.delta,
+            num_examples=train_rows,
+            batch_size=study.training.batch_size,
+            local_epochs=study.training.local_epochs,
+            planned_rounds=planned,
+            max_grad_norm=study.training.max_grad_norm,
+            accountant=privacy.accountant,
+        )
+    return planned, plan
+
+
+def preflight(study: StudyConfig, *, plans: bool = True) -> list[SitePreflight]:
+    """Check the study's attackers, every site's data and (with `plans`) every site's DP plan.
+
+    Args:
+        study: a checked study with `[[sites]]`.
+        plans: also compute each site's DP-SGD plan (without: `plan` is None for every site).
+
+    Returns:
+        Each site as its ClientApp will meet the study, in `[[sites]]` order.
+
+    Raises:
+        StudyConfigError: `[simulation]` names an unknown site or a malformed attack.
+        SiteDataError: every data or planning problem of every site, one line each.
+    """
+    study_attacks(study)
+    if not study.sites:
+        raise SiteDataError(["[[sites]]: the study declares no sites to simulate"])
+    task = task_of(study)
+    problems: list[str] = []
+    sites: list[SitePreflight] = []
+    for site in study.sites:
+        place = site_place(site.name)
+        try:
+            data = task.load_site(site, study)
+        except ValueError as exc:  # DataValidationError, ImageDataError, or e.g. an unsplittable table
+            problems.extend(_data_problems(place, exc))
+            continue
+        if not plans:
+            sites.append(SitePreflight(site, data, study.rounds, None))
+            continue
+        try:
+            planned, plan = site_plan(study, site, len(data.train_y))
+        except ValueError as exc:  # a budget no noise multiplier meets, a plan too long for prv
+            problems.append(f"{place}: no DP-SGD plan: {one_line(str(exc), 500)} (settings: [privacy] or "
+                            "the site's own epsilon/delta, [study].rounds, [training])")
+            continue
+        sites.append(SitePreflight(site, data, planned, plan))
+    if problems:
+        raise SiteDataError(problems)
+    return sites
+
