@@ -37,15 +37,10 @@ from pm_common.ledger import CLOSED, DECLINED, TRAINED, LedgerEntry
 from pm_common.metrics import reportable
 from pm_common.privacy import BudgetTooLow, PrivacyPlan, check_next_round, cumulative_epsilon, plan_study
 from pm_common.roster import Roster
-from pm_common.tasks import SiteTensors, task_of
+from pm_common.tasks import SiteTensors, few_rows_warning, task_of
 
 log = logging.getLogger("pmfl.client")
 app = ClientApp(mods=[error_reply_mod])  # outermost: no exception reaches Flower (client/errors.py)
-
-FEW_TRAINING_ROWS = 20
-"""Below this many training rows a site still trains, but says that DP noise will likely drown
-what it learns (its reply carries the warning; the run shows it)."""
-
 
 @dataclass(frozen=True)
 class RunRequest:
@@ -176,16 +171,6 @@ def _unlearnable_reason(data: SiteTensors, study: StudyConfig) -> str:
     return task_of(study).unlearnable(data.train_y)
 
 
-def _few_rows_warning(data: SiteTensors) -> str:
-    n = len(data.train_y)
-    if n < FEW_TRAINING_ROWS:
-        return (
-            f"only {n} training rows: DP-SGD noise will likely drown what this site's data can teach "
-            f"(fewer than {FEW_TRAINING_ROWS})"
-        )
-    return ""
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     request = RunRequest.of(msg)
@@ -195,7 +180,7 @@ def train(msg: Message, context: Context) -> Message:
     received = _received(msg)
     model = _model_from(received, study)
     evaluation = _evaluation(model, data, study)
-    warning = _few_rows_warning(data)
+    warning = few_rows_warning(len(data.train_y))
     if warning:
         log.warning("site %s: %s", site.name, warning)
     with store.locked():

@@ -50,6 +50,21 @@ class Task(Protocol):
     def unlearnable(self, train_y: torch.Tensor) -> str: ...
 
 
+FEW_TRAINING_ROWS = 20
+"""Below this many training rows a site still trains, but says that DP noise will likely drown
+what it learns (its reply carries the warning; the run shows it)."""
+
+
+def few_rows_warning(train_rows: int) -> str:
+    """What a site with this few training rows tells the study ('' when it has enough)."""
+    if train_rows < FEW_TRAINING_ROWS:
+        return (
+            f"only {train_rows} training rows: DP-SGD noise will likely drown what this site's data can "
+            f"teach (fewer than {FEW_TRAINING_ROWS})"
+        )
+    return ""
+
+
 def single_class_reason(train_y: torch.Tensor) -> str:
     """Why a classifier cannot learn from these labels ('' if it can): all of one class."""
     if len(train_y) == 0:

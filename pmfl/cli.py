@@ -253,6 +253,7 @@ def simulate(
             overwrite=overwrite,
             verbose=verbose,
             resume=resume,
+            on_warning=lambda text: console.print(f"[yellow]{escape(text)}[/]", soft_wrap=True),
         )
     except (SiteDataError, DataValidationError, ImageDataError, StudyConfigError) as exc:
         _errors(str(exc).splitlines())

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from pm_common.config import SiteSpec, StudyConfig, site_place
 from pm_common.imaging import ImageDataError
-from pm_common.privacy import PrivacyPlan, plan_study
+from pm_common.privacy import BudgetTooLow, PrivacyPlan, plan_study
 from pm_common.redaction import one_line
 from pm_common.tabular import MAX_LISTED_PROBLEMS, DataValidationError
-from pm_common.tasks import SiteTensors, task_of
+from pm_common.tasks import SiteTensors, few_rows_warning, task_of
 from simulations.attacks import study_attacks
 
 
@@ -38,7 +38,9 @@ class SitePreflight:
     site: SiteSpec
     data: SiteTensors
     planned_rounds: int
-    plan: PrivacyPlan | None  # None: the site trains without DP (`dp = false`)
+    plan: PrivacyPlan | None  # None: the site trains without DP (`dp = false`), or declines
+    declines: str = ""  # why the site will decline every round (its budget, its data): it still takes part
+    warning: str = ""  # what the site will tell the study (e.g. too few rows to learn much)
 
     @property
     def train_rows(self) -> int:
@@ -53,6 +55,10 @@ class SitePreflight:
         rows = f"{self.site.name}: {self.train_rows} train / {self.test_rows} test rows"
         if self.data.skipped:
             rows += f" ({len(self.data.skipped)} files skipped)"
+        if self.warning:
+            rows += f" (warning: {self.warning})"
+        if self.declines:
+            return f"{rows}; DECLINES every round: {self.declines}"
         if self.plan is None:
             return f"{rows}; dp = false: trains WITHOUT differential privacy, {self.planned_rounds} rounds"
         plan = self.plan
@@ -88,7 +94,8 @@ def site_plan(study: StudyConfig, site: SiteSpec, train_rows: int) -> tuple[int,
         (planned rounds, plan), the plan None when the site trains without DP.
 
     Raises:
-        ValueError: no noise multiplier meets the budget, or a PRV plan is too long.
+        BudgetTooLow: no noise multiplier meets the site's budget (the site will decline).
+        ValueError: a PRV plan is too long.
     """
     privacy = site.privacy
     planned = study.rounds if privacy.max_rounds is None else min(study.rounds, privacy.max_rounds)
@@ -136,16 +143,21 @@ def preflight(study: StudyConfig, *, plans: bool = True) -> list[SitePreflight]:
         except ValueError as exc:  # DataValidationError, ImageDataError, or e.g. an unsplittable table
             problems.extend(_data_problems(place, exc))
             continue
+        warning = few_rows_warning(len(data.train_y))
+        unlearnable = task.unlearnable(data.train_y)
         if not plans:
-            sites.append(SitePreflight(site, data, study.rounds, None))
+            sites.append(SitePreflight(site, data, study.rounds, None, unlearnable, warning))
             continue
         try:
             planned, plan = site_plan(study, site, len(data.train_y))
-        except ValueError as exc:  # a budget no noise multiplier meets, a plan too long for prv
+        except BudgetTooLow as exc:  # the site's own budget: it takes part, declining with the reason
+            sites.append(SitePreflight(site, data, study.rounds, None, str(exc), warning))
+            continue
+        except ValueError as exc:  # a plan too long for prv
             problems.append(f"{place}: no DP-SGD plan: {one_line(str(exc), 500)} (settings: [privacy] or "
                             "the site's own epsilon/delta, [study].rounds, [training])")
             continue
-        sites.append(SitePreflight(site, data, planned, plan))
+        sites.append(SitePreflight(site, data, planned, plan, unlearnable, warning))
     if problems:
         raise SiteDataError(problems)
     return sites

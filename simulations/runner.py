@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from simulations.attacks import attack_mod, study_attacks
 from simulations.faults import crash_round, crashing_server_app
 from simulations.preflight import preflight
 
+log = logging.getLogger("pmfl.simulation")
 SITES_DIR = "simulated-sites"  # under the run directory: one directory per simulated hospital
 
 
@@ -107,6 +109,7 @@ def simulate(
     verbose: bool = False,
     resume: bool = False,
     sites_dir: Path | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run `study` with one simulated SuperNode per site; returns the run's metrics.json.
 
@@ -120,11 +123,18 @@ def simulate(
             sites' saved state (their accountants and ledgers carry on; no round runs twice).
         sites_dir: where the simulated hospitals keep their directories (default
             `out_dir`/simulated-sites); the same directory for two runs of a study is a resubmission.
+        on_warning: told, before the run starts, of every site that will decline every round (its
+            budget, its data) or says it has too little data; logged when None.
 
     Returns:
         The run's metrics.json.
     """
-    preflight(study)  # attackers, every site's data and DP plan: refused here, before any process starts
+    warn = on_warning or log.warning
+    for checked in preflight(study):  # attackers, data, DP plans: refused here, before any process starts
+        if checked.declines:
+            warn(f"{checked.site.name}: declines every round: {checked.declines}")
+        if checked.warning:
+            warn(f"{checked.site.name}: {checked.warning}")
     crash = crash_round(study)
     run_dir = prepare_run_dir(out_dir, overwrite, resume)
     config_path = run_dir / "config.toml"

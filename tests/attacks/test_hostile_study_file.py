@@ -288,17 +288,17 @@ def test_noise_calibration_terminates_at_extreme_settings() -> None:
     assert finished, f"noise calibration did not finish within 60 s ({took:.0f} s)"
 
 
-def test_a_budget_too_small_to_plan_is_refused_naming_the_site(tmp_path: Path) -> None:
-    """Claim: a budget no noise multiplier can meet is refused before the run, naming the site and the
-    settings involved, instead of failing at every site in every round.
+def test_a_budget_too_small_to_plan_is_a_decline_shown_before_the_run(tmp_path: Path) -> None:
+    """Claim: a budget no noise multiplier can meet is the site's own setting: the dry run names the
+    site and the reason it will decline every round, instead of failing at every site in every round
+    (the run itself: tests/attacks/test_budget_too_low.py).
     Attack: epsilon 1e-9 for one site."""
     raw = heart_raw()
     raw["sites"][2]["epsilon"] = 1e-9
     code, output = simulate("--config", str(write(tmp_path / "study.toml", raw)), "--dry-run")
-    assert code == 2
-    (line,) = refusal_lines(output)
-    assert line.startswith("error: [[sites]] 'switzerland': no DP-SGD plan: ")
-    assert "budget" in line and "too low" in line and "[privacy]" in line
+    assert code == 0
+    (line,) = [line for line in output.splitlines() if line.strip().startswith("switzerland:")]
+    assert "DECLINES every round: privacy budget too low" in line
 
 
 def test_prv_plans_stay_within_the_step_bound() -> None:
