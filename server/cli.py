@@ -202,6 +202,9 @@ def run(
         int | None, typer.Option(help="sites to wait for before round 1 [default: those online now]")
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="give up after this many seconds")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="continue the run in --out after the coordinator crashed: its last checkpoint, "
+        "the same roster, every site's ledger completed from the site's own")] = False,
 ) -> None:
     """Submit a study to the SuperLink, follow it to the end, and collect its run directory."""
     coord = Coordinator(directory.resolve())
@@ -210,7 +213,7 @@ def run(
         _warn_not_enrolled(rows)
         online = [s["site"] for s in rows if s["status"] == "online" and s["enrolled"] and s["site"]]
         expected = len(online) if expected_sites is None else expected_sites
-        run_id = submit(coord, study, out, app_dir, expected)
+        run_id = submit(coord, study, out, app_dir, expected, resume=resume)
         _say(f"run {run_id} submitted; waiting for {expected} sites (online: {', '.join(online)})")
         info = follow(coord, run_id, out, on_round=_show_round, timeout=timeout)
         deployment = collect(coord, run_id, out, info)

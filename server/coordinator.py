@@ -305,8 +305,38 @@ def _same_key(registered: bytes, openssh_line: str) -> bool:
 # -- runs -------------------------------------------------------------------------------------
 
 
-def submit(coord: Coordinator, study: Path, run_dir: Path, app_dir: Path, expected_sites: int = 0) -> int:
-    """`flwr run` the study app in `app_dir` with this study; returns the run id."""
+def submit(
+    coord: Coordinator,
+    study: Path,
+    run_dir: Path,
+    app_dir: Path,
+    expected_sites: int = 0,
+    resume: bool = False,
+) -> int:
+    """`flwr run` the study app in `app_dir` with this study; returns Flower's run id.
+
+    Args:
+        coord: the coordinator.
+        study: the study file.
+        run_dir: the run directory the ServerApp writes.
+        app_dir: the study app's source tree (its hash is what hospitals approve).
+        expected_sites: sites to wait for before round 1.
+        resume: continue the run in `run_dir` from its last checkpoint (after a crash of the
+            coordinator): the same roster, the next attempt (server/resume.py).
+
+    Returns:
+        Flower's run id.
+
+    Raises:
+        CoordinatorError: the app would carry coordinator files, `run_dir` holds a run and `resume`
+            is not set (or holds none and it is), or Flower refuses the run.
+    """
+    held = (Path(run_dir) / "privacy" / "roster.json").exists()
+    if held and not resume:
+        raise CoordinatorError(f"{run_dir} already holds a run: pass --resume to continue it, or choose "
+                               "another --out")
+    if resume and not held:
+        raise CoordinatorError(f"{run_dir} holds no run to resume (no privacy/roster.json)")
     if leak := packed_state(app_dir, coord.directory, run_dir):
         raise CoordinatorError(
             f"the app in {app_dir} would carry coordinator files to every site ({leak[0]}, ...): keep "
@@ -314,6 +344,7 @@ def submit(coord: Coordinator, study: Path, run_dir: Path, app_dir: Path, expect
         )
     config = (
         f"study='{Path(study).resolve()}' run-dir='{Path(run_dir).resolve()}' expected-sites={expected_sites}"
+        f" resume={'true' if resume else 'false'}"
     )
     answer = flwr(coord, "run", str(Path(app_dir).resolve()), CONNECTION, "--run-config", config)
     return int(answer["run-id"])

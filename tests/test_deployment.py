@@ -17,8 +17,11 @@ coordinator restarts from its database and runs the next study with the sites th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -124,22 +127,32 @@ class Federation:
         if self.superlink is not None:
             stop(self.superlink)
 
+    def kill_coordinator(self) -> None:
+        """SIGKILL the SuperLink and everything it started (its SuperExec, the ServerApp): no
+        clean-up, no goodbye, as a power cut of the coordinator's machine would."""
+        assert self.superlink is not None
+        for pid in [*_descendants(self.superlink.pid), self.superlink.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.superlink.wait()
+
     def status(self) -> list[dict[str, Any]]:
         return self.on_coordinator(site_status, self.coord)
 
     def register(self, site: Path, name: str) -> int:
         return self.on_coordinator(register_site, self.coord, site / "keys" / "site.pub", name)
 
-    def new_site(self, name: str, approve: str | None) -> Path:
+    def new_site(self, name: str, approve: str | None, data: Path | None = None,
+                 studies: tuple[str, ...] = ("heart-disease",)) -> Path:
         """A site directory on a host of its own, dialing the coordinator's address."""
         self.hosts[name] = self.network.add_host(name)
         site = init_site(
             self.root / "sites" / name,
             name,
-            DATA / f"{name}.csv",
+            data or DATA / f"{name}.csv",
             superlink=self.address,
             ca=self.coord.pki.ca_cert,
-            studies=("heart-disease",),
+            studies=studies,
         )
         if approve:
             approve_app(site, approve)
@@ -170,6 +183,20 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
             yield fed
         finally:
             fed.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, deepest first (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+
+    def below(node: int) -> list[int]:
+        return [p for child in children.get(node, []) for p in (*below(child), child)]
+
+    return below(pid)
 
 
 def _supernode_refused(fed: Federation, name: str, args: list[str], site: Path) -> str:
@@ -324,3 +351,59 @@ def test_study_survives_dropout_and_coordinator_restart(federation: Federation, 
     assert result.exit_code == 0, result.findings
     for name in ("cleveland", "hungary"):
         assert audit_directory(sites[name]).exit_code == 0, name
+
+
+def test_coordinator_killed_mid_study_resumes_and_audits_clean(federation: Federation, tmp_path: Path) -> None:  # noqa: E501
+    """Claim: budgets hold through a coordinator crash in deployment: after a SIGKILL of the whole
+    coordinator mid-study and a restart, `pmfl coordinator run --resume` finishes the study; every
+    round each site ran is in its ledger once under a unique attempt, the run's copy is the sites'
+    own, and the audit passes (issue 14.11).
+    Fault: SIGKILL of the SuperLink, its SuperExec and the ServerApp once round 1 is recorded."""
+    fed = federation
+    app = snapshot_app(tmp_path / "app")
+    digest = app_hash(app)
+    study_name = "heart-disease-crash"
+    names = {"crash-cleveland": "cleveland", "crash-hungary": "hungary"}
+    sites = {
+        name: fed.new_site(name, approve=digest, data=DATA / f"{data}.csv", studies=(study_name,))
+        for name, data in names.items()
+    }
+    for name, site in sites.items():
+        fed.register(site, name)
+        fed.start_site(site)
+    wait_for(lambda: sum(s["status"] == "online" for s in fed.status() if s["site"] in sites) == 2, 90,
+             "two sites online")
+    raw = {**load_study(STUDY).raw}
+    raw["study"] = {**raw["study"], "name": study_name, "rounds": 3}
+    study = tmp_path / "crash.toml"
+    study.write_text(tomli_w.dumps(raw), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    fed.on_coordinator(submit, fed.coord, study, run_dir, app, expected_sites=2)
+    metrics_path = run_dir / "metrics.json"
+
+    def round_one_recorded() -> bool:
+        return metrics_path.exists() and len(json.loads(metrics_path.read_text())["rounds"]) > 1
+
+    wait_for(round_one_recorded, 150, "round 1 recorded", interval=0.1)
+    fed.kill_coordinator()
+    fed.start_superlink()
+    wait_for(lambda: sum(s["status"] == "online" for s in fed.status() if s["site"] in sites) == 2, 90,
+             "the sites to reconnect")
+    run_id = fed.on_coordinator(submit, fed.coord, study, run_dir, app, expected_sites=2, resume=True)
+    info = fed.on_coordinator(follow, fed.coord, run_id, run_dir, timeout=240)
+    assert info["status"] == "finished:completed", info
+
+    assert len(json.loads((run_dir / "attempts.json").read_text())) == 2
+    for name, site in sites.items():
+        at_site = (site / "state" / study_name / "ledger.jsonl").read_text().splitlines()
+        at_run = (run_dir / "privacy" / f"ledger-{name}.jsonl").read_text().splitlines()
+        assert at_run == at_site, name  # the run's copy completed from the site's own
+        lines = [json.loads(line) for line in at_run]
+        assert lines[0]["status"] == "enrolled" and lines[-1]["status"] == "closed"
+        answered = [(e["round"], e["attempt"]) for e in lines if e["status"] in ("trained", "declined")]
+        assert len(answered) == len(set(answered)), name
+        assert any(attempt == 1 for _, attempt in answered), name  # rounds after the restart
+        assert sum(e["status"] == "trained" for e in lines) <= 3 and lines[-1]["epsilon"] <= 3.0
+    result = audit_directory(run_dir, site_dirs=list(sites.values()))
+    assert result.exit_code == 0, result.findings
+    assert audit_directory(run_dir).exit_code == 0
