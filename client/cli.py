@@ -139,17 +139,46 @@ def approve(
 
 @site_app.command("status")
 def status(directory: SiteDir) -> None:
-    """What this site approved, and its ledgers so far."""
-    try:
-        approval = load_approval(directory)
-    except ApprovalError as exc:
-        _fail(exc)
-    console.print(escape(f"site {approval.site}: studies {list(approval.studies or ['(any)'])}"))
-    for digest in approval.apps:
-        console.print(escape(f"  approved app {digest}"))
+    """What this site approved, its ledgers so far, and the digest of every roster it signed."""
+    if (Path(directory) / "site.toml").exists():
+        try:
+            approval = load_approval(directory)
+        except ApprovalError as exc:
+            _fail(exc)
+        console.print(escape(f"site {approval.site}: studies {list(approval.studies or ['(any)'])}"))
+        for digest in approval.apps:
+            console.print(escape(f"  approved app {digest}"))
+    else:  # a simulated hospital's directory: its records, without a site.toml
+        console.print(escape(f"{directory}: no site.toml (a simulated site's records)"))
     for ledger in sorted((Path(directory) / "state").glob("*/ledger.jsonl")):
         lines = ledger.read_text(encoding="utf-8").splitlines()
         console.print(escape(f"  {ledger.parent.name}: {len(lines)} ledger lines in {ledger}"))
+        for run, digest in signed_rosters(ledger.parent):
+            console.print(escape(f"    run {run}: signed roster {digest} (give it to an auditor: "
+                                 "pmfl audit RUN --roster DIGEST)"))
+
+
+def signed_rosters(study_dir: Path) -> list[tuple[str, str]]:
+    """(run, roster digest) of every roster this site signed for a study, oldest first.
+
+    Args:
+        study_dir: the site's `state/<study>/` directory.
+
+    Returns:
+        One pair per run; unreadable copies are left out (`pmfl audit SITE_DIR` reports them).
+    """
+    import json
+
+    from pm_common.roster import Roster, RosterError
+
+    found = []
+    for copy in sorted((study_dir / "rosters").glob("*.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            roster = Roster.from_dict(json.loads(copy.read_text(encoding="utf-8"))["roster"])
+        except (RosterError, ValueError, KeyError, OSError):
+            continue
+        found.append((roster.run, roster.digest))
+    return found
 
 
 @site_app.command("start")

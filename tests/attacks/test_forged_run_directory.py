@@ -240,3 +240,28 @@ def test_roster_digest_must_be_the_runs(run: Path) -> None:
     write_summary(run, data)
     result = audit_directory(run)
     assert result.exit_code == EXIT_VIOLATION and "summary_mismatch" in codes(result)
+
+
+def test_the_digest_a_hospital_shows_pins_the_run(honest_run: Path, run: Path) -> None:
+    """Claim: the roster digest a hospital reads from its own records (`pmfl site status`) is what
+    an auditor pins; a run with another roster fails against it.
+    Attack: the run's roster swapped for one re-signed with fresh keys (as in the whole-run forgery)."""
+    from typer.testing import CliRunner
+
+    from pmfl.cli import app
+
+    status = ["site", "status", str(site_dir(honest_run, VICTIM))]
+    shown = CliRunner().invoke(app, status, env={"COLUMNS": "300"})
+    assert shown.exit_code == 0, shown.output
+    digest = shown.output.split("signed roster ")[1].split()[0]
+    assert audit_directory(honest_run, roster_digest=digest).exit_code == EXIT_OK
+    signed = SignedRoster.from_json((privacy(run) / "roster.json").read_text())
+    key = generate_signing_key()
+    sites = tuple(replace(s, ledger_key=public_key_text(key.public_key()),
+                          key_fingerprint=public_key_fingerprint(key.public_key())) if s.site == VICTIM else s
+                  for s in signed.roster.sites)
+    other = replace(signed.roster, sites=sites)
+    forged = SignedRoster(other, {VICTIM: sign_roster(other, key)})
+    (privacy(run) / "roster.json").write_text(forged.to_json())
+    result = audit_directory(run, roster_digest=digest)
+    assert result.exit_code == EXIT_VIOLATION and "roster_not_pinned" in codes(result)
