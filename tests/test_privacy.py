@@ -125,3 +125,20 @@ def test_ledger_round_trips_and_summarises(tmp_path: Path) -> None:
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(ValueError, match=r"ledger-a\.jsonl:3"):
         read_ledger(path)
+
+
+@pytest.mark.parametrize(
+    ("budget", "rows", "batch", "rounds"),
+    [(8.0, 60, 16, 20), (8.0, 82, 16, 10), (8.0, 60, 8, 10), (3.0, 202, 16, 20), (1.0, 82, 16, 20)],
+)
+def test_plan_keeps_the_auditors_figure_within_the_budget(
+    budget: float, rows: int, batch: int, rounds: int
+) -> None:
+    """Issue 14.12b: Opacus' search alone planned these to 7.996-7.9999 by Opacus and 8.004-8.020 by
+    dp-accounting's RDP, which an auditor recomputes. A site plans, and reports, by the larger."""
+    plan = plan_study(epsilon_budget=budget, delta=1e-5, num_examples=rows, batch_size=batch, local_epochs=1,
+                      planned_rounds=rounds, max_grad_norm=1.0)
+    history = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)] * rounds
+    assert dp_accounting_rdp(history, 1e-5) <= budget
+    assert cumulative_epsilon(history, 1e-5) <= budget
+    assert cumulative_epsilon(history, 1e-5) >= dp_accounting_rdp(history, 1e-5) * (1 - 1e-12)
