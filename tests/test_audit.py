@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -437,13 +438,19 @@ def test_audit_site_is_pure_and_flags_foreign_lines_without_key() -> None:
 # --- the HTML report in a real browser --------------------------------------------------------
 
 
+REQUIRE_CHROMIUM = "PMFL_REQUIRE_CHROMIUM"  # set by .ci/run: CI must render the report
+
+
 def _chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         found = shutil.which(name)
         if found:
             return found
-    pytest.fail("chromium is not installed: the report test needs it. Install it with "
-                "`apt-get update && apt-get install -y chromium`")
+    reason = ("chromium is not installed: the report test renders the audit report in it "
+              "(`apt-get install -y chromium`; .ci/run installs it)")
+    if os.environ.get(REQUIRE_CHROMIUM) == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
