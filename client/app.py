@@ -26,6 +26,7 @@ from client import enrollment
 from client import secure_aggregation as secagg
 from client.enrollment import SiteRefusal, append_signed_line
 from client.errors import error_reply_mod
+from client.replay import replay_seed
 from client.site import load_site_data, parse_study_text, resolve_site
 from client.state import SiteState, StateStore
 from client.training import LocalTraining, pick_device, predict, train_round
@@ -98,6 +99,7 @@ def _record_and_reply(
     train_loss: float,
     next_round_fits: bool | None,
     extra_metrics: Mapping[str, float] | None = None,
+    noise_seeded: bool = False,
 ) -> Message:
     """Sign the round's ledger line onto the site's hash chain, save the state, then reply.
 
@@ -120,6 +122,8 @@ def _record_and_reply(
         site_record[p.FILES_SKIPPED] = files_skipped
     if warning:
         site_record[p.WARNING] = warning
+    if noise_seeded:  # tests only (client/replay.py): the run must say its noise was predictable
+        site_record[p.NOISE_SEEDED] = True
     loss = train_loss if math.isfinite(train_loss) else 0.0
     train = {p.NUM_EXAMPLES: num_examples, "train-loss": loss, **(extra_metrics or {})}
     content = RecordDict({p.TRAIN_METRICS: wire.metrics_record(train, evaluation), p.SITE: site_record})
@@ -248,6 +252,7 @@ def _answer_round(
         grad_sample_mode=study.training.grad_sample_mode,
         max_physical_batch_size=study.training.max_physical_batch_size,
     )
+    seed = replay_seed(context, site.name, request.server_round, request.attempt, "dp-sgd")
     outcome = train_round(
         model,
         data.train_x,
@@ -256,6 +261,7 @@ def _answer_round(
         settings,
         plan=plan,
         accountant_state=state.accountant,
+        seed=seed,
         device=pick_device(),
     )
     entry = replace(base, steps=outcome.steps, epsilon=outcome.epsilon)
@@ -263,13 +269,15 @@ def _answer_round(
     fits = check_next_round(plan, state.history).allowed if plan else None
     weights, weight = outcome.state_dict, n_train
     if study.hospital_dp.enabled:
-        weights = _hospital_dp(msg, received, weights, study)
+        hospital_seed = replay_seed(context, site.name, request.server_round, request.attempt, "hospital-dp")
+        weights = _hospital_dp(msg, received, weights, study, hospital_seed)
         weight = 1  # uniform weights: one hospital's influence is bounded by the clip norm alone
     secagg_request = msg.content.config_records.get(p.SECAGG)
     if secagg_request is None:
         trained = {k: v.detach().cpu().numpy() for k, v in weights.items()}
         update = {p.MODEL: wire.packed_record(trained)}
-        return reply(entry, update, weight, outcome.mean_loss, next_round_fits=fits)
+        return reply(entry, update, weight, outcome.mean_loss, next_round_fits=fits,
+                     noise_seeded=seed is not None)
     vector = _weighted_delta(received, weights, weight, study, float(secagg_request["max-weight"]))
     identity = _secagg_identity(site, store, state, request.run)
     masked, clipped, keys = secagg.mask_update(secagg_request, context.state, vector, identity)
@@ -277,7 +285,8 @@ def _answer_round(
     if keys:  # this site's public keys for the next round
         update[p.SECAGG] = keys
     clipped_metric = {"secagg-clipped": clipped}
-    return reply(entry, update, weight, outcome.mean_loss, next_round_fits=fits, extra_metrics=clipped_metric)
+    return reply(entry, update, weight, outcome.mean_loss, next_round_fits=fits, extra_metrics=clipped_metric,
+                 noise_seeded=seed is not None)
 
 
 def _weighted_delta(
@@ -311,12 +320,14 @@ def _hospital_dp(
     received: Mapping[str, torch.Tensor],
     trained: Mapping[str, torch.Tensor],
     study: StudyConfig,
+    seed: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Clip this hospital's model delta and add its share of the aggregate's Gaussian noise."""
+    """Clip this hospital's model delta and add its share of the aggregate's Gaussian noise
+    (`seed`: tests only, client/replay.py; otherwise OS entropy, never a known seed)."""
     planned = int(msg.content[p.CONFIG].get(p.PLANNED_SITES, 1))
     delta = {k: trained[k].cpu() - received[k] for k in received}
     noise = site_noise_std(study.hospital_dp, planned)
-    generator = torch.Generator().manual_seed(secrets.randbits(63))  # OS entropy, never a known seed
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
     noisy = clip_and_noise(delta, study.hospital_dp.clip_norm, noise, generator)
     return {k: received[k] + noisy[k] for k in received}
 

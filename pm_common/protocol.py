@@ -52,5 +52,6 @@ STUDY_TOML = "study-toml"  # the study config as text: contract, model and train
 PROXIMAL_MU = "proximal-mu"
 PLANNED_SITES = "planned-sites"  # how many sites share the hospital-level DP noise
 NEXT_ROUND_FITS = "next-round-fits"  # whether the site's budget allows one more round
+NOISE_SEEDED = "noise-seeded"  # in a site's record: noise seeded for a test's replay (client/replay.py)
 WARNING = "warning"  # in a site's record: what the site wants the study to know (e.g. too few rows)
 FILES_SKIPPED = "files-skipped"  # unusable image files the site left out (its on_bad_file = "skip")

@@ -89,6 +89,7 @@ class RunRecorder:
     left_out: dict[int, list[str]] = field(default_factory=dict)  # valid updates a robust rule skipped
     record_updates_of: str = field(default_factory=lambda: os.environ.get(RECORD_UPDATES_ENV, ""))
     roster: SignedRoster | None = None
+    noise_seeded: bool = False  # a site seeded its noise for a test's replay (client/replay.py)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -290,6 +291,9 @@ class RunRecorder:
             "dp": all(s.privacy.dp for s in self.study.sites)
             if self.study.sites
             else self.study.privacy.dp,
+            **({"noise_seeded_for_replay": "a site seeded its DP noise for a test's replay "
+                "(PMFL_REPLAY_SEED): no privacy guarantee against anyone who knows the seed"}
+               if self.noise_seeded else {}),
             "note": "round r holds the evaluation of the global model after round r on each site's "
             "own test rows (round 0: the initial model). mean_site_accuracy is FLamby's metric; "
             "pooled_accuracy is the accuracy on all sites' test rows together.",

@@ -275,6 +275,8 @@ class SiteReportingStrategy(Strategy):
             files_skipped=int(site_record.get(p.FILES_SKIPPED, 0)),
             warning=str(site_record.get(p.WARNING, "")),
         )
+        if site_record.get(p.NOISE_SEEDED):
+            self.recorder.noise_seeded = True
         metrics = content.metric_records.get(p.TRAIN_METRICS)
         train, evaluation = wire.split_metrics(metrics) if metrics is not None else ({}, None)
         if evaluation is not None:

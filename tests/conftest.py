@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+# Simulated sites seed their DP noise from this (client/replay.py), so a test that checks a threshold
+# replays exactly; `PMFL_REPLAY_SEED=7 make test` replays another draw. Deployed sites ignore it.
+os.environ.setdefault("PMFL_REPLAY_SEED", "20261202")
 
 import json
 import secrets

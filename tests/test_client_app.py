@@ -163,3 +163,31 @@ def test_site_with_one_class_declines_and_tiny_site_warns(tmp_path: Path, heart_
     context, run = _enrolled(path, study, partition=1)
     _, site, entry = _run_round(study, context, 1, run)
     assert site[p.STATUS] == "trained" and "training rows" in site[p.WARNING]
+
+
+def test_replay_seed_makes_a_simulated_sites_noise_replayable_and_nothing_else(
+    tmp_path: Path, heart_sites: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test-only hook (client/replay.py): the same seed gives a simulated site the same DP-SGD
+    draw, so a threshold test replays; a deployed site (its own directory) never uses it."""
+    path, study = heart_study(tmp_path, heart_sites, study={"rounds": 5})
+
+    def update(seed: str | None, **where) -> tuple[dict, dict]:  # type: ignore[no-untyped-def]
+        if seed is None:
+            monkeypatch.delenv("PMFL_REPLAY_SEED", raising=False)
+        else:
+            monkeypatch.setenv("PMFL_REPLAY_SEED", seed)
+        context, run = _enrolled(path, study, **where)
+        reply, site, _ = _run_round(study, context, 1, run)
+        return wire.unpacked(reply.content[p.MODEL]), dict(site)
+
+    first, record = update("5", partition=0)
+    again, _ = update("5", partition=0)
+    other, _ = update("6", partition=0)
+    assert all((first[k] == again[k]).all() for k in first) and record[p.NOISE_SEEDED] is True
+    assert any((first[k] != other[k]).any() for k in first)
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "site.toml").write_text(f'[site]\nname = "cleveland"\ndata = "{heart_sites[0]["data"]}"\n')
+    deployed, record = update("5", site_dir=site_dir)
+    assert p.NOISE_SEEDED not in record and any((first[k] != deployed[k]).any() for k in first)
