@@ -252,6 +252,14 @@ def _answer_round(
         log.warning("site %s declines round %d: %s", site.name, request.server_round, reason)
         return reply(entry, {}, n_train, float("nan"), next_round_fits=False)
 
+    secagg_request = msg.content.config_records.get(p.SECAGG)
+    secagg_rules, identity = None, None
+    if secagg_request is not None:  # checked before training: a relay the site refuses costs no budget
+        identity = _secagg_identity(site, store, state, request.run)
+        if int(secagg_request["round"]) != request.server_round:
+            raise SiteRefusal(f"secure-aggregation relay for round {secagg_request['round']} with the "
+                              f"training message of round {request.server_round}")
+        secagg_rules = secagg.relay_rules(secagg_request, context.state, identity)  # the study's rules
     config = msg.content[p.CONFIG]
     settings = LocalTraining(
         learning_rate=study.training.learning_rate,
@@ -279,13 +287,12 @@ def _answer_round(
     if study.hospital_dp.enabled:
         weights = _hospital_dp(msg, received, weights, study)
         weight = 1  # uniform weights: one hospital's influence is bounded by the clip norm alone
-    secagg_request = msg.content.config_records.get(p.SECAGG)
     if secagg_request is None:
         trained = {k: v.detach().cpu().numpy() for k, v in weights.items()}
         update = {p.MODEL: wire.packed_record(trained)}
         return reply(entry, update, weight, outcome.mean_loss, next_round_fits=fits)
-    vector = _weighted_delta(received, weights, weight, study, float(secagg_request["max-weight"]))
-    identity = _secagg_identity(site, store, state, request.run)
+    assert secagg_rules is not None and identity is not None
+    vector = _weighted_delta(received, weights, weight, study, secagg_rules.max_weight)
     masked, clipped, keys = secagg.mask_update(secagg_request, context.state, vector, identity)
     update = {p.MASKED: wire.packed_record({p.MASKED: masked})}
     if keys:  # this site's public keys for the next round
@@ -362,12 +369,12 @@ def _secagg_identity(site: SiteSpec, store: StateStore, state: SiteState, run: s
 def secure_aggregation(msg: Message, context: Context) -> Message:
     """Secure aggregation's key stages; the masked update itself goes with the training reply."""
     request = msg.content[p.SECAGG]
-    identity = None
-    if str(request.get("run", "")):  # TODO(secagg hardening): required, once every caller names its run
-        site, store = resolve_site(context, str(request["study"]))
-        state = store.load() or SiteState(study=str(request["study"]))
-        identity = _secagg_identity(site, store, state, str(request["run"]))
-    reply = secagg.handle(request, context.state, identity)
+    study, run = str(request.get("study", "")), str(request.get("run", ""))
+    site, store = resolve_site(context, study)  # refuses a study the site did not approve
+    state = store.load() or SiteState(study=study)
+    if state.closed(run):
+        raise SiteRefusal(f"run {run[:12]} of study {study!r} is closed at this site")
+    reply = secagg.handle(request, context.state, _secagg_identity(site, store, state, run))
     return Message(RecordDict({p.SECAGG: reply}), reply_to=msg)
 
 
