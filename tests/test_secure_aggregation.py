@@ -57,6 +57,7 @@ class Grid:
         self.names = {node: f"site-{node}" for node in self.contexts}
         self.offline: dict[str, set[int]] = {}
         self.log: list[Message] = []
+        self.replies: list[Message] = []  # aligned with `log`
         self.tamper: Callable[[int, ConfigRecord], ConfigRecord | None] | None = None
 
     @property
@@ -86,8 +87,27 @@ class Grid:
         self.log.append(msg)
         stage = str(msg.content[p.SECAGG]["stage"])
         if node in self.offline.get("*", set()) | self.offline.get(stage, set()):
-            return Message(Error(code=1, reason="site went offline"), reply_to=msg)
-        return site_handler(msg, self.contexts[node])
+            reply = Message(Error(code=1, reason="site went offline"), reply_to=msg)
+        else:
+            reply = answer(site_handler, msg, self.contexts[node])
+        self.replies.append(reply)
+        return reply
+
+    def ask(self, node: int, stage: str, server_round: int, **body: Any) -> ConfigRecord | str:
+        """Send `node` one stage request as a coordinator could; its reply record, or its refusal."""
+        request = ConfigRecord({"study": self.roster.study, "run": self.roster.run, "stage": stage,
+                                "round": server_round, **body})
+        reply = self.deliver(Message(RecordDict({p.SECAGG: request}), dst_node_id=node,
+                                     message_type=p.SECAGG_MESSAGE))
+        return reply.error.reason if reply.has_error() else reply.content[p.SECAGG]
+
+
+def answer(handler: Callable[[Message, Context], Message], msg: Message, context: Context) -> Message:
+    """The site's reply as Flower delivers it: an exception becomes an error reply with its reason."""
+    try:
+        return handler(msg, context)
+    except Exception as exc:  # what Flower's ClientApp runtime does with a refusal
+        return Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
 
 
 GLOBAL = {"w": np.zeros((3, 4), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
@@ -124,6 +144,16 @@ class Federation:
         `drop_before_input` vanish when their training message arrives (after key sharing), those in
         `drop_before_confirming` after sending their input, those in `drop_in_unmask` after
         confirming the survivors. `relay(node, request)` may rewrite a training relay in place."""
+        replies = self.train(server_round, updates, weights, drop_before_input=drop_before_input, relay=relay)
+        self.grid.offline = {"*": set(drop_before_confirming), "unmask": set(drop_in_unmask)}
+        aggregate, _ = self.strategy.aggregate_train(server_round, replies)
+        return aggregate
+
+    def train(
+        self, server_round: int, updates: list[np.ndarray], weights: list[int], *,
+        drop_before_input: Collection[int] = (), relay: Callable[[int, ConfigRecord], None] | None = None,
+    ) -> list[Message]:
+        """The round's key stages (where needed) and training: the sites' replies."""
         self.grid.offline = {}
         arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
         sent = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))  # type: ignore[arg-type]
@@ -154,9 +184,7 @@ class Federation:
             if keys:
                 content[p.SECAGG] = keys
             replies.append(Message(content, reply_to=msg))
-        self.grid.offline = {"*": set(drop_before_confirming), "unmask": set(drop_in_unmask)}
-        aggregate, _ = self.strategy.aggregate_train(server_round, replies)
-        return aggregate
+        return replies
 
 
 def _round(
