@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from client.app import _secagg_identity
 from client.app import secure_aggregation as site_handler
 from client.site import resolve_site
 from client.state import SiteState
+from client.warm_worker import serve
 from pm_common import protocol as p
 from pm_common import secure_aggregation as sa
 from pm_common import wire
@@ -351,6 +354,26 @@ def test_every_seal_draws_a_fresh_nonce_and_opens_only_in_its_context() -> None:
                   sa.share_context("run", 1, "site-2", "site-1")):
         with pytest.raises(sa.SecAggError, match="does not open"):
             sa.unseal(key, first, other)
+
+
+def test_a_site_task_starts_from_the_state_its_previous_task_saved(tmp_path: Path) -> None:
+    """The flaky deployment failure ("shares relayed from non-neighbours [2]" in round 2 after a
+    drop-out): Flower's task sends its reply first and saves the node's Context only when it exits,
+    and the next message (after a key sharing, the training relay) arrives at once; a task forked
+    then read the keys from before the sharing. Played here with stand-in tasks that read the state
+    when they start and save it late, on exit, as Flower's do: the warm worker's `serve` starts each
+    task only once the previous one exited, so every task sees its predecessor's state."""
+    state = tmp_path / "context.json"
+    state.write_text("[]")
+
+    def task(token: str) -> None:  # in the forked child
+        seen = json.loads(state.read_text())  # the Context as the task pulls it at start
+        time.sleep(0.3)  # the reply is out; the Context is saved on exit, a while later
+        state.write_text(json.dumps([*seen, token]))
+        os._exit(0)
+
+    serve(iter(["setup", "share-keys", "train", "survivors", "unmask"]), task)
+    assert json.loads(state.read_text()) == ["setup", "share-keys", "train", "survivors", "unmask"]
 
 
 def test_shamir_shares_rebuild_only_from_the_threshold() -> None:
