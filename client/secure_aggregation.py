@@ -60,7 +60,7 @@ class SecAggSiteState:
     sk_c: bytes  # encrypts the shares this site sends and receives
     mask_seed: bytes  # derives the key of the pairwise masks; its shares are revealed if the site drops out
     seed: bytes  # the self mask; its shares are revealed if the site's input arrives
-    key_signature: str  # this site's ledger-key signature over its round public keys
+    key_signature: bytes  # this site's ledger-key signature over its round public keys
     degree: int  # the study's rules (pm_common.secure_aggregation.Rules), verified at set-up
     fraction: float
     clip_range: float
@@ -78,7 +78,7 @@ class SecAggSiteState:
     seed_shares: list[bytes] = field(default_factory=list)  # aligned with shares_from
     key_shares: list[bytes] = field(default_factory=list)
     survivors: list[str] = field(default_factory=list)  # the survivor set this site confirmed
-    survivors_signature: str = ""
+    survivors_signature: bytes = b""
     unmasked: bool = False
     revealed_seeds: list[str] = field(default_factory=list)
     revealed_keys: list[str] = field(default_factory=list)
@@ -195,7 +195,7 @@ def share_keys(
     neighbours: Sequence[str],
     pk_c: Sequence[bytes],
     pk_s: Sequence[bytes],
-    signatures: Sequence[str],
+    signatures: Sequence[bytes],
     threshold: int,
 ) -> tuple[list[str], list[bytes]]:
     """Shamir-share the seed and mask key among the neighbours, once; one sealed bundle each.
@@ -228,7 +228,7 @@ def share_keys(
     run, round_ = secagg.run, secagg.round
     forged = [
         name for name, c, s, sig in zip(names, pk_c, pk_s, signatures, strict=True)
-        if not sa.keys_signature_valid(identity.roster, run, round_, name, bytes(c), bytes(s), str(sig))
+        if not sa.keys_signature_valid(identity.roster, run, round_, name, bytes(c), bytes(s), sig)
     ]
     if forged:
         raise sa.SecAggError(f"round keys relayed for {forged} are not signed by those sites' enrolled keys")
@@ -310,7 +310,7 @@ def open_shares(secagg: SecAggSiteState, senders: Sequence[str], sealed: Sequenc
     return names
 
 
-def confirm_survivors(secagg: SecAggSiteState, identity: SiteIdentity, survivors: Sequence[str]) -> str:
+def confirm_survivors(secagg: SecAggSiteState, identity: SiteIdentity, survivors: Sequence[str]) -> bytes:
     """Sign the round's survivor set (SecAgg's consistency check), one set per round.
 
     The site vouches only for a set it can stand behind: its own input went out, and every
@@ -356,7 +356,7 @@ def unmasking_shares(
     identity: SiteIdentity,
     survivors: Sequence[str],
     signers: Sequence[str],
-    signatures: Sequence[str],
+    signatures: Sequence[bytes],
 ) -> tuple[list[str], list[bytes], list[str], list[bytes]]:
     """Seed shares of the survivors and key shares of the neighbours that dropped, once per round.
 
@@ -377,7 +377,7 @@ def unmasking_shares(
     confirmed = {
         str(site) for site, sig in zip(signers, signatures, strict=True)
         if str(site) in names
-        and sa.survivors_signature_valid(identity.roster, run, round_, names, str(site), str(sig))
+        and sa.survivors_signature_valid(identity.roster, run, round_, names, str(site), sig)
     }
     confirmed.add(secagg.site)  # it signed this very set (checked above)
     if len(confirmed) < secagg.rules.quorum:

@@ -19,6 +19,7 @@ NumPy's Mersenne Twister with 32 bits of the key.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -261,13 +262,13 @@ def keys_statement(run: str, round_: int, site: str, pk_c: bytes, pk_s: bytes) -
     ).encode()
 
 
-def sign_keys(key: Ed25519PrivateKey, run: str, round_: int, site: str, pk_c: bytes, pk_s: bytes) -> str:
-    """The site's ledger-key signature (base64) over its round public keys."""
-    return sign_statement(key, KEYS_DOMAIN, keys_statement(run, round_, site, pk_c, pk_s))
+def sign_keys(key: Ed25519PrivateKey, run: str, round_: int, site: str, pk_c: bytes, pk_s: bytes) -> bytes:
+    """The site's ledger-key signature (raw, 64 bytes, as it travels) over its round public keys."""
+    return _raw(sign_statement(key, KEYS_DOMAIN, keys_statement(run, round_, site, pk_c, pk_s)))
 
 
 def keys_signature_valid(
-    roster: Roster, run: str, round_: int, site: str, pk_c: bytes, pk_s: bytes, signature: str
+    roster: Roster, run: str, round_: int, site: str, pk_c: bytes, pk_s: bytes, signature: object
 ) -> bool:
     """Whether `signature` is `site`'s signature of these round keys, by the key the roster names."""
     return _signed_by(roster, site, KEYS_DOMAIN, keys_statement(run, round_, site, pk_c, pk_s), signature)
@@ -279,22 +280,27 @@ def survivors_statement(run: str, round_: int, survivors: Sequence[str]) -> byte
                       sort_keys=True, separators=(",", ":")).encode()
 
 
-def sign_survivors(key: Ed25519PrivateKey, run: str, round_: int, survivors: Sequence[str]) -> str:
-    return sign_statement(key, SURVIVORS_DOMAIN, survivors_statement(run, round_, survivors))
+def sign_survivors(key: Ed25519PrivateKey, run: str, round_: int, survivors: Sequence[str]) -> bytes:
+    """The site's ledger-key signature (raw, 64 bytes) confirming a round's survivor set."""
+    return _raw(sign_statement(key, SURVIVORS_DOMAIN, survivors_statement(run, round_, survivors)))
 
 
 def survivors_signature_valid(
-    roster: Roster, run: str, round_: int, survivors: Sequence[str], site: str, signature: str
+    roster: Roster, run: str, round_: int, survivors: Sequence[str], site: str, signature: object
 ) -> bool:
     return _signed_by(roster, site, SURVIVORS_DOMAIN, survivors_statement(run, round_, survivors), signature)
 
 
-def _signed_by(roster: Roster, site: str, domain: bytes, payload: bytes, signature: str) -> bool:
+def _raw(signature: str) -> bytes:
+    return base64.b64decode(signature)
+
+
+def _signed_by(roster: Roster, site: str, domain: bytes, payload: bytes, signature: object) -> bool:
     entry = roster.entry(site)
-    if entry is None or not isinstance(signature, str):
+    if entry is None or not isinstance(signature, bytes):
         return False
     try:
-        return statement_valid(entry.public_key(), domain, payload, signature)
+        return statement_valid(entry.public_key(), domain, payload, base64.b64encode(signature).decode())
     except RosterError:
         return False
 

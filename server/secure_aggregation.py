@@ -38,7 +38,7 @@ class _Round:
     threshold: int
     pk_c: dict[str, bytes] = field(default_factory=dict)
     pk_s: dict[str, bytes] = field(default_factory=dict)
-    signatures: dict[str, str] = field(default_factory=dict)
+    signatures: dict[str, bytes] = field(default_factory=dict)
     shared: set[str] = field(default_factory=set)  # sites that completed key sharing
     inbox: dict[str, list[tuple[str, bytes]]] = field(default_factory=dict)  # receiver -> bundles
 
@@ -131,7 +131,7 @@ class SecureAggregation:
         for node, name in sites.items():
             current.pk_c[name] = bytes(keys[node]["pk-c"])
             current.pk_s[name] = bytes(keys[node]["pk-s"])
-            current.signatures[name] = str(keys[node]["signature"])
+            current.signatures[name] = bytes(keys[node]["signature"])
         return current
 
     def _setup_request(self, number: int) -> dict:
@@ -235,12 +235,12 @@ class SecureAggregation:
                 confirm[node] |= {"next-round": upcoming.number, **upcoming.share_request(node)}
         for node in joining:
             confirm[node] = self._setup_request(current.number + 1)
-        signatures: dict[str, str] = {}
+        signatures: dict[str, bytes] = {}
         for node, reply in self._stage(current.number, confirm):
             if node in joining:
                 upcoming_keys[node] = reply
             elif "signature" in reply:
-                signatures[current.sites[node]] = str(reply["signature"])
+                signatures[current.sites[node]] = bytes(reply["signature"])
                 if upcoming is not None and "destinations" in reply:
                     upcoming.collect(node, reply)
         if joining:  # everyone keyed for the next round shares its keys in the `unmask` exchange
@@ -254,11 +254,8 @@ class SecureAggregation:
             self.on_failure(current.number, f"secure aggregation: {unconfirmed} sent their input but did not "
                             "confirm the survivors, so their self masks cannot be removed; round skipped")
         unmask = {} if unconfirmed else {
-            current.node_of(s): {
-                "stage": "unmask", "round": current.number, "survivors": survivors,
-                "signers": sorted(signatures),
-                "survivor-signatures": [signatures[n] for n in sorted(signatures)],
-            }
+            current.node_of(s): {"stage": "unmask", "round": current.number, "survivors": survivors,
+                                 **self._confirmations(s, current.graph[s], signatures)}
             for s in survivors
         }
         if joining and upcoming is not None:
@@ -290,6 +287,13 @@ class SecureAggregation:
             log.info("round %d: secure aggregation removed the masks of %d dropped site(s)",
                      current.number, len(dropped))
         return self.rules.quantiser.dequantise_sum(total, len(masked)), len(masked)
+
+    def _confirmations(self, site: str, neighbours: Sequence[str], signatures: Mapping[str, bytes]) -> dict:
+        """The survivor confirmations `site` needs to unmask: a quorum of the roster's, and those of
+        its neighbours (whose seeds it reveals only with their own confirmation); no more."""
+        quorum = sorted(signatures)[: self.rules.quorum]
+        signers = sorted({*quorum, *(n for n in neighbours if n in signatures), site} & set(signatures))
+        return {"signers": signers, "survivor-signatures": [signatures[n] for n in signers]}
 
     def _stage(self, server_round: int, requests: Mapping[int, dict]) -> list[tuple[int, ConfigRecord]]:
         """Send one exchange's requests (each names its stage and round); the replies of the sites

@@ -134,7 +134,7 @@ def test_sites_shown_different_survivor_sets_reveal_nothing(tmp_path: Path) -> N
              3: partners_survive, 4: partners_gone, 5: partners_gone}
     signed = {node: grid.ask(node, "survivors", 1, survivors=view) for node, view in views.items()}
     assert all(isinstance(s, ConfigRecord) for s in signed.values())  # each view alone is plausible
-    signatures = {grid.names[n]: str(s["signature"]) for n, s in signed.items()}  # type: ignore[index]
+    signatures = {grid.names[n]: bytes(s["signature"]) for n, s in signed.items()}  # type: ignore[index]
     other_story = {1: partners_survive, 2: partners_survive, 3: partners_gone, 4: views[1], 5: views[1]}
     answers = {
         story: [grid.ask(node, stage, 1, survivors=view, signers=list(signatures),
