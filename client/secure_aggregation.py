@@ -157,14 +157,9 @@ def setup(state: RecordDict, identity: SiteIdentity, rules: sa.Rules, round_: in
     Raises:
         SecAggError: the round is over here, or it was keyed under other rules or another run.
     """
-    try:
-        existing = load(state, round_)
-    except sa.SecAggError:
-        if round_ in _closed(state):
-            raise
-        existing = None
-    run = identity.roster.run
-    if existing is not None:
+    run, record = identity.roster.run, state.config_records.get(_key(round_))
+    if record is not None or round_ in _closed(state):
+        existing = load(state, round_)  # refuses a round that is over
         if (existing.run, existing.site, existing.rules) != (run, identity.site, rules):
             raise sa.SecAggError(f"round {round_} was keyed for another run or under other rules")
         return existing

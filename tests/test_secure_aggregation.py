@@ -243,6 +243,9 @@ def test_later_rounds_are_keyed_in_advance_and_a_returning_site_rekeys(tmp_path:
     assert stages(grid, 3) == ["setup", "share-keys"] + ["survivors"] * 5 + ["unmask"] * 5
     assert len([m for m in grid.log if m.content[p.SECAGG]["stage"] == "setup"]) == 6
     assert not any(k.startswith(site_secagg.STATE_KEY + "-r1") for k in grid.states[1])
+    # a round that is over is over: no keys, no shares for it any more
+    again = grid.ask(1, "setup", 1, **{"study-toml": study_text_for_sites(grid.study)})
+    assert isinstance(again, str) and "round 1 is over at this site" in again
 
 
 def test_sum_is_exact_after_quantisation(tmp_path: Path) -> None:
