@@ -37,7 +37,7 @@ from pm_common.hospital_dp import clip_and_noise, site_noise_std
 from pm_common.ledger import CLOSED, DECLINED, TRAINED, LedgerEntry
 from pm_common.metrics import reportable
 from pm_common.privacy import BudgetTooLow, PrivacyPlan, check_next_round, cumulative_epsilon, plan_study
-from pm_common.roster import Roster
+from pm_common.roster import Roster, study_digest
 from pm_common.tasks import SiteTensors, few_rows_warning, task_of
 
 log = logging.getLogger("pmfl.client")
@@ -85,15 +85,24 @@ def _evaluation(model: nn.Module, data: SiteTensors, study: StudyConfig) -> dict
     return metrics if reportable(metrics, study.min_report_count) else None
 
 
-def _record_and_reply(
+def _record(store: StateStore, state: SiteState, entry: LedgerEntry) -> str:
+    """Sign the round's ledger line onto the site's hash chain and save the state, before anything
+    else can fail: once a mechanism ran, its spend is on the site's books whatever happens next
+    (a lost reply, an update the site refuses to send). Returns the signed line."""
+    line = append_signed_line(state, store.signing_key(), entry)
+    state.rounds.append(entry.round)
+    store.save(state)
+    return line
+
+
+def _reply(
     msg: Message,
     site: SiteSpec,
-    store: StateStore,
-    state: SiteState,
     evaluation: Mapping[str, float] | None,
     files_skipped: int,
     warning: str,
     entry: LedgerEntry,
+    line: str,
     update: Mapping[str, ConfigRecord],
     num_examples: int,
     train_loss: float,
@@ -101,15 +110,9 @@ def _record_and_reply(
     extra_metrics: Mapping[str, float] | None = None,
     noise_seeded: bool = False,
 ) -> Message:
-    """Sign the round's ledger line onto the site's hash chain, save the state, then reply.
-
-    `update`: the records that carry the site's update (none when it declines). Saving comes
-    first: if the reply is lost, the spend is still on the site's books. The evaluation rides in
-    the metrics record: each record is one more request to and from the SuperLink.
-    """
-    line = append_signed_line(state, store.signing_key(), entry)
-    state.rounds.append(entry.round)
-    store.save(state)
+    """The reply to a training message: the site's signed line and report, its evaluation of the
+    model it received (riding in the metrics record: each record is one more request to and from
+    the SuperLink) and, when it trained, the `update` records."""
     site_record = ConfigRecord({
         p.SITE_NAME: site.name,
         p.STATUS: entry.status,
@@ -130,6 +133,18 @@ def _record_and_reply(
     for key, record in update.items():
         content[key] = record
     return Message(content, reply_to=msg)
+
+
+def _study_problem(state: SiteState, request: RunRequest) -> str:
+    """Why the study a message carries is not the one this site enrolled in ('' if it is): the
+    roster it signed names the digest of the study's settings; a coordinator may not change them
+    after round 1 (another contract, model or training would also spend under a plan made for
+    other settings)."""
+    signed = state.rosters.get(request.run)
+    if signed is not None and signed["roster"]["study_digest"] != study_digest(request.study_text):
+        return (f"the study settings sent for run {request.run[:12]} are not those of the roster this "
+                "site signed")
+    return ""
 
 
 def _round_limit_reason(site: SiteSpec, state: SiteState) -> str:
@@ -189,7 +204,9 @@ def train(msg: Message, context: Context) -> Message:
         log.warning("site %s: %s", site.name, warning)
     with store.locked():
         state = store.load() or SiteState(study=study.name)
-        if refusal := state.refusal(request.run, request.server_round, request.attempt):
+        if refusal := state.refusal(request.run, request.server_round, request.attempt) or _study_problem(
+            state, request
+        ):
             raise SiteRefusal(refusal)
         return _answer_round(msg, context, request, site, store, state, data, received, model,
                              evaluation, warning)
@@ -212,9 +229,7 @@ def _answer_round(
     study, privacy = request.study, site.privacy
     n_train = len(data.train_y)
     plan, plan_problem = _plan(state, site, request, n_train)
-    reply = functools.partial(
-        _record_and_reply, msg, site, store, state, evaluation, len(data.skipped), warning
-    )
+    reply = functools.partial(_reply, msg, site, evaluation, len(data.skipped), warning)
     reason = plan_problem or _round_limit_reason(site, state) or _unlearnable_reason(data, study)
     if not reason and plan is not None:
         decision = check_next_round(plan, state.history)
@@ -240,8 +255,16 @@ def _answer_round(
         epsilon = cumulative_epsilon(state.history, privacy.delta, privacy.accountant) if privacy.dp else None
         entry = replace(base, status=DECLINED, epsilon=epsilon, reason=reason)
         log.warning("site %s declines round %d: %s", site.name, request.server_round, reason)
-        return reply(entry, {}, n_train, float("nan"), next_round_fits=False)
+        return reply(entry, _record(store, state, entry), {}, n_train, float("nan"), next_round_fits=False)
 
+    secagg_request = msg.content.config_records.get(p.SECAGG)
+    secagg_rules, identity = None, None
+    if secagg_request is not None:  # checked before training: a relay the site refuses costs no budget
+        identity = _secagg_identity(site, store, state, request.run)
+        if int(secagg_request["round"]) != request.server_round:
+            raise SiteRefusal(f"secure-aggregation relay for round {secagg_request['round']} with the "
+                              f"training message of round {request.server_round}")
+        secagg_rules = secagg.relay_rules(secagg_request, context.state, identity)  # the study's rules
     config = msg.content[p.CONFIG]
     settings = LocalTraining(
         learning_rate=study.training.learning_rate,
@@ -266,27 +289,27 @@ def _answer_round(
     )
     entry = replace(base, steps=outcome.steps, epsilon=outcome.epsilon)
     state.accountant = outcome.accountant
+    line = _record(store, state, entry)  # the spend first: building the update may still fail
     fits = check_next_round(plan, state.history).allowed if plan else None
     weights, weight = outcome.state_dict, n_train
     if study.hospital_dp.enabled:
         hospital_seed = replay_seed(context, site.name, request.server_round, request.attempt, "hospital-dp")
         weights = _hospital_dp(msg, received, weights, study, hospital_seed)
         weight = 1  # uniform weights: one hospital's influence is bounded by the clip norm alone
-    secagg_request = msg.content.config_records.get(p.SECAGG)
     if secagg_request is None:
         trained = {k: v.detach().cpu().numpy() for k, v in weights.items()}
         update = {p.MODEL: wire.packed_record(trained)}
-        return reply(entry, update, weight, outcome.mean_loss, next_round_fits=fits,
+        return reply(entry, line, update, weight, outcome.mean_loss, next_round_fits=fits,
                      noise_seeded=seed is not None)
-    vector = _weighted_delta(received, weights, weight, study, float(secagg_request["max-weight"]))
-    identity = _secagg_identity(site, store, state, request.run)
+    assert secagg_rules is not None and identity is not None
+    vector = _weighted_delta(received, weights, weight, study, secagg_rules.max_weight)
     masked, clipped, keys = secagg.mask_update(secagg_request, context.state, vector, identity)
     update = {p.MASKED: wire.packed_record({p.MASKED: masked})}
     if keys:  # this site's public keys for the next round
         update[p.SECAGG] = keys
     clipped_metric = {"secagg-clipped": clipped}
-    return reply(entry, update, weight, outcome.mean_loss, next_round_fits=fits, extra_metrics=clipped_metric,
-                 noise_seeded=seed is not None)
+    return reply(entry, line, update, weight, outcome.mean_loss, next_round_fits=fits,
+                 extra_metrics=clipped_metric, noise_seeded=seed is not None)
 
 
 def _weighted_delta(
@@ -359,12 +382,12 @@ def _secagg_identity(site: SiteSpec, store: StateStore, state: SiteState, run: s
 def secure_aggregation(msg: Message, context: Context) -> Message:
     """Secure aggregation's key stages; the masked update itself goes with the training reply."""
     request = msg.content[p.SECAGG]
-    identity = None
-    if str(request.get("run", "")):  # TODO(secagg hardening): required, once every caller names its run
-        site, store = resolve_site(context, str(request["study"]))
-        state = store.load() or SiteState(study=str(request["study"]))
-        identity = _secagg_identity(site, store, state, str(request["run"]))
-    reply = secagg.handle(request, context.state, identity)
+    study, run = str(request.get("study", "")), str(request.get("run", ""))
+    site, store = resolve_site(context, study)  # refuses a study the site did not approve
+    state = store.load() or SiteState(study=study)
+    if state.closed(run):
+        raise SiteRefusal(f"run {run[:12]} of study {study!r} is closed at this site")
+    reply = secagg.handle(request, context.state, _secagg_identity(site, store, state, run))
     return Message(RecordDict({p.SECAGG: reply}), reply_to=msg)
 
 
@@ -375,6 +398,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     run's copy can be completed from the site's own."""
     request = RunRequest.of(msg)
     site, store = resolve_site(context, request.study.name)
+    state = store.load()
+    if state is not None and (problem := _study_problem(state, request)):
+        raise SiteRefusal(problem)
     data = load_site_data(site, request.study_text)
     evaluation = _evaluation(_model_from(_received(msg), request.study), data, request.study)
     site_record = ConfigRecord({p.SITE_NAME: site.name})
@@ -395,6 +421,8 @@ def _close(store: StateStore, site: SiteSpec, request: RunRequest) -> list[str]:
         state = store.load() or SiteState(study=request.study.name)
         if request.run not in state.rosters:
             raise SiteRefusal(f"this site is not enrolled in run {request.run[:12]}")
+        if problem := _study_problem(state, request):
+            raise SiteRefusal(problem)
         if not state.closed(request.run):
             append_signed_line(state, store.signing_key(), _closed_entry(site, state, request))
             store.save(state)

@@ -35,6 +35,7 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 
 from client.approval import ApprovalError, load_approval
+from client.warm_worker import TASK_EXIT_PATIENCE
 from pm_common import flower_patches as patches
 
 log = logging.getLogger("pmfl.gate")
@@ -76,6 +77,11 @@ class WarmWorker:
     def run(self, token: str) -> None:
         """Run one task in a fresh process."""
         if not self.warm:
+            if self.cold:  # as the warm worker: one task at a time, each after the previous one saved
+                try:  # its Context (client/warm_worker.py, `serve`)
+                    self.cold[-1].wait(timeout=TASK_EXIT_PATIENCE)
+                except subprocess.TimeoutExpired:
+                    self.cold[-1].kill()
             cold = [_flwr_clientapp(), "--insecure", "--runtime-api-address", self.runtime_api_address]
             self.cold.append(subprocess.Popen([*cold, "--token", token, "--parent-pid", str(os.getpid())]))
             return

@@ -33,7 +33,7 @@ import tempfile
 import time
 import traceback
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ PRELOAD = (
 PATCHES_FILE = Path(__file__).resolve().parents[1] / "pm_common" / "flower_patches.py"
 PATCHES_MODULE = "_pmfl_site_flower_patches"  # never `pm_common.*`: the tasks load that from the app
 REFUSAL = "pmfl: the warm ClientApp worker refuses to start"
+TASK_EXIT_PATIENCE = 30.0  # seconds a task may take to exit after its reply before the next one starts
 
 
 def load_patches() -> types.ModuleType:
@@ -102,13 +103,72 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{REFUSAL}: {exc}", file=sys.stderr)
         sys.exit(patches.REFUSED_EXIT)  # the gate stops the site instead of starting this again
     pycache = tempfile.mkdtemp(prefix="pmfl-pycache-")  # mode 0700: this process's user only
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished children are reaped by the kernel
-    try:
-        for token in _tokens(memo):  # one token per task; EOF (the gate stopped) ends this process
-            if os.fork() == 0:
-                _child(patches, args, token, memo, pycache)
+    try:  # one token per task; EOF (the gate stopped) ends this process
+        serve(_tokens(memo), lambda token: _child(patches, args, token, memo, pycache))
     finally:
         shutil.rmtree(pycache, ignore_errors=True)
+
+
+def serve(
+    tokens: Iterable[str], run_task: Callable[[str], None], patience: float = TASK_EXIT_PATIENCE
+) -> None:
+    """Fork a child per task token, one task at a time: a task starts only once the previous one
+    has exited (or after `patience` seconds, with a warning), and every exited child is reaped.
+
+    Why: Flower's task (`run_clientapp`) sends its reply first and saves the node's Context only
+    when it exits. The SuperNode passes on the next message as soon as the reply is out, so a child
+    forked at once could read the Context from before the previous task's changes, and secure
+    aggregation keeps a round's keys and shares in that Context from one message to the next (a
+    site then answered a relay with stale state: "shares relayed from non-neighbours").
+
+    Args:
+        tokens: task tokens, in the order the gate received them.
+        run_task: runs one task in the forked child and never returns (it ends with `os._exit`).
+        patience: seconds to wait for the previous task to exit before starting the next anyway.
+    """
+    previous: int | None = None
+    for token in tokens:
+        if previous is not None:
+            _wait_for_exit(previous, patience)
+        _reap()
+        pid = os.fork()
+        if pid == 0:
+            run_task(token)
+            os._exit(1)  # run_task never returns; if it did, the child must not go on serving
+        previous = pid
+    if previous is not None:
+        _wait_for_exit(previous, patience)
+    _reap()
+
+
+def _wait_for_exit(pid: int, patience: float) -> None:
+    """Wait for task `pid` to exit; past `patience`, stop it: a task that saved its Context after the
+    next one started would overwrite that one's state with an older one."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return  # reaped already
+        if done:
+            return
+        time.sleep(0.002)
+    print(f"pmfl: task {pid} still running {patience:g} s after the next task came; stopped", file=sys.stderr)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _reap() -> None:
+    """Collect every child that exited (a task that outlived its patience, for one)."""
+    while True:
+        try:
+            done, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if not done:
+            return
 
 
 def _tokens(memo: Any) -> Iterator[str]:

@@ -126,7 +126,8 @@ def run_study(
         round_offset=resume_study(run_dir, enrolled.roster.run, model, inner, recorder) if resume else 0,
         secure=(
             SecureAggregation(study.secure_aggregation, recorder.record_failure, study=study.name,
-                              run=enrolled.roster.run, sites=enrolled.nodes)
+                              run=enrolled.roster.run, sites=enrolled.nodes, study_text=study_text,
+                              roster_size=len(enrolled.roster.sites))
             if study.secure_aggregation.enabled
             else None
         ),

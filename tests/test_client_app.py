@@ -191,3 +191,36 @@ def test_replay_seed_makes_a_simulated_sites_noise_replayable_and_nothing_else(
     (site_dir / "site.toml").write_text(f'[site]\nname = "cleveland"\ndata = "{heart_sites[0]["data"]}"\n')
     deployed, record = update("5", site_dir=site_dir)
     assert p.NOISE_SEEDED not in record and any((first[k] != deployed[k]).any() for k in first)
+
+
+def test_site_refuses_study_settings_other_than_the_roster_it_signed(tmp_path: Path, heart_sites: list) -> None:  # noqa: E501
+    """A coordinator may not change the study after round 1: the roster names its digest."""
+    path, study = heart_study(tmp_path, heart_sites, study={"rounds": 5})
+    context, run = _enrolled(path, study, partition=0)
+    changed = {"learning_rate": 5.0}
+    _, other = heart_study(tmp_path / "other", heart_sites, study={"rounds": 5}, training=changed)
+    refused = client_app(train_message(other, 1, run=run), context)
+    assert refused.has_error() and "not those of the roster" in refused.error.reason
+    _run_round(study, context, 1, run)  # the study it signed still runs
+
+
+def test_spend_is_recorded_even_when_the_update_cannot_be_built(
+    tmp_path: Path, heart_sites: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once DP-SGD ran, its line is on the site's books before anything else can fail."""
+    import client.app as site_app
+
+    path, study = heart_study(tmp_path, heart_sites, study={"rounds": 5})
+    context, run = _enrolled(path, study, partition=0)
+
+    def broken(arrays):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the update cannot be packed")
+
+    message = train_message(study, 1, run=run)
+    monkeypatch.setattr(site_app.wire, "packed_record", broken)
+    reply = client_app(message, context)
+    assert reply.has_error()
+    monkeypatch.undo()
+    _, _, entry = _run_round(study, context, 2, run)  # the next round composes round 1's spend
+    history = [(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])] * 2
+    assert entry["epsilon"] == pytest.approx(cumulative_epsilon(history, entry["delta"]))
