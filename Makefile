@@ -23,7 +23,7 @@ test: $(BIN)/pmfl
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-bench: $(BIN)/pmfl  # the foundation's tables (about 10 minutes); others: see benchmarks/
+bench: $(BIN)/pmfl  # the first three tables of docs/benchmarks.md (about 10 minutes); the others: see there
 	$(BIN)/python -m benchmarks.study_time
 	$(BIN)/python -m benchmarks.dp_slowdown
 	$(BIN)/python -m benchmarks.utility
