@@ -52,10 +52,10 @@ from torch import nn
 from benchmarks.common import median, print_table, write_results
 from client.site import load_site_data
 from client.training import LocalTraining, predict, train_round
-from pm_common.config import SiteSpec, load_study, study_text_for_sites
-from pm_common.metrics import binary_metrics
-from pm_common.models import build_tabular_model
-from pm_common.privacy import plan_study
+from pm_common.models.tabular import build_tabular_model
+from pm_common.privacy.accountant import plan_study
+from pm_common.study.config import SiteSpec, load_study, study_text_for_sites
+from pm_common.tasks.metrics import binary_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "pm_common" / "datasets" / "heart_disease"
@@ -170,9 +170,9 @@ class CpuSampler:
 ROLES = (  # command-line marker -> role, first match wins (SuperLink and SuperNodes name each other)
     ("warm_worker", "ClientApp tasks"),
     ("flwr-clientapp", "ClientApp tasks"),
-    ("client.gate", "site gates"),
+    ("client.deploy.gate", "site gates"),
     ("flwr-serverapp", "ServerApp"),
-    ("superlink_launcher", "SuperLink"),
+    ("server.deploy.superlink", "SuperLink"),
     ("flower-superlink", "SuperLink"),
     ("supernode", "SuperNodes"),
 )
@@ -209,7 +209,7 @@ def run_config(name: str, root: Path, sampler: CpuSampler | None = None, repo: P
         # 3 sites share 2 cores here: one torch thread each, as if each had its own machine (with
         # more threads than free cores, a tiny model's step takes milliseconds instead of 40 us).
         "OMP_NUM_THREADS": "1",
-        # The SuperLink writes one line per request (server/superlink_launcher.py): requests per round.
+        # The SuperLink writes one line per request (server/deploy/superlink.py): requests per round.
         "PMFL_TRACE_REQUESTS": str(root / "requests.jsonl"),
         **config["env"],
     }

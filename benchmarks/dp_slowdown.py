@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.common import median, print_table, write_results
-from pm_common.models import build_tabular_model
+from pm_common.models.tabular import build_tabular_model
 
 NUM_INPUTS = 38  # the heart-disease contract's encoded width
 MODES = ("hooks", "ew", "ghost")

@@ -1,6 +1,6 @@
 """Prove that a DP-SGD imaging training round trains on a CUDA GPU, and record what it cost.
 
-One site's training round on synthetic scans (pm_common.synthetic_imaging, read back through the
+One site's training round on synthetic scans (pm_common.data.synthetic_imaging, read back through the
 real NPZ loader): Opacus DP-SGD with a large logical batch (default 512) split into physical
 batches by Opacus' BatchMemoryManager, noise calibrated to a target epsilon for the round.
 Records images/s, peak GPU memory, epsilon spent, logical/physical step counts and test balanced
@@ -34,9 +34,9 @@ from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
-from pm_common.image_models import build_image_model
-from pm_common.imaging import ImageSpec, load_image_site
-from pm_common.synthetic_imaging import CLASSES, generate_federation
+from pm_common.data.imaging import ImageSpec, load_image_site
+from pm_common.data.synthetic_imaging import CLASSES, generate_federation
+from pm_common.models.images import build_image_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

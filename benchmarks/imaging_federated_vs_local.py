@@ -38,8 +38,8 @@ from torch import nn
 
 from benchmarks.common import median, print_table, write_results
 from client.training import LocalTraining, predict, train_round
-from pm_common.config import SiteSpec, StudyConfig, server_learning_rate, with_overrides
-from pm_common.privacy import plan_study
+from pm_common.privacy.accountant import plan_study
+from pm_common.study.config import SiteSpec, StudyConfig, server_learning_rate, with_overrides
 from pm_common.tasks import SiteTensors, task_of
 from simulations.runner import check_sites, simulate
 from simulations.scenarios import scenario_study

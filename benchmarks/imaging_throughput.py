@@ -41,8 +41,8 @@ import torch
 from opacus import PrivacyEngine
 from torch import nn
 
-from pm_common.image_models import build_image_model
-from pm_common.synthetic_imaging import generate_site
+from pm_common.data.synthetic_imaging import generate_site
+from pm_common.models.images import build_image_model
 
 MODES = ("hooks", "ew", "functorch", "ghost")
 DEFAULT_OUT = Path(__file__).parent / "results" / "imaging_throughput.json"

@@ -32,9 +32,9 @@ from torch import nn
 
 import client.training as local
 from client.training import LocalTraining, predict, train_round
-from pm_common import image_models
-from pm_common.config import StudyConfig, with_overrides
-from pm_common.privacy import plan_study
+from pm_common.models import images as image_models
+from pm_common.privacy.accountant import plan_study
+from pm_common.study.config import StudyConfig, with_overrides
 from pm_common.tasks import SiteTensors, task_of
 from simulations.runner import check_sites
 from simulations.scenarios import scenario_study

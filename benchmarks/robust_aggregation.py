@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import median, median_difference_interval, print_table, write_results
-from pm_common.config import StudyConfig, load_study, study_from_dict, with_overrides
-from pm_common.metrics import mean_over_sites
+from pm_common.study.config import StudyConfig, load_study, study_from_dict, with_overrides
+from pm_common.tasks.metrics import mean_over_sites
 from simulations.attacks import with_attacks
 from simulations.runner import simulate
 from simulations.scenarios import scenario_path

@@ -31,8 +31,8 @@ from flwr.common.serde import message_to_proto
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from benchmarks.common import median, print_table, write_results
-from pm_common import protocol as p
-from pm_common.config import load_study, study_from_dict
+from pm_common.study.config import load_study, study_from_dict
+from pm_common.wire import keys as p
 from simulations.runner import simulate
 from simulations.scenarios import scenario_path
 

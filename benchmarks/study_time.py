@@ -24,8 +24,8 @@ import torch
 
 from benchmarks.common import median, print_table, write_results
 from client.training import LocalTraining, predict, train_round
-from pm_common.config import load_study
-from pm_common.privacy import plan_study
+from pm_common.privacy.accountant import plan_study
+from pm_common.study.config import load_study
 from pm_common.tasks import task_of
 from simulations.runner import simulate
 from simulations.scenarios import scenario_path

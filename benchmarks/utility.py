@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import median, print_table, write_results
-from pm_common.config import load_study, with_overrides
+from pm_common.study.config import load_study, with_overrides
 from simulations.runner import simulate
 from simulations.scenarios import scenario_path
 

@@ -23,22 +23,28 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from client import enrollment
-from client import secure_aggregation as secagg
+from client import secagg_masking as secagg
 from client.enrollment import SiteRefusal, append_signed_line
 from client.errors import error_reply_mod
 from client.replay import replay_seed
 from client.site import load_site_data, parse_study_text, resolve_site
 from client.state import SiteState, StateStore
 from client.training import LocalTraining, pick_device, predict, train_round
-from pm_common import protocol as p
-from pm_common import wire
-from pm_common.config import SiteSpec, StudyConfig
-from pm_common.hospital_dp import clip_and_noise, site_noise_std
-from pm_common.ledger import CLOSED, DECLINED, TRAINED, LedgerEntry
-from pm_common.metrics import reportable
-from pm_common.privacy import BudgetTooLow, PrivacyPlan, check_next_round, cumulative_epsilon, plan_study
-from pm_common.roster import Roster, study_digest
+from pm_common.privacy.accountant import (
+    BudgetTooLow,
+    PrivacyPlan,
+    check_next_round,
+    cumulative_epsilon,
+    plan_study,
+)
+from pm_common.privacy.hospital_dp import clip_and_noise, site_noise_std
+from pm_common.records.ledger import CLOSED, DECLINED, TRAINED, LedgerEntry
+from pm_common.records.roster import Roster, study_digest
+from pm_common.study.config import SiteSpec, StudyConfig
 from pm_common.tasks import SiteTensors, few_rows_warning, task_of
+from pm_common.tasks.metrics import reportable
+from pm_common.wire import keys as p
+from pm_common.wire import packing as wire
 
 log = logging.getLogger("pmfl.client")
 app = ClientApp(mods=[error_reply_mod])  # outermost: no exception reaches Flower (client/errors.py)
@@ -69,7 +75,7 @@ class RunRequest:
 
 
 def _received(msg: Message) -> dict[str, torch.Tensor]:
-    """The global model the coordinator sent (packed: pm_common/wire.py)."""
+    """The global model the coordinator sent (packed: pm_common/wire/packing.py)."""
     return {k: torch.from_numpy(v) for k, v in wire.unpacked(msg.content[p.MODEL]).items()}
 
 

@@ -3,7 +3,7 @@
 Why: in Flower's Deployment Engine the coordinator ships the app (a FAB) to the sites and the
 SuperNode runs whatever arrives. A hospital approves a study app by its SHA-256 (the hash Flower
 itself computes over the FAB, so the same source tree gives the same hash on both sides); the
-site's gate (`client.gate`) refuses every other app before any of its code runs. Which studies
+site's gate (`client.deploy.gate`) refuses every other app before any of its code runs. Which studies
 the approved app may run is checked inside the app (`client.site.resolve_site`).
 
 ```toml
@@ -21,8 +21,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pm_common.app_bundle import bundle_hash, packed_state
-from pm_common.schema import Items, Rule, Text, check_table
+from pm_common.study.schema import Items, Rule, Text, check_table
 
 SITE_TOML = "site.toml"
 APPROVAL_RULES: dict[str, Rule] = {
@@ -30,9 +29,7 @@ APPROVAL_RULES: dict[str, Rule] = {
     "studies": Items(Text(max_length=100), 0, 10_000),
     "trusted_entities": Text(max_length=4096, what="a file path"),
 }
-_HASH = re.compile(r"^[0-9a-f]{64}$")
-_HEADER = re.compile(r"^\s*\[{1,2}(?P<name>[^\]]+)\]{1,2}\s*(#.*)?$")
-_APPS_LINE = re.compile(r"^(?P<indent>\s*)apps\s*=\s*\[(?P<body>[^\]]*)\]\s*(?P<comment>#.*)?$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ApprovalError(ValueError):
@@ -85,7 +82,7 @@ def load_approval(site_dir: Path) -> Approval:
     if problems or table is None:
         raise ApprovalError("\n".join(f"{path}: {problem}" for problem in problems))
     apps = tuple(h.lower() for h in table.get("apps", ()))
-    bad = [h for h in apps if not _HASH.match(h)]
+    bad = [h for h in apps if not SHA256_HEX.match(h)]
     if bad:
         raise ApprovalError(f"{path}: [approval] apps must be SHA-256 hex digests, got {bad}")
     trusted = table.get("trusted_entities")
@@ -97,54 +94,3 @@ def load_approval(site_dir: Path) -> Approval:
         studies=table.get("studies"),
         trusted_entities=(path.parent / trusted).resolve() if trusted else None,
     )
-
-
-def app_hash(app_dir: Path, site_dir: Path | None = None) -> str:
-    """SHA-256 of the FAB that `flwr run APP_DIR` builds and sends (Flower's own, deterministic build).
-
-    With `site_dir`, refuse when the site's own files would be packed into that app."""
-    if site_dir is not None and (leak := packed_state(app_dir, site_dir)):
-        raise ApprovalError(
-            f"the app in {app_dir} would contain this site's files ({leak[0]}, ...): move the site "
-            "directory out of the app's source tree, or under a folder git ignores"
-        )
-    return bundle_hash(app_dir)
-
-
-def approve_app(site_dir: Path, fab_hash: str) -> bool:
-    """Add `fab_hash` to `[approval] apps` in place, keeping the file's comments. False if present."""
-    fab_hash = fab_hash.strip().lower()
-    if not _HASH.match(fab_hash):
-        raise ApprovalError(f"not a SHA-256 hex digest: {fab_hash!r}")
-    return _edit_apps(site_dir, lambda apps: [*apps, fab_hash] if fab_hash not in apps else apps)
-
-
-def revoke_app(site_dir: Path, fab_hash: str) -> bool:
-    """Remove `fab_hash` from `[approval] apps`; the gate refuses the app from its next task on."""
-    fab_hash = fab_hash.strip().lower()
-    return _edit_apps(site_dir, lambda apps: [h for h in apps if h != fab_hash])
-
-
-def _edit_apps(site_dir: Path, change) -> bool:  # type: ignore[no-untyped-def]
-    path = Path(site_dir) / SITE_TOML
-    current = list(load_approval(site_dir).apps)
-    updated = change(current)
-    if updated == current:
-        return False
-    lines = path.read_text(encoding="utf-8").splitlines()
-    section = None
-    for i, line in enumerate(lines):
-        header = _HEADER.match(line)
-        if header:
-            section = header["name"].strip()
-            continue
-        match = _APPS_LINE.match(line)
-        if section == "approval" and match:
-            comment = f"  {match['comment']}" if match["comment"] else ""
-            body = ", ".join(f'"{h}"' for h in updated)
-            lines[i] = f"{match['indent']}apps = [{body}]{comment}"
-            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            if list(load_approval(site_dir).apps) != updated:  # pragma: no cover - defensive
-                raise ApprovalError(f"{path}: could not update [approval] apps")
-            return True
-    raise ApprovalError(f"{path}: no one-line `apps = [...]` in [approval]; add the hash to the list by hand")

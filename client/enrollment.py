@@ -17,12 +17,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord
 
 from client.state import SiteState, StateStore
-from pm_common import protocol as p
-from pm_common.config import SiteSpec
-from pm_common.ledger import ENROLLED, LedgerEntry
-from pm_common.privacy import cumulative_epsilon
-from pm_common.roster import Roster, RosterEntry, RosterError, sign_roster, study_digest
-from pm_common.signing import chain_head, public_key_fingerprint, public_key_text, sign_entry
+from pm_common.privacy.accountant import cumulative_epsilon
+from pm_common.records.ledger import ENROLLED, LedgerEntry
+from pm_common.records.roster import Roster, RosterEntry, RosterError, sign_roster, study_digest
+from pm_common.records.signing import chain_head, public_key_fingerprint, public_key_text, sign_entry
+from pm_common.study.config import SiteSpec
+from pm_common.wire import keys as p
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 

@@ -17,9 +17,9 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
-from pm_common.imaging import ImageDataError
+from pm_common.data.imaging import ImageDataError
+from pm_common.data.tabular import DataValidationError
 from pm_common.redaction import is_safe_error, one_line, scrub_paths
-from pm_common.tabular import DataValidationError
 
 log = logging.getLogger("pmfl.client")
 DETAILS = "details in the site's log"

@@ -20,7 +20,7 @@ from flwr.app import Context
 
 from client.approval import load_approval
 from client.state import ContextStateStore, DirectoryStateStore, StateStore
-from pm_common.config import (
+from pm_common.study.config import (
     PRIVACY_RULES,
     SITE_RULES,
     PrivacySettings,
@@ -31,7 +31,7 @@ from pm_common.config import (
     study_from_dict,
     text_encoding,
 )
-from pm_common.schema import Rule, check_table, show, table_place
+from pm_common.study.schema import Rule, check_table, show, table_place
 from pm_common.tasks import SiteTensors, task_of
 
 log = logging.getLogger("pmfl.client")

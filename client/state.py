@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from flwr.app import ConfigRecord, RecordDict
 
-from pm_common.ledger import CLOSED, ENROLLED, ROUND_STATUSES, LedgerEntry, append_line
-from pm_common.privacy import PrivacyPlan
-from pm_common.signing import generate_signing_key, load_or_create_signing_key, private_key_pem
+from pm_common.privacy.accountant import PrivacyPlan
+from pm_common.records.ledger import CLOSED, ENROLLED, ROUND_STATUSES, LedgerEntry, append_line
+from pm_common.records.signing import generate_signing_key, load_or_create_signing_key, private_key_pem
 
 
 @dataclass

@@ -21,8 +21,8 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pm_common.models import plain_state_dict
-from pm_common.privacy import PrivacyPlan, cumulative_epsilon
+from pm_common.models.tabular import plain_state_dict
+from pm_common.privacy.accountant import PrivacyPlan, cumulative_epsilon
 
 
 @dataclass(frozen=True)

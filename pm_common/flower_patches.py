@@ -71,7 +71,7 @@ its patch off), and its refusal names that switch. Switched off, the process run
 for that part.
 
 Import rules: this module imports only the standard library at module level, and nothing of pmfl.
-`client/warm_worker.py` loads this file by path under a private module name before it forks tasks
+`client/deploy/warm_worker.py` loads this file by path under a private module name before it forks tasks
 that load the study app's own `client`/`server`/`pm_common` from the approved app bundle; the
 SuperLink launcher, the SuperNode launcher, the gate, the grid and the ServerApp import it as
 `pm_common.flower_patches`.

@@ -15,14 +15,14 @@ from pathlib import Path
 
 SAFE_MESSAGE_ERRORS = frozenset(
     {
-        "pm_common.schema.InputError",  # study files, contracts, site.toml: settings, never data
+        "pm_common.study.schema.InputError",  # study files, contracts, site.toml: settings, never data
         "client.approval.ApprovalError",
-        "client.site_admin.SiteAdminError",
-        "server.coordinator.CoordinatorError",
-        "server.pki.PkiError",
+        "client.deploy.site_dir.SiteAdminError",
+        "server.deploy.coordinator.CoordinatorError",
+        "server.deploy.pki.PkiError",
         "simulations.runner.SimulationError",
-        "pm_common.secure_aggregation.SecAggError",  # protocol steps, node ids and counts
-        "pm_common.privacy.BudgetTooLow",  # a budget and a plan, never the site's data
+        "pm_common.secagg.primitives.SecAggError",  # protocol steps, node ids and counts
+        "pm_common.privacy.accountant.BudgetTooLow",  # a budget and a plan, never the site's data
         "client.enrollment.SiteRefusal",  # runs, rounds and rosters a site refuses to answer
     }
 )

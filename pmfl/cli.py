@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from client.cli import site_app
+from client.deploy.cli import site_app
 from pm_common.redaction import internal_error_line, is_safe_error
-from server.cli import coordinator_app
+from server.deploy.cli import coordinator_app
 
 DEBUG_ENV = "PMFL_DEBUG"  # "1": an unexpected error shows its traceback (which may show data values)
 BAD_INPUT = 2  # exit code of a refused study file, data file or option
@@ -156,10 +156,10 @@ def simulate(
         "and start nothing (exit 0: it would run; 2: refused, one line per problem)")] = False,
 ) -> None:
     """Simulate a federated study locally: one simulated hospital per site, real Flower apps."""
-    from pm_common.config import StudyConfigError, load_study, with_overrides
-    from pm_common.imaging import ImageDataError
-    from pm_common.schema import InputError
-    from pm_common.tabular import DataValidationError
+    from pm_common.data.imaging import ImageDataError
+    from pm_common.data.tabular import DataValidationError
+    from pm_common.study.config import StudyConfigError, load_study, with_overrides
+    from pm_common.study.schema import InputError
     from simulations.preflight import SiteDataError, preflight
     from simulations.scenarios import SYNTHETIC, scenario_study
 
@@ -280,8 +280,8 @@ def audit(
     Writes audit/audit.json and audit/report.html. Exit 0: verified and compliant; 1: a violation;
     2: something could not be verified. The verdict says what the records were verified against.
     """
-    from pm_common.audit import NOTE
-    from pm_common.audit_run import run_audit
+    from pm_common.audit.directories import run_audit
+    from pm_common.audit.rules import NOTE
 
     result = run_audit(path, roster_digest=roster, site_dirs=tuple(site or ()))
     colour = {0: "green", 1: "red"}.get(result.exit_code, "yellow")

@@ -24,15 +24,16 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.http_grid import HttpGrid
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-from pm_common import flower_patches, wire
-from pm_common import protocol as p
-from pm_common.config import StudyConfig, load_study, study_text_for_sites
+from pm_common import flower_patches
+from pm_common.study.config import StudyConfig, load_study, study_text_for_sites
 from pm_common.tasks import task_of
+from pm_common.wire import keys as p
+from pm_common.wire import packing as wire
 from server.enrollment import EnrolledGrid, enroll_sites, load_signed_roster
 from server.grid import PollingGrid
 from server.recorder import ProgressCallback, RunRecorder
 from server.resume import RESUME_ENV, resume_study, strategy_state
-from server.secure_aggregation import SecureAggregation
+from server.secagg_unmasking import SecureAggregation
 from server.strategy import SiteReportingStrategy, build_strategy, model_content
 
 log = logging.getLogger("pmfl.server")

@@ -26,9 +26,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from pm_common import protocol as p
-from pm_common.config import StudyConfig
-from pm_common.roster import (
+from pm_common.records.roster import (
     Roster,
     RosterEntry,
     RosterError,
@@ -36,6 +34,8 @@ from pm_common.roster import (
     roster_signature_valid,
     study_digest,
 )
+from pm_common.study.config import StudyConfig
+from pm_common.wire import keys as p
 from server.grid import DelegatingGrid
 from server.recorder import RunRecorder
 

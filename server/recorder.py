@@ -18,13 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from pm_common.config import StudyConfig, write_study
-from pm_common.hospital_dp import hospital_epsilon
-from pm_common.ledger import DECLINED, TRAINED, LedgerEntry, append_line, ledger_path, read_ledger, summarize
-from pm_common.metrics import mean_over_sites
+from pm_common.privacy.hospital_dp import hospital_epsilon
+from pm_common.records.ledger import (
+    DECLINED,
+    TRAINED,
+    LedgerEntry,
+    append_line,
+    ledger_path,
+    read_ledger,
+    summarize,
+)
+from pm_common.records.roster import SignedRoster
+from pm_common.records.signing import chain_head, public_key_pem, read_raw_ledger, verify_chain
 from pm_common.redaction import failure_reason
-from pm_common.roster import SignedRoster
-from pm_common.signing import chain_head, public_key_pem, read_raw_ledger, verify_chain
+from pm_common.study.config import StudyConfig, write_study
+from pm_common.tasks.metrics import mean_over_sites
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from pm_common.ledger import ROUND_STATUSES, LedgerEntry, read_ledger
+from pm_common.records.ledger import ROUND_STATUSES, LedgerEntry, read_ledger
 from server.recorder import RunRecorder, SiteRound
 
 log = logging.getLogger("pmfl.server")

@@ -3,7 +3,7 @@
 `SiteReportingStrategy` wraps any `flwr.serverapp.strategy` strategy (like Flower's own DP
 wrappers do): it stores each site's ledger line and evaluation, drops declined or invalid
 replies, and hands only genuine updates to the wrapped strategy's aggregation. On the wire a
-model travels packed into one record (pm_common/wire.py); the wrapped strategy sees ArrayRecords.
+model travels packed into one record (pm_common/wire/packing.py); the wrapped strategy sees ArrayRecords.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from pm_common import protocol as p
-from pm_common import wire
-from pm_common.config import StrategyConfig, server_learning_rate
-from pm_common.ledger import DECLINED, TRAINED
+from pm_common.records.ledger import DECLINED, TRAINED
+from pm_common.study.config import StrategyConfig, server_learning_rate
+from pm_common.wire import keys as p
+from pm_common.wire import packing as wire
+from server.history_krum import HistoryKrum
 from server.recorder import RunRecorder, SiteRound
-from server.robust import HistoryKrum
-from server.secure_aggregation import SecureAggregation
-from server.validation import (
+from server.secagg_unmasking import SecureAggregation
+from server.update_checks import (
     expected_layout,
     in_layout_dtypes,
     masked_layout,
@@ -47,7 +47,7 @@ log = logging.getLogger("pmfl.server")
 
 
 def model_content(arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
-    """What the sites receive: the config and the model packed into one record (pm_common/wire.py)."""
+    """What the sites receive: the config and the model packed into one record (pm_common/wire/packing.py)."""
     return RecordDict({
         p.CONFIG: config,
         p.MODEL: wire.packed_record({name: a.numpy() for name, a in arrays.items()}),

@@ -30,10 +30,10 @@ from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
-from pm_common import protocol as p
-from pm_common import wire
-from pm_common.config import MAX_ROUNDS, StudyConfig, StudyConfigError, study_from_dict
-from pm_common.schema import key_place, show
+from pm_common.study.config import MAX_ROUNDS, StudyConfig, StudyConfigError, study_from_dict
+from pm_common.study.schema import key_place, show
+from pm_common.wire import keys as p
+from pm_common.wire import packing as wire
 
 KINDS = ("sign-flip", "scale", "nan", "drop-out")
 

@@ -4,7 +4,7 @@ m synthetic canary patients are made valid under the study's contract; each is p
 site's training rows by a secret fair coin. The real study then runs (real ServerApp, real ClientApp,
 Opacus DP-SGD); the coordinator keeps the global model it sent and the audited site's update each
 round. Each canary is scored from those alone, the top / bottom scores are guessed in / out, and
-`pm_common.empirical_audit` turns the count of right guesses into an epsilon lower bound.
+`pm_common.audit.one_run` turns the count of right guesses into an epsilon lower bound.
 
 The audit's validity rests on one property, checked before anything runs: the audited site trains
 on exactly its usual real training rows plus the included canaries. Sites split their own file with
@@ -35,12 +35,18 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pm_common.config import SplitConfig, StudyConfig, study_from_dict
-from pm_common.contract import CategoricalFeature, DataContract, NumericFeature
-from pm_common.empirical_audit import EmpiricalAuditResult, best_audit_from_scores
-from pm_common.ledger import ledger_path, read_ledger
-from pm_common.models import build_tabular_model
-from pm_common.tabular import TabularData, load_site_table, read_table, split_train_test, validate_and_encode
+from pm_common.audit.one_run import EmpiricalAuditResult, best_audit_from_scores
+from pm_common.data.contract import CategoricalFeature, DataContract, NumericFeature
+from pm_common.data.tabular import (
+    TabularData,
+    load_site_table,
+    read_table,
+    split_train_test,
+    validate_and_encode,
+)
+from pm_common.models.tabular import build_tabular_model
+from pm_common.records.ledger import ledger_path, read_ledger
+from pm_common.study.config import SplitConfig, StudyConfig, study_from_dict
 from server.recorder import RECORD_UPDATES_ENV, UPDATES_DIR
 
 CONFIDENCE = 0.95

@@ -21,8 +21,8 @@ from collections.abc import Iterable
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from pm_common import protocol as p
-from pm_common.config import StudyConfig, StudyConfigError
+from pm_common.study.config import StudyConfig, StudyConfigError
+from pm_common.wire import keys as p
 from server.app import coordinator_grid, serve
 from server.grid import DelegatingGrid
 

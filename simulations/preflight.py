@@ -13,11 +13,11 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pm_common.config import SiteSpec, StudyConfig, site_place
-from pm_common.imaging import ImageDataError
-from pm_common.privacy import BudgetTooLow, PrivacyPlan, plan_study
+from pm_common.data.imaging import ImageDataError
+from pm_common.data.tabular import MAX_LISTED_PROBLEMS, DataValidationError
+from pm_common.privacy.accountant import BudgetTooLow, PrivacyPlan, plan_study
 from pm_common.redaction import one_line
-from pm_common.tabular import MAX_LISTED_PROBLEMS, DataValidationError
+from pm_common.study.config import SiteSpec, StudyConfig, site_place
 from pm_common.tasks import SiteTensors, few_rows_warning, task_of
 from simulations.attacks import study_attacks
 

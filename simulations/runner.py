@@ -32,9 +32,9 @@ from flwr.simulation import run_simulation
 
 from client.app import app as client_app
 from client.site import SITES_DIR_ENV
-from pm_common import protocol as p
-from pm_common.config import StudyConfig, write_study
+from pm_common.study.config import StudyConfig, write_study
 from pm_common.tasks import SiteTensors
+from pm_common.wire import keys as p
 from server.app import RUN_DIR_ENV, STUDY_ENV, set_progress_callback
 from server.app import app as server_app
 from server.recorder import ProgressCallback

@@ -21,11 +21,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from pm_common import protocol as p
-from pm_common import wire
-from pm_common.config import StudyConfig, load_study, study_from_dict, study_text_for_sites, write_study
-from pm_common.models import build_tabular_model
-from pm_common.roster import Roster, RosterEntry, study_digest
+from pm_common.models.tabular import build_tabular_model
+from pm_common.records.roster import Roster, RosterEntry, study_digest
+from pm_common.study.config import StudyConfig, load_study, study_from_dict, study_text_for_sites, write_study
+from pm_common.wire import keys as p
+from pm_common.wire import packing as wire
 from simulations.scenarios import scenario_path
 
 HEART = scenario_path("heart-disease")

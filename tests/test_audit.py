@@ -18,14 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-from pm_common.audit import EXIT_OK, EXIT_UNVERIFIABLE, EXIT_VIOLATION, audit_site
-from pm_common.audit_run import run_audit
-from pm_common.empirical_audit import epsilon_lower_bound
-from pm_common.ledger import CLOSED, DECLINED, ENROLLED, TRAINED, LedgerEntry, append_line, summarize
-from pm_common.privacy import check_next_round, cumulative_epsilon, opacus_epsilon, plan_study
-from pm_common.reference_accounting import pld_epsilons, rdp_epsilon, rdp_epsilons
-from pm_common.roster import Roster, RosterEntry, SignedRoster, sign_roster
-from pm_common.signing import (
+from pm_common.audit.directories import run_audit
+from pm_common.audit.one_run import epsilon_lower_bound
+from pm_common.audit.rules import EXIT_OK, EXIT_UNVERIFIABLE, EXIT_VIOLATION, audit_site
+from pm_common.privacy.accountant import check_next_round, cumulative_epsilon, opacus_epsilon, plan_study
+from pm_common.privacy.reference import pld_epsilons, rdp_epsilon, rdp_epsilons
+from pm_common.records.ledger import CLOSED, DECLINED, ENROLLED, TRAINED, LedgerEntry, append_line, summarize
+from pm_common.records.roster import Roster, RosterEntry, SignedRoster, sign_roster
+from pm_common.records.signing import (
     chain_head,
     generate_signing_key,
     public_key_fingerprint,

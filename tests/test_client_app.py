@@ -9,10 +9,10 @@ import pytest
 from flwr.app import Context, MessageType
 
 from client.app import app as client_app
-from pm_common import protocol as p
-from pm_common import wire
-from pm_common.models import build_tabular_model
-from pm_common.privacy import cumulative_epsilon
+from pm_common.models.tabular import build_tabular_model
+from pm_common.privacy.accountant import cumulative_epsilon
+from pm_common.wire import keys as p
+from pm_common.wire import packing as wire
 from tests.conftest import enroll, heart_study, site_context, train_message
 
 

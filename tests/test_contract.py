@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pm_common.config import StudyConfigError, load_study
-from pm_common.contract import ContractError, contract_from_dict
-from pm_common.tabular import DataValidationError, load_site_table, split_train_test
+from pm_common.data.contract import ContractError, contract_from_dict
+from pm_common.data.tabular import DataValidationError, load_site_table, split_train_test
+from pm_common.study.config import StudyConfigError, load_study
 from tests.conftest import HEART
 
 CONTRACT = load_study(HEART).contract

@@ -31,11 +31,11 @@ from typing import Any
 import pytest
 import tomli_w
 
-from client.approval import app_hash, approve_app
-from client.site_admin import SiteProcesses, init_site, site_env, start_site, write_key_pair
-from pm_common.audit_run import audit_directory
-from pm_common.config import load_study
-from server.coordinator import (
+from client.deploy.approvals import app_hash, approve_app
+from client.deploy.site_dir import SiteProcesses, init_site, site_env, start_site, write_key_pair
+from pm_common.audit.directories import audit_directory
+from pm_common.study.config import load_study
+from server.deploy.coordinator import (
     DEFAULT_PORT,
     Coordinator,
     collect,
@@ -46,7 +46,7 @@ from server.coordinator import (
     start_superlink,
     submit,
 )
-from server.pki import write_pilot_pki
+from server.deploy.pki import write_pilot_pki
 from tests.netns import Host, Network, network_or_skip
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from pm_common.empirical_audit import (
+from pm_common.audit.one_run import (
     audit_from_scores,
     best_audit_from_scores,
     epsilon_lower_bound,

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from client.site import load_site_data
-from pm_common.audit_run import run_audit
-from pm_common.config import load_study, study_text_for_sites, with_overrides
-from pm_common.models import build_tabular_model
+from pm_common.audit.directories import run_audit
+from pm_common.models.tabular import build_tabular_model
+from pm_common.study.config import load_study, study_text_for_sites, with_overrides
 from pm_common.tasks import task_of
 from simulations.empirical_audit import (
     canary_scores,

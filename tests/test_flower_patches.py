@@ -24,6 +24,7 @@ import pytest
 from pm_common import flower_patches as patches
 
 REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "client" / "deploy" / "warm_worker.py"
 
 
 def test_catalogue_names_a_version_and_a_way_out_for_each_patch() -> None:
@@ -146,7 +147,7 @@ def test_warm_worker_loads_its_patches_without_pmfl_packages(tmp_path: Path) -> 
     have imported them from this installation before it forks."""
     script = f"""
 import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("worker", {str(REPO / "client" / "warm_worker.py")!r})
+spec = importlib.util.spec_from_file_location("worker", {str(WORKER)!r})
 worker = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(worker)
 patches = worker.load_patches()

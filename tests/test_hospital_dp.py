@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from client.app import app as client_app
-from pm_common import protocol as p
-from pm_common import wire
-from pm_common.config import HospitalDPConfig
-from pm_common.hospital_dp import clip_and_noise, hospital_epsilon, site_noise_std
+from pm_common.privacy.hospital_dp import clip_and_noise, hospital_epsilon, site_noise_std
+from pm_common.study.config import HospitalDPConfig
+from pm_common.wire import keys as p
+from pm_common.wire import packing as wire
 from tests.conftest import enroll, heart_study, site_context, train_message
 
 

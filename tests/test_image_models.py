@@ -11,13 +11,13 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from pm_common.image_models import (
+from pm_common.data.synthetic_imaging import generate_site
+from pm_common.models.images import (
     IMAGE_MODELS,
     GroupedGradConv2d,
     SmallCNN,
     build_image_model,
 )
-from pm_common.synthetic_imaging import generate_site
 
 
 @pytest.fixture(autouse=True)

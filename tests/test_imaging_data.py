@@ -14,14 +14,14 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
-from pm_common.imaging import (
+from pm_common.data.imaging import (
     ImageDataError,
     ImageSpec,
     load_image_site,
     split_train_test,
     window_to_unit,
 )
-from pm_common.synthetic_imaging import (
+from pm_common.data.synthetic_imaging import (
     CLASSES,
     default_site_sizes,
     generate_federation,

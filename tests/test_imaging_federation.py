@@ -14,10 +14,10 @@ import numpy as np
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from pm_common.audit import EXIT_OK
-from pm_common.audit_run import audit_directory
-from pm_common.config import study_from_dict
-from pm_common.synthetic_imaging import CLASSES, generate_federation, generate_site
+from pm_common.audit.directories import audit_directory
+from pm_common.audit.rules import EXIT_OK
+from pm_common.data.synthetic_imaging import CLASSES, generate_federation, generate_site
+from pm_common.study.config import study_from_dict
 from simulations.runner import simulate
 from simulations.scenarios import scenario_path
 

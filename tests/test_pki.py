@@ -12,7 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from server.pki import (
+from server.deploy.pki import (
     PkiError,
     PkiPaths,
     check_pki_files,

@@ -12,9 +12,9 @@ from torch import nn
 
 from client.state import DirectoryStateStore, SiteState
 from client.training import LocalTraining, train_round
-from pm_common.ledger import LedgerEntry, append_line, read_ledger, summarize
-from pm_common.models import build_tabular_model
-from pm_common.privacy import check_next_round, cumulative_epsilon, plan_study
+from pm_common.models.tabular import build_tabular_model
+from pm_common.privacy.accountant import check_next_round, cumulative_epsilon, plan_study
+from pm_common.records.ledger import LedgerEntry, append_line, read_ledger, summarize
 
 
 def dp_accounting_rdp(history: list[tuple[float, float, int]], delta: float) -> float:

@@ -10,10 +10,10 @@ import pytest
 import torch
 from flwr.serverapp.strategy import FedAdam, FedAvgM
 
-from pm_common.audit_run import audit_directory
-from pm_common.config import StrategyConfig
-from pm_common.ledger import LedgerEntry, read_ledger, round_entries
-from pm_common.privacy import cumulative_epsilon
+from pm_common.audit.directories import audit_directory
+from pm_common.privacy.accountant import cumulative_epsilon
+from pm_common.records.ledger import LedgerEntry, read_ledger, round_entries
+from pm_common.study.config import StrategyConfig
 from server.recorder import RoundProgress
 from server.resume import load_resume_point, restore_strategy_state, strategy_state
 from server.strategy import build_strategy

@@ -11,13 +11,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, MultiKrum
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
-from pm_common import protocol as p
-from pm_common import wire
-from pm_common.config import StrategyConfig, StudyConfigError, study_text_for_sites
+from pm_common.study.config import StrategyConfig, StudyConfigError, study_text_for_sites
+from pm_common.wire import keys as p
+from pm_common.wire import packing as wire
+from server.history_krum import HistoryKrum, krum_scores, median_distance_scores, outliers, relative, smoothed
 from server.recorder import RunRecorder
-from server.robust import HistoryKrum, krum_scores, median_distance_scores, outliers, relative, smoothed
 from server.strategy import SiteReportingStrategy, build_strategy
-from server.validation import norm_problem, update_norm
+from server.update_checks import norm_problem, update_norm
 from simulations.attacks import Attack, attack_mod, parse_attack, poison, study_attacks, with_attacks
 from simulations.runner import simulate
 from tests.conftest import heart_study, train_message

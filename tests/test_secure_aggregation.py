@@ -15,19 +15,25 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from scipy import stats
 
-from client import secure_aggregation as site_secagg
+from client import secagg_masking as site_secagg
 from client.app import _secagg_identity
 from client.app import secure_aggregation as site_handler
+from client.deploy.warm_worker import serve
 from client.site import resolve_site
 from client.state import SiteState
-from client.warm_worker import serve
-from pm_common import protocol as p
-from pm_common import secure_aggregation as sa
-from pm_common import wire
-from pm_common.config import StrategyConfig, StudyConfig, StudyConfigError, load_study, study_text_for_sites
-from pm_common.roster import Roster
+from pm_common.records.roster import Roster
+from pm_common.secagg import primitives as sa
+from pm_common.study.config import (
+    StrategyConfig,
+    StudyConfig,
+    StudyConfigError,
+    load_study,
+    study_text_for_sites,
+)
+from pm_common.wire import keys as p
+from pm_common.wire import packing as wire
 from server.recorder import RunRecorder
-from server.secure_aggregation import SecureAggregation
+from server.secagg_unmasking import SecureAggregation
 from server.strategy import SiteReportingStrategy, build_strategy
 from simulations.runner import simulate
 from tests.conftest import HEART, enroll, heart_study, site_context

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from pm_common.ledger import LedgerEntry, read_ledger
-from pm_common.signing import (
+from pm_common.records.ledger import LedgerEntry, read_ledger
+from pm_common.records.signing import (
     BAD_SIGNATURE,
     BROKEN_CHAIN,
     DUPLICATE,
@@ -81,7 +81,7 @@ def test_edited_field_is_a_bad_signature_at_that_line(keys) -> None:
 
 
 def test_edited_field_with_recomputed_hash_still_fails(keys) -> None:
-    from pm_common.signing import compute_entry_hash
+    from pm_common.records.signing import compute_entry_hash
 
     rows = signed_ledger("site-a", keys["a"])
     rows[1]["steps"] = 1

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pm_common.config import load_study
-from pm_common.ledger import read_ledger, round_entries
-from pm_common.models import build_tabular_model
+from pm_common.models.tabular import build_tabular_model
+from pm_common.records.ledger import read_ledger, round_entries
+from pm_common.study.config import load_study
 from simulations.runner import SimulationError, simulate
 from tests.conftest import heart_study
 from tests.test_privacy import dp_accounting_rdp

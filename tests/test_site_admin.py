@@ -12,9 +12,10 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from client.approval import ApprovalError, approve_app, load_approval, revoke_app
+from client.approval import ApprovalError, load_approval
+from client.deploy.approvals import approve_app, revoke_app
+from client.deploy.site_dir import SiteAdminError, check_site, init_site, load_connection, supernode_command
 from client.site import load_site_config
-from client.site_admin import SiteAdminError, check_site, init_site, load_connection, supernode_command
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "pm_common" / "datasets" / "heart_disease"
@@ -133,7 +134,7 @@ def _tiny_app(root: Path) -> Path:
 
 
 def test_a_site_inside_the_app_tree_would_ship_its_files_and_is_refused(tmp_path: Path) -> None:
-    from client.approval import app_hash
+    from client.deploy.approvals import app_hash
 
     app = _tiny_app(tmp_path / "app")
     site = init_site(app / "sites" / "a", "a", DATA / "cleveland.csv")
@@ -146,21 +147,50 @@ def test_a_site_inside_the_app_tree_would_ship_its_files_and_is_refused(tmp_path
 
 def test_the_approved_hash_covers_the_apps_code_not_docs_or_tests(tmp_path: Path) -> None:
     """pyproject's fab-include: the bundle a site approves holds the app packages only."""
-    from client.approval import app_hash
-    from pm_common.app_bundle import bundle_files
+    from client.deploy.approvals import app_hash
+    from pm_common.deploy.app_bundle import bundle_files
 
     app = tmp_path / "app"
     skip = shutil.ignore_patterns(".*", "__pycache__", "*.egg-info", "runs", "artifacts")
     shutil.copytree(REPO, app, ignore=skip)
     approved = app_hash(app)
     packed = bundle_files(app)
-    assert "client/app.py" in packed and "server/app.py" in packed and "pm_common/privacy.py" in packed
+    assert {"client/app.py", "server/app.py", "pm_common/privacy/accountant.py"} <= set(packed)
     left_out = {"docs", "tests", "benchmarks", "docker", "simulations", "README.md"}
     assert not [n for n in packed if n.split("/")[0] in left_out]
     (app / "README.md").write_text("edited\n")
     (app / "docs" / "deployment.md").write_text("edited\n")
     (app / "tests" / "test_new.py").write_text("def test_x() -> None: ...\n")
+    tooling = ("client/deploy/cli.py", "server/deploy/coordinator.py", "server/deploy/pki.py",
+               "server/deploy/superlink.py", "pm_common/audit/rules.py", "pm_common/deploy/app_bundle.py")
+    assert not set(tooling) & set(packed)  # coordinator, PKI, launcher and audit tooling stay out
+    for name in tooling:
+        with (app / name).open("a") as fh:
+            fh.write("# edited tooling\n")
     assert app_hash(app) == approved
     with (app / "client" / "app.py").open("a") as fh:
         fh.write("# one more line of code\n")
     assert app_hash(app) != approved
+
+
+def test_every_module_the_bundle_holds_imports_only_the_bundle() -> None:
+    """The ServerApp and ClientApp must run from the approved bundle alone: no module in it may import
+    the tooling left out of it (a site would then run code it never approved, or fail)."""
+    import ast
+
+    from pm_common.deploy.app_bundle import bundle_files
+
+    packed = {n for n in bundle_files(REPO) if n.endswith(".py")}
+    ours = ("client", "server", "pm_common", "simulations", "pmfl", "benchmarks")
+    outside = []
+    for name in sorted(packed):
+        for node in ast.walk(ast.parse((REPO / name).read_text(encoding="utf-8"))):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for module in modules:
+                if module.split(".")[0] not in ours:
+                    continue
+                path = module.replace(".", "/")
+                if f"{path}.py" not in packed and f"{path}/__init__.py" not in packed:
+                    outside.append(f"{name} imports {module}")
+    assert not outside, outside

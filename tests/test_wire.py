@@ -10,11 +10,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from client.app import app as client_app
-from pm_common import protocol as p
-from pm_common import wire
+from pm_common.wire import keys as p
+from pm_common.wire import packing as wire
 from server.recorder import RunRecorder
 from server.strategy import SiteReportingStrategy, build_strategy
-from server.validation import unpacked_update
+from server.update_checks import unpacked_update
 from tests.conftest import enroll, heart_study, site_context, train_message
 
 MODEL = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pm_common.config import StudyConfig, load_study, study_from_dict
+from pm_common.study.config import StudyConfig, load_study, study_from_dict
 
 _HERE = Path(__file__).parent
 
@@ -28,7 +28,7 @@ def scenario_study(name: str, out_dir: Path) -> StudyConfig:
     path = scenario_path(name)
     if name not in SYNTHETIC:
         return load_study(path)
-    from pm_common.synthetic_imaging import generate_federation
+    from pm_common.data.synthetic_imaging import generate_federation
 
     raw = tomllib.loads(path.read_text(encoding="utf-8"))
     options = raw.pop("synthetic", {})

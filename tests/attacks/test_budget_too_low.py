@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pm_common.audit import EXIT_OK
-from pm_common.audit_run import audit_directory
-from pm_common.ledger import read_ledger
+from pm_common.audit.directories import audit_directory
+from pm_common.audit.rules import EXIT_OK
+from pm_common.records.ledger import read_ledger
 from simulations.runner import simulate
 from tests.conftest import heart_study
 

@@ -13,7 +13,7 @@ import pytest
 import tomli_w
 from typer.testing import CliRunner
 
-from pm_common.config import load_study
+from pm_common.study.config import load_study
 from pmfl.cli import app
 from tests.conftest import HEART
 
@@ -60,7 +60,7 @@ def test_progress_lines_show_a_sites_reason_as_written(monkeypatch: pytest.Monke
     Attack: a decline quoting the site's `[approval] studies`, a rejection naming `[strategy]
     max_update_norm`, a failure naming `[[sites]]`; a site named like a style tag."""
     from pmfl import cli
-    from server import cli as coordinator_cli
+    from server.deploy import cli as coordinator_cli
     from server.recorder import RoundProgress
 
     for console in (cli.console, coordinator_cli.console):

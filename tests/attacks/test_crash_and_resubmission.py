@@ -15,10 +15,10 @@ from pathlib import Path
 
 import tomli_w
 
-from pm_common.audit import EXIT_OK
-from pm_common.audit_run import audit_directory
-from pm_common.config import load_study
-from pm_common.ledger import LedgerEntry, read_ledger
+from pm_common.audit.directories import audit_directory
+from pm_common.audit.rules import EXIT_OK
+from pm_common.records.ledger import LedgerEntry, read_ledger
+from pm_common.study.config import load_study
 from simulations.runner import SITES_DIR, simulate
 from tests.conftest import HEART, heart_study
 

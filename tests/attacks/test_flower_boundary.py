@@ -31,11 +31,11 @@ from flwr.proto.control_pb2 import (  # pylint: disable=E0611
 )
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 
-from client.site_admin import gate_command, init_site, site_env, supernode_command, write_key_pair
+from client.deploy.site_dir import gate_command, init_site, site_env, supernode_command, write_key_pair
 from pm_common import flower_patches
-from pm_common.processes import console_script
-from server import coordinator as coordinator_module
-from server.coordinator import (
+from pm_common.deploy.processes import console_script
+from server.deploy import coordinator as coordinator_module
+from server.deploy.coordinator import (
     CONNECTION,
     LAUNCHER,
     NOT_ENROLLED,
@@ -46,8 +46,8 @@ from server.coordinator import (
     start_superlink,
     superlink_command,
 )
+from server.deploy.pki import write_pilot_pki
 from server.grid import PollingGrid
-from server.pki import write_pilot_pki
 from tests.netns import Host, network_or_skip
 
 REPO = Path(__file__).resolve().parents[2]
@@ -452,7 +452,7 @@ def test_warm_worker_refuses_before_forking_a_task(tmp_path: Path, monkeypatch: 
     Fault: as above, `run_clientapp` without `install_from_fab`.
     """
     env = _faulty_env(monkeypatch, tmp_path, FAULTY_TASK)
-    worker = REPO / "client" / "warm_worker.py"
+    worker = REPO / "client" / "deploy" / "warm_worker.py"
     proc = subprocess.run(
         [sys.executable, "-P", str(worker), "--runtime-api-address", "127.0.0.1:1"],
         input="token\n",
@@ -473,7 +473,7 @@ def test_gate_stops_when_its_warm_worker_refuses(tmp_path: Path, monkeypatch: py
     Fault: another Opacus version than the accounting memo was written for, seen only by the worker
     (the gate itself does not import Opacus).
     """
-    from client.gate import WarmWorker
+    from client.deploy.gate import WarmWorker
 
     _faulty_env(monkeypatch, tmp_path, "import opacus\nopacus.__version__ = '1.7.0'\n")
     worker = WarmWorker("127.0.0.1:1")

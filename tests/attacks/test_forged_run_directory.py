@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from pm_common.audit import EXIT_OK, EXIT_UNVERIFIABLE, EXIT_VIOLATION
-from pm_common.audit_run import audit_directory
-from pm_common.ledger import LedgerEntry, read_ledger, summarize
-from pm_common.privacy import cumulative_epsilon
-from pm_common.roster import SignedRoster, sign_roster
-from pm_common.signing import (
+from pm_common.audit.directories import audit_directory
+from pm_common.audit.rules import EXIT_OK, EXIT_UNVERIFIABLE, EXIT_VIOLATION
+from pm_common.privacy.accountant import cumulative_epsilon
+from pm_common.records.ledger import LedgerEntry, read_ledger, summarize
+from pm_common.records.roster import SignedRoster, sign_roster
+from pm_common.records.signing import (
     chain_head,
     generate_signing_key,
     public_key_fingerprint,

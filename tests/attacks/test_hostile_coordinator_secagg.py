@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.app import app as client_app
-from pm_common import protocol as p
-from pm_common import secure_aggregation as sa
-from pm_common.config import study_text_for_sites
+from pm_common.secagg import primitives as sa
+from pm_common.study.config import study_text_for_sites
+from pm_common.wire import keys as p
 from tests.conftest import train_message
 from tests.test_secure_aggregation import Federation, Grid, answer, updates_of
 

@@ -25,11 +25,11 @@ from typer.testing import CliRunner
 
 from client.app import app as client_app
 from client.approval import ApprovalError, load_approval
+from client.deploy.site_dir import SiteAdminError, load_connection
 from client.site import load_site_config
-from client.site_admin import SiteAdminError, load_connection
-from pm_common import protocol as p
-from pm_common.config import StudyConfigError, load_study, study_from_dict
-from pm_common.privacy import plan_study
+from pm_common.privacy.accountant import plan_study
+from pm_common.study.config import StudyConfigError, load_study, study_from_dict
+from pm_common.wire import keys as p
 from pmfl.cli import app
 from simulations.scenarios import scenario_path
 from tests.conftest import HEART, enroll, site_context, train_message
@@ -273,7 +273,8 @@ def test_noise_calibration_terminates_at_extreme_settings() -> None:
     2 * 10^8 steps (it ran out of memory here)."""
     code = (
         "import warnings; warnings.simplefilter('ignore')\n"
-        "from pm_common.privacy import calibrate_noise_multiplier, cumulative_epsilon, plan_study\n"
+        "from pm_common.privacy.accountant import calibrate_noise_multiplier, cumulative_epsilon\n"
+        "from pm_common.privacy.accountant import plan_study\n"
         "sigma = calibrate_noise_multiplier(100.0, 0.1, 1e-7, 10**13)\n"
         "assert cumulative_epsilon([(sigma, 1e-7, 10**13)], 0.1) <= 100.0\n"
         "try:\n"
@@ -304,7 +305,7 @@ def test_a_budget_too_small_to_plan_is_a_decline_shown_before_the_run(tmp_path: 
 def test_prv_plans_stay_within_the_step_bound() -> None:
     """Claim: a PRV plan is refused above MAX_PRV_STEPS and accepted below it.
     Fault: the bound itself (the calibration must stay fast at the bound)."""
-    from pm_common.privacy import MAX_PRV_STEPS
+    from pm_common.privacy.accountant import MAX_PRV_STEPS
 
     started = time.monotonic()
     plan = plan_study(epsilon_budget=3, delta=1e-5, num_examples=202, batch_size=16, local_epochs=1,

@@ -22,7 +22,7 @@ import tomli_w
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
-from pm_common.config import StudyConfigError, load_study
+from pm_common.study.config import StudyConfigError, load_study
 from tests.conftest import HEART, heart_study, site_context, train_message
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,11 +166,11 @@ def _site_check_crash(tmp_path: Path, debug: bool) -> subprocess.CompletedProces
     local variable."""
     code = (
         "import sys\n"
-        "import client.site_admin\n"
+        "import client.deploy.site_dir\n"
         "def crash(site_dir, study_path):\n"
         f"    secret_row = [[0.0975, {MARKER}]]\n"
         "    raise KeyError(f'no column for {secret_row}')\n"
-        "client.site_admin.check_site = crash\n"
+        "client.deploy.site_dir.check_site = crash\n"
         "from pmfl.cli import main\n"
         f"sys.argv = ['pmfl', 'site', 'check', {str(tmp_path)!r}, '--study', 'study.toml']\n"
         "main()\n"
@@ -188,7 +188,7 @@ def test_an_unexpected_error_prints_one_line_without_values_or_locals(tmp_path: 
     proc = _site_check_crash(tmp_path, debug=False)
     assert proc.returncode == 1 and proc.stdout == ""
     (line,) = proc.stderr.splitlines()
-    assert line.startswith("pmfl: internal error (KeyError in client/cli.py:")
+    assert line.startswith("pmfl: internal error (KeyError in client/deploy/cli.py:")
     assert line.endswith("set PMFL_DEBUG=1 to see the traceback, which may show data values")
     debug = _site_check_crash(tmp_path, debug=True)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
@@ -200,13 +200,13 @@ def test_pmfls_own_errors_keep_their_safe_message(monkeypatch: pytest.MonkeyPatc
     """Claim: one of pmfl's own errors that escapes a command keeps its message (written to be safe),
     one line each, exit 1.
     Fault: a SiteAdminError raised where no command catches it."""
-    import client.site_admin
+    import client.deploy.site_dir
     from pmfl import cli
 
     def refuse(site_dir: Path, study_path: Path) -> None:
-        raise client.site_admin.SiteAdminError("[connection].runtime_port: got 0\n[site].name: missing")
+        raise client.deploy.site_dir.SiteAdminError("[connection].runtime_port: got 0\n[site].name: missing")
 
-    monkeypatch.setattr(client.site_admin, "check_site", refuse)
+    monkeypatch.setattr(client.deploy.site_dir, "check_site", refuse)
     monkeypatch.setattr(sys, "argv", ["pmfl", "site", "check", "anywhere", "--study", "study.toml"])
     monkeypatch.delenv("PMFL_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exited:

@@ -1,0 +1,1 @@
+"""Secure aggregation (SecAgg+): the cryptographic primitives and maths both sides share."""
