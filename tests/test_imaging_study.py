@@ -15,7 +15,8 @@ from client.training import LocalTraining, train_round
 from pm_common.models.tabular import build_tabular_model, resolve_grad_sample_mode
 from pm_common.privacy.accountant import plan_study
 from pm_common.study.config import StudyConfig, StudyConfigError, study_from_dict, with_overrides
-from pm_common.tasks import multiclass_metrics, task_of
+from pm_common.tasks import task_of
+from pm_common.tasks.images import multiclass_metrics
 from pm_common.tasks.metrics import balanced_accuracy
 from server.recorder import RunRecorder
 from simulations.scenarios import scenario_path
