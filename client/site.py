@@ -1,17 +1,17 @@
 """Who this site is and where its data and state live: the hospital's settings, not the server's.
 
-A simulated site is one `[[sites]]` entry of the study the researcher runs (picked by Flower's
-partition id). A deployed site is a directory with its own `site.toml` (`--node-config
-site-dir=...`): its data path, budget and round limit never come from the coordinator.
+A deployed site is a directory with its own `site.toml` (`--node-config site-dir=...`): its data
+path, budget and round limit never come from the coordinator. A simulated site is one `[[sites]]`
+entry of the study the run config names (picked by Flower's partition id), and keeps its records in
+a directory of its own under the run config's `sites-dir`, laid out as a deployed site's
+(pm_common/study/run_settings.py: the one place the run config is read).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import tomllib
-from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 from flwr.app import Context
 
 from client.approval import load_approval
-from client.state import ContextStateStore, DirectoryStateStore, StateStore
+from client.state import DirectoryStateStore, StateStore
 from pm_common.study.config import (
     PRIVACY_RULES,
     SITE_RULES,
@@ -31,13 +31,12 @@ from pm_common.study.config import (
     study_from_dict,
     text_encoding,
 )
+from pm_common.study.run_settings import RunSettings
 from pm_common.study.schema import Rule, check_table, show, table_place
 from pm_common.tasks import SiteTensors, task_of
 
 log = logging.getLogger("pmfl.client")
 
-STUDY_ENV = "PMFL_STUDY"
-SITES_DIR_ENV = "PMFL_SITES_DIR"  # simulation: where the simulated sites keep their directories
 
 
 SITE_TABLES = ("site", "privacy", "approval", "connection")
@@ -92,18 +91,20 @@ def load_site_config(site_dir: Path) -> SiteSpec:
     )
 
 
-def simulation_study_path(run_config: Mapping[str, object]) -> Path:
-    """The study a simulated federation runs: `flwr run` config first, then the pmfl runner's env."""
-    configured = str(run_config.get("study", "") or os.environ.get(STUDY_ENV, ""))
-    if not configured:
-        raise StudyConfigError(
-            f"no study configured: pass --run-config \"study='STUDY.toml'\" or set {STUDY_ENV}"
-        )
-    return Path(configured)
-
-
 def resolve_site(context: Context, study_name: str) -> tuple[SiteSpec, StateStore]:
-    """This node's site settings and its privacy-state store for `study_name`."""
+    """This node's site settings and its privacy-state store for `study_name`.
+
+    Args:
+        context: the node's Flower context (`site-dir` in its node config when deployed; the run
+            config names the study when simulated).
+        study_name: the study the message is for (its state lives under `state/<study>/`).
+
+    Returns:
+        The site's settings and the store of its privacy state, ledger and key.
+
+    Raises:
+        StudyConfigError: the site refuses the study, or its settings cannot be read.
+    """
     site_dir = context.node_config.get("site-dir")
     if site_dir:
         spec = load_site_config(Path(str(site_dir)))
@@ -112,22 +113,20 @@ def resolve_site(context: Context, study_name: str) -> tuple[SiteSpec, StateStor
         if refusal:  # the hospital's own list of studies, checked before any of its data is read
             raise StudyConfigError(refusal)
         return spec, DirectoryStateStore(root / "state" / study_name, root / "keys")
-    study = _cached_study(simulation_study_path(context.run_config))
+    settings = RunSettings.of(context.run_config)
+    study = _cached_study(settings.study_path())
     partition = int(context.node_config.get("partition-id", 0))
     if partition >= len(study.sites):
         raise StudyConfigError(
             f"simulated node {partition} has no [[sites]] entry: the study declares {len(study.sites)} sites"
         )
     spec = study.sites[partition]
-    sites_dir = str(context.run_config.get("sites-dir", "") or os.environ.get(SITES_DIR_ENV, ""))
-    if sites_dir:  # a simulated hospital keeps its records in a directory of its own, as a real one
-        root = Path(sites_dir) / spec.name
-        return spec, DirectoryStateStore(root / "state" / study_name, root / "keys")
-    return spec, ContextStateStore(context.state)
+    root = settings.sites_dir / spec.name  # a simulated hospital keeps its records apart, as a real one
+    return spec, DirectoryStateStore(root / "state" / study_name, root / "keys")
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_study(path: Path):  # type: ignore[no-untyped-def]
+def _cached_study(path: Path) -> StudyConfig:
     return load_study(path)
 
 

@@ -1,9 +1,8 @@
 """Where a site keeps its privacy state between rounds: the plan, the accountant and the ledger.
 
-Two stores, one contract. In simulation the state lives in Flower's per-node `Context.state`;
-a deployed site keeps it in its own directory, written atomically so that a crash or restart
-never loses a step that ran. Spend is saved before the update is sent: if anything fails after
-training, the site has over-counted, never under-counted.
+Every site, simulated or deployed, keeps it in a directory of its own, written atomically so that a
+crash or restart never loses a step that ran. Spend is saved before the update is sent: if anything
+fails after training, the site has over-counted, never under-counted.
 """
 
 from __future__ import annotations
@@ -19,12 +18,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from flwr.app import ConfigRecord, RecordDict
 
 from pm_common.privacy.accountant import PrivacyPlan
 from pm_common.records.ledger import CLOSED, ENROLLED, ROUND_STATUSES, LedgerEntry, append_line
-from pm_common.records.signing import generate_signing_key, load_or_create_signing_key, private_key_pem
+from pm_common.records.signing import load_or_create_signing_key
 
 
 @dataclass
@@ -112,35 +109,6 @@ class StateStore(Protocol):
     def signing_key(self) -> Ed25519PrivateKey:
         """The site's Ed25519 ledger key: created once, the same for every line it signs."""
         ...
-
-
-class ContextStateStore:
-    """Simulation: the state rides in Flower's Context.state, which persists per node across rounds."""
-
-    KEY = "pmfl-site-state"
-
-    def __init__(self, context_state: RecordDict) -> None:
-        self._state = context_state
-
-    def load(self) -> SiteState | None:
-        record = self._state.config_records.get(self.KEY)
-        return SiteState.from_json(str(record["json"])) if record else None
-
-    def save(self, state: SiteState) -> None:
-        self._state[self.KEY] = ConfigRecord({"json": state.to_json()})
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        yield  # one simulated node runs one message at a time
-
-    def signing_key(self) -> Ed25519PrivateKey:
-        record = self._state.config_records.get("pmfl-ledger-key")
-        if record is None:
-            record = ConfigRecord({"pem": private_key_pem(generate_signing_key()).decode()})
-            self._state["pmfl-ledger-key"] = record
-        key = load_pem_private_key(str(record["pem"]).encode(), password=None)
-        assert isinstance(key, Ed25519PrivateKey)
-        return key
 
 
 class DirectoryStateStore:

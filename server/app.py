@@ -6,10 +6,7 @@ The same app runs in the Simulation Engine (`pmfl simulate`, `flwr run .`) and d
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from flwr.app import (
@@ -26,41 +23,21 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from pm_common import flower_patches
 from pm_common.study.config import StudyConfig, load_study, study_text_for_sites
+from pm_common.study.run_settings import RunSettings
 from pm_common.tasks import task_of
 from pm_common.wire import keys as p
 from pm_common.wire import packing as wire
 from server.enrollment import EnrolledGrid, enroll_sites, load_signed_roster
 from server.grid import PollingGrid
 from server.recorder import ProgressCallback, RunRecorder
-from server.resume import RESUME_ENV, resume_study, strategy_state
+from server.resume import resume_study, strategy_state
 from server.secagg_unmasking import SecureAggregation
-from server.strategy import SiteReportingStrategy, build_strategy, model_content
+from server.strategies import build_strategy, coordinator_strategy
 
 log = logging.getLogger("pmfl.server")
-STUDY_ENV = "PMFL_STUDY"
-RUN_DIR_ENV = "PMFL_RUN_DIR"
-ROUND_TIMEOUT_ENV = "PMFL_ROUND_TIMEOUT"
 SIMULATION_PULL_INTERVAL = 0.01  # seconds; Flower's default 0.1 s adds up to 0.1 s per exchange
 
 app = ServerApp()
-_progress: ProgressCallback | None = None
-
-
-def set_progress_callback(callback: ProgressCallback | None) -> None:
-    """Let a front end (the CLI's live display) follow the rounds of an in-process run."""
-    global _progress
-    _progress = callback
-
-
-def resolve_run(run_config: Mapping[str, object]) -> tuple[Path, Path]:
-    """Study file and run directory: `flwr run --run-config` first, then the pmfl runner's env."""
-    study = str(run_config.get("study", "") or os.environ.get(STUDY_ENV, ""))
-    if not study:
-        raise ValueError(
-            f"no study configured: pass --run-config \"study='STUDY.toml'\" or set {STUDY_ENV}"
-        )
-    run_dir = str(os.environ.get(RUN_DIR_ENV, "") or run_config.get("run-dir", "") or "runs/latest")
-    return Path(study), Path(run_dir)
 
 
 def train_config(
@@ -94,44 +71,53 @@ def wait_for_sites(grid: Grid, expected: int, timeout: float) -> int:
 def run_study(
     grid: Grid,
     study: StudyConfig,
-    run_dir: Path,
-    round_timeout: float = 3600.0,
-    expected_sites: int = 0,
-    resume: bool = False,
+    settings: RunSettings,
+    on_round: ProgressCallback | None = None,
 ) -> dict:
     """Enrol the sites connected to `grid` and run all rounds of `study`; returns metrics.json's content.
 
-    `expected_sites` (deployment only; 0 means [strategy] min_sites) is how many sites to wait for
-    before round 1. `resume`: continue the run in `run_dir` from its last checkpoint (server/resume.py).
+    Args:
+        grid: the coordinator's grid (already tuned: `coordinator_grid`).
+        study: the study.
+        settings: the run's settings (run directory, resume, expected sites, timeout).
+        on_round: simulation only: told after every round (the CLI's live display).
+
+    Returns:
+        metrics.json's content.
+
+    Raises:
+        ValueError: the run directory holds a run and `settings.resume` is not set.
+        EnrollmentError: no site enrolled.
     """
+    run_dir, resume, round_timeout = settings.run_dir, settings.resume, settings.round_timeout
     study_text = study_text_for_sites(study)
     task = task_of(study)
     model = task.build_model(study, study.seed)
     meta = {"study": study.name, "task": task.name, **task.describe_model(study)}
     if not resume and load_signed_roster(run_dir) is not None:
         raise ValueError(f"{run_dir} already holds a run: resume it, or choose another run directory")
-    recorder = RunRecorder(run_dir, study, meta, on_round=_progress)
+    recorder = RunRecorder(run_dir, study, meta, on_round, record_updates_of=settings.record_updates_of)
     attempt = recorder.begin_attempt()
     if not study.sites:  # deployment: sites connect at their own pace
-        wait_for_sites(grid, expected_sites or study.strategy.min_sites, round_timeout)
+        wait_for_sites(grid, settings.expected_sites or study.strategy.min_sites, round_timeout)
     enrolled = enroll_sites(grid, study, study_text, recorder, attempt, round_timeout)
     grid = EnrolledGrid(grid, enrolled.nodes)
     # simulation: every enrolled site, every round; deployment: go on while min_sites remain
     num_sites = len(enrolled.nodes) if study.sites else min(study.strategy.min_sites, len(enrolled.nodes))
     inner = build_strategy(study.strategy, num_sites)
-    strategy = SiteReportingStrategy(
+    secure = None
+    if study.secure_aggregation.enabled:
+        secure = SecureAggregation(study.secure_aggregation, recorder.record_failure, study=study.name,
+                                   run=enrolled.roster.run, sites=enrolled.nodes, study_text=study_text,
+                                   roster_size=len(enrolled.roster.sites))
+        secure.timeout, secure.last_round = round_timeout, study.rounds
+    strategy = coordinator_strategy(
         inner,
         recorder,
         min_sites=study.strategy.min_sites,
         max_update_norm=study.strategy.max_update_norm,
         round_offset=resume_study(run_dir, enrolled.roster.run, model, inner, recorder) if resume else 0,
-        secure=(
-            SecureAggregation(study.secure_aggregation, recorder.record_failure, study=study.name,
-                              run=enrolled.roster.run, sites=enrolled.nodes, study_text=study_text,
-                              roster_size=len(enrolled.roster.sites))
-            if study.secure_aggregation.enabled
-            else None
-        ),
+        secure=secure,
     )
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -179,7 +165,7 @@ def _final_evaluation(
         p.ATTEMPT: attempt,
         p.CLOSE: True,
     })
-    content = model_content(arrays, config)
+    content = wire.model_content({name: a.numpy() for name, a in arrays.items()}, config)
     messages = [
         Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
         for node in grid.get_node_ids()
@@ -210,16 +196,18 @@ def coordinator_grid(grid: Grid) -> Grid:
     return grid
 
 
-def serve(grid: Grid, context: Context) -> None:
-    """Run the study the run config names, over `grid` (already tuned: `coordinator_grid`)."""
-    study_path, run_dir = resolve_run(context.run_config)
-    study = load_study(study_path)
+def serve(grid: Grid, context: Context, on_round: ProgressCallback | None = None) -> None:
+    """Run the study the run config names (pm_common/study/run_settings.py) over `grid`.
+
+    Args:
+        grid: the coordinator's grid, tuned (`coordinator_grid`).
+        context: the ServerApp's context; its run config carries the run's settings.
+        on_round: simulation only: told after every round (the CLI's live display).
+    """
+    settings = RunSettings.of(context.run_config)
+    study = load_study(settings.study_path())
     torch.manual_seed(study.seed)
-    timeout = float(os.environ.get(ROUND_TIMEOUT_ENV, "3600"))
-    resume = bool(context.run_config.get("resume", False)) or os.environ.get(RESUME_ENV) == "1"
-    run_study(
-        grid, study, run_dir, timeout, int(context.run_config.get("expected-sites", 0) or 0), resume
-    )
+    run_study(grid, study, settings, on_round)
 
 
 @app.main()

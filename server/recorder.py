@@ -65,8 +65,6 @@ class RoundProgress:
 
 ProgressCallback = Callable[[RoundProgress], None]
 
-RECORD_UPDATES_ENV = "PMFL_RECORD_UPDATES"
-"""Names the one site whose per-round updates the coordinator keeps (empirical audit only)."""
 UPDATES_DIR = "empirical"  # under privacy/: global-NNNN.npz (model sent), update-NNNN.npz (reply)
 
 
@@ -95,7 +93,7 @@ class RunRecorder:
     participation: dict[int, list[SiteRound]] = field(default_factory=dict)
     failures: dict[int, list[str]] = field(default_factory=dict)
     left_out: dict[int, list[str]] = field(default_factory=dict)  # valid updates a robust rule skipped
-    record_updates_of: str = field(default_factory=lambda: os.environ.get(RECORD_UPDATES_ENV, ""))
+    record_updates_of: str = ""  # empirical audit only: the one site whose per-round updates are kept
     roster: SignedRoster | None = None
     noise_seeded: bool = False  # a site seeded its noise for a test's replay (client/replay.py)
 
@@ -179,6 +177,15 @@ class RunRecorder:
         path = self.privacy_dir / UPDATES_DIR / name
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, **{key: np.asarray(array.numpy()) for key, array in arrays.items()})
+
+    def record_rejection(self, server_round: int, site: str, reason: str) -> None:
+        """The site's update this round was not used: it was malformed or out of bounds (its spend
+        still counts: the site trained)."""
+        for report in self.participation.get(server_round, []):
+            if report.site == site:
+                report.rejected = reason
+                return
+        self.participation.setdefault(server_round, []).append(SiteRound(site, "trained", rejected=reason))
 
     def record_failure(self, server_round: int, description: str) -> None:
         """Keep one line per failure, whatever a site's error reply says: no traceback, path or value

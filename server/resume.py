@@ -25,7 +25,6 @@ from pm_common.records.ledger import ROUND_STATUSES, LedgerEntry, read_ledger
 from server.recorder import RunRecorder, SiteRound
 
 log = logging.getLogger("pmfl.server")
-RESUME_ENV = "PMFL_RESUME"  # "1": the ServerApp resumes the run directory's study (as run-config resume=true)
 _CHECKPOINT = re.compile(r"round-(\d+)\.pt")
 _MOMENTS = ("m_t", "v_t")  # FedAdam / FedYogi / FedAdagrad: {array name: ndarray}
 _MOMENTUM = "momentum_vector"  # FedAvgM: [ndarray] in the ArrayRecord's order

@@ -47,7 +47,7 @@ from pm_common.data.tabular import (
 from pm_common.models.tabular import build_tabular_model
 from pm_common.records.ledger import ledger_path, read_ledger
 from pm_common.study.config import SplitConfig, StudyConfig, study_from_dict
-from server.recorder import RECORD_UPDATES_ENV, UPDATES_DIR
+from server.recorder import UPDATES_DIR
 
 CONFIDENCE = 0.95
 
@@ -432,15 +432,8 @@ def run_audited(
     if overwrite and folder.is_dir():
         for stale in folder.glob("*.npz"):
             stale.unlink()
-    previous = os.environ.get(RECORD_UPDATES_ENV)
-    os.environ[RECORD_UPDATES_ENV] = audited.site
-    try:
-        metrics = simulate(audited.study, run_dir, overwrite=overwrite, **simulate_args)
-    finally:
-        if previous is None:
-            os.environ.pop(RECORD_UPDATES_ENV, None)
-        else:
-            os.environ[RECORD_UPDATES_ENV] = previous
+    metrics = simulate(audited.study, run_dir, overwrite=overwrite, record_updates_of=audited.site,
+                       **simulate_args)
     np.savez(
         folder / "canaries.npz",
         x=audited.canaries.x,

@@ -18,12 +18,11 @@ import os
 import signal
 from collections.abc import Iterable
 
-from flwr.app import Context, Message, MessageType
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import Message, MessageType
+from flwr.serverapp import Grid
 
 from pm_common.study.config import StudyConfig, StudyConfigError
 from pm_common.wire import keys as p
-from server.app import coordinator_grid, serve
 from server.grid import DelegatingGrid
 
 CRASH_KEY = "crash_coordinator_after"
@@ -66,14 +65,3 @@ class CrashingGrid(DelegatingGrid):
         ):
             os.killpg(os.getpgrp(), signal.SIGKILL)
         return replies
-
-
-def crashing_server_app(after: int) -> ServerApp:
-    """The real ServerApp, run over a `CrashingGrid`."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        serve(CrashingGrid(coordinator_grid(grid), after), context)
-
-    return app

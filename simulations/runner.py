@@ -28,23 +28,22 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from client.app import app as client_app
-from client.site import SITES_DIR_ENV
 from pm_common.study.config import StudyConfig, write_study
+from pm_common.study.run_settings import SIMULATED_SITES, RunSettings
 from pm_common.tasks import SiteTensors
 from pm_common.wire import keys as p
-from server.app import RUN_DIR_ENV, STUDY_ENV, set_progress_callback
-from server.app import app as server_app
+from server.app import coordinator_grid, serve
 from server.recorder import ProgressCallback
-from server.resume import RESUME_ENV
 from simulations.attacks import attack_mod, study_attacks
-from simulations.faults import crash_round, crashing_server_app
+from simulations.faults import CrashingGrid, crash_round
 from simulations.preflight import preflight
 
 log = logging.getLogger("pmfl.simulation")
-SITES_DIR = "simulated-sites"  # under the run directory: one directory per simulated hospital
+SITES_DIR = SIMULATED_SITES  # under the run directory: one directory per simulated hospital
 
 
 class SimulationError(RuntimeError):
@@ -63,18 +62,51 @@ def check_sites(study: StudyConfig) -> dict[str, SiteTensors]:
     return {checked.site.name: checked.data for checked in preflight(study, plans=False)}
 
 
-def simulated_client_app(study: StudyConfig) -> ClientApp:
-    """The real hospital ClientApp, wrapped in the simulation-only attack mod."""
+def simulated_server_app(
+    settings: RunSettings, progress: ProgressCallback | None = None, crash_after: int | None = None
+) -> ServerApp:
+    """The real coordinator (server.app's `serve`), told the run's settings through its run config,
+    as `flwr run --run-config` tells it; `progress` is the simulation-only progress hook, and
+    `crash_after` a rehearsed crash (simulations/faults.py)."""
+    app = ServerApp()
+    config = settings.to_run_config()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        context.run_config.update(config)
+        tuned = coordinator_grid(grid)
+        serve(CrashingGrid(tuned, crash_after) if crash_after else tuned, context, on_round=progress)
+
+    return app
+
+
+def simulated_client_app(study: StudyConfig, settings: RunSettings) -> ClientApp:
+    """The real hospital ClientApp, told the run's settings through its run config (which study, and
+    where the simulated hospitals keep their records), wrapped in the simulation-only attack mod."""
     app = ClientApp(mods=[attack_mod(study_attacks(study), [s.name for s in study.sites])])
+    config = settings.to_run_config()
 
     def hospital(msg: Message, context: Context) -> Message:
-        return client_app(msg, context)
+        # Flower's simulation engine keeps a node's run config as registered (empty under
+        # run_simulation) and refuses an edited one, so the app gets the node's context with the run
+        # config `flwr run` would have fused in; the node's state is the same object.
+        told = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                       state=context.state, run_config={**context.run_config, **config})
+        return client_app(msg, told)
 
     app.train()(hospital)
     app.evaluate()(hospital)
     app.query(p.SECAGG_ACTION)(hospital)
     app.query(p.ENROLL_ACTION)(hospital)
     return app
+
+
+class _FlowerDeprecationNotice(logging.Filter):
+    """Drops Flower's notice that `run_simulation` is deprecated, printed twice in every run: pmfl
+    knows (the call is kept while Flower 1.42, which pmfl pins, has it), and the user can do nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
 def prepare_run_dir(out_dir: Path, overwrite: bool, resume: bool = False) -> Path:
@@ -110,6 +142,7 @@ def simulate(
     resume: bool = False,
     sites_dir: Path | None = None,
     on_warning: Callable[[str], None] | None = None,
+    record_updates_of: str = "",
 ) -> dict[str, Any]:
     """Run `study` with one simulated SuperNode per site; returns the run's metrics.json.
 
@@ -125,6 +158,8 @@ def simulate(
             `out_dir`/simulated-sites); the same directory for two runs of a study is a resubmission.
         on_warning: told, before the run starts, of every site that will decline every round (its
             budget, its data) or says it has too little data; logged when None.
+        record_updates_of: empirical audit only: the site whose individual updates the coordinator
+            keeps (simulations/empirical_audit.py).
 
     Returns:
         The run's metrics.json.
@@ -139,22 +174,23 @@ def simulate(
     run_dir = prepare_run_dir(out_dir, overwrite, resume)
     config_path = run_dir / "config.toml"
     write_study(study, config_path)
-    channel = {
-        STUDY_ENV: str(config_path),
-        RUN_DIR_ENV: str(run_dir),
-        SITES_DIR_ENV: str(Path(sites_dir).resolve() if sites_dir else run_dir / SITES_DIR),
-        RESUME_ENV: "1" if resume else "0",
-    }
-    earlier = {key: os.environ.get(key) for key in channel}
-    os.environ.update(channel)
-    set_progress_callback(progress)
+    settings = RunSettings(
+        study=config_path,
+        run_dir=run_dir,
+        sites_dir=Path(sites_dir).resolve() if sites_dir else run_dir / SITES_DIR,
+        resume=resume,
+        record_updates_of=record_updates_of,
+    )
+    flwr_logger = logging.getLogger("flwr")
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        flwr_logger.setLevel(logging.WARNING)
+    notice = _FlowerDeprecationNotice()
+    flwr_logger.addFilter(notice)
     gpus = 1.0 / len(study.sites) if torch.cuda.is_available() else 0.0
     try:
         run_simulation(
-            server_app=server_app if crash is None or resume else crashing_server_app(crash),
-            client_app=simulated_client_app(study),
+            server_app=simulated_server_app(settings, progress, None if resume else crash),
+            client_app=simulated_client_app(study, settings),
             num_supernodes=len(study.sites),
             backend_config={
                 # One CPU per site: Ray then runs min(cores, sites) sites at once, each on one
@@ -165,12 +201,7 @@ def simulate(
             verbose_logging=verbose,
         )
     finally:
-        set_progress_callback(None)
-        for key, value in earlier.items():  # nothing of this run leaks into what the process does next
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        flwr_logger.removeFilter(notice)
     metrics_path = run_dir / "metrics.json"
     if not (run_dir / "model.pt").exists() or not metrics_path.exists():
         raise SimulationError(

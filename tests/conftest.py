@@ -10,6 +10,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 # replays exactly; `PMFL_REPLAY_SEED=7 make test` replays another draw. Deployed sites ignore it.
 os.environ.setdefault("PMFL_REPLAY_SEED", "20261202")
 
+import itertools
 import json
 import secrets
 from collections.abc import Iterator, Sequence
@@ -118,16 +119,25 @@ def enroll(study: StudyConfig, contexts: Sequence[Context], run: str | None = No
 
 
 def site_context(study_path: Path, partition: int = 0, site_dir: Path | None = None) -> Context:
+    """A node's context: a deployed site (`site_dir`) or simulated site `partition` of the study.
+
+    Each call is a new node: a simulated one keeps its records in a fresh directory beside the study
+    (reuse the returned context for the same node across rounds).
+    """
     node_config: dict[str, Any] = {"partition-id": partition, "num-partitions": 4}
     if site_dir is not None:
         node_config = {"site-dir": str(site_dir)}
+    sites_dir = study_path.parent / f"simulated-sites-{next(_NODES)}"
     return Context(
         run_id=1,
         node_id=partition + 1,
         node_config=node_config,
         state=RecordDict(),
-        run_config={"study": str(study_path)},
+        run_config={"study": str(study_path), "sites-dir": str(sites_dir)},
     )
+
+
+_NODES = itertools.count()
 
 
 @pytest.fixture(autouse=True)

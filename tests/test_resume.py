@@ -16,7 +16,7 @@ from pm_common.records.ledger import LedgerEntry, read_ledger, round_entries
 from pm_common.study.config import StrategyConfig
 from server.recorder import RoundProgress
 from server.resume import load_resume_point, restore_strategy_state, strategy_state
-from server.strategy import build_strategy
+from server.strategies import build_strategy
 from simulations.runner import simulate
 from tests.conftest import heart_study
 from tests.test_privacy import dp_accounting_rdp

@@ -16,7 +16,7 @@ from pm_common.wire import keys as p
 from pm_common.wire import packing as wire
 from server.history_krum import HistoryKrum, krum_scores, median_distance_scores, outliers, relative, smoothed
 from server.recorder import RunRecorder
-from server.strategy import SiteReportingStrategy, build_strategy
+from server.strategies import build_strategy, coordinator_strategy
 from server.update_checks import norm_problem, update_norm
 from simulations.attacks import Attack, attack_mod, parse_attack, poison, study_attacks, with_attacks
 from simulations.runner import simulate
@@ -59,7 +59,7 @@ def _round(tmp_path: Path, config: StrategyConfig, models: list[dict[str, np.nda
     """One round of the wrapper around the configured strategy; returns (aggregate, recorder)."""
     _, study = heart_study(tmp_path)
     recorder = RunRecorder(tmp_path / "run", study, {})
-    strategy = SiteReportingStrategy(build_strategy(config, 4), recorder, **wrapper)
+    strategy = coordinator_strategy(build_strategy(config, 4), recorder, **wrapper)
     sent = list(strategy.configure_train(1, _arrays(GLOBAL), ConfigRecord(), _Grid()))  # type: ignore[arg-type]
     replies = [_reply(site, model, msg) for site, model, msg in zip(SITES, models, sent, strict=True)]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -143,8 +143,8 @@ def _history_krum_rounds(  # type: ignore[no-untyped-def]
     _, study = heart_study(tmp_path)
     recorder = RunRecorder(tmp_path / "run", study, {})
     config = StrategyConfig(name="krum", krum_history=0.8, krum_aggregate=aggregate, krum_score=score)
-    strategy = SiteReportingStrategy(build_strategy(config, 4), recorder)
-    assert isinstance(strategy.inner, HistoryKrum)
+    strategy = coordinator_strategy(build_strategy(config, 4), recorder)
+    assert isinstance(strategy.innermost(), HistoryKrum)
     rng = np.random.default_rng(1)
     direction = {"w": np.ones(199, dtype=np.float32), "b": np.ones(1, dtype=np.float32)}
     sent = {k: np.zeros_like(v) for k, v in direction.items()}
@@ -239,7 +239,7 @@ def test_robust_aggregators_limit_a_sign_flipped_site(tmp_path: Path, name: str,
 def test_round_goes_on_without_dropped_sites_while_min_sites_reply(tmp_path: Path) -> None:
     _, study = heart_study(tmp_path)
     recorder = RunRecorder(tmp_path / "run", study, {})
-    strategy = SiteReportingStrategy(build_strategy(StrategyConfig(), 4), recorder, min_sites=3)
+    strategy = coordinator_strategy(build_strategy(StrategyConfig(), 4), recorder, min_sites=3)
     sent = list(strategy.configure_train(1, _arrays(GLOBAL), ConfigRecord(), _Grid()))  # type: ignore[arg-type]
     dropped = Message(Error(code=1, reason="site went offline"), reply_to=sent[3])
     replies = [_reply(site, _honest(i), sent[i]) for i, site in enumerate(SITES[:3])]

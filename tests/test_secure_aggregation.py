@@ -34,7 +34,7 @@ from pm_common.wire import keys as p
 from pm_common.wire import packing as wire
 from server.recorder import RunRecorder
 from server.secagg_unmasking import SecureAggregation
-from server.strategy import SiteReportingStrategy, build_strategy
+from server.strategies import build_strategy, coordinator_strategy
 from simulations.runner import simulate
 from tests.conftest import HEART, enroll, heart_study, site_context
 
@@ -138,7 +138,7 @@ class Federation:
             sites=self.grid.names, study_text=study_text_for_sites(study), roster_size=len(roster.sites),
         )
         self.secure.last_round = rounds
-        self.strategy = SiteReportingStrategy(build_strategy(StrategyConfig(), sites), self.recorder,
+        self.strategy = coordinator_strategy(build_strategy(StrategyConfig(), sites), self.recorder,
                                               secure=self.secure)
         self.masked: dict[int, dict[int, np.ndarray]] = {}  # round -> node -> the masked input it sent
         self.refusals: dict[int, dict[int, str]] = {}  # round -> node -> why it sent no input

@@ -13,7 +13,7 @@ from client.app import app as client_app
 from pm_common.wire import keys as p
 from pm_common.wire import packing as wire
 from server.recorder import RunRecorder
-from server.strategy import SiteReportingStrategy, build_strategy
+from server.strategies import build_strategy, coordinator_strategy
 from server.update_checks import unpacked_update
 from tests.conftest import enroll, heart_study, site_context, train_message
 
@@ -100,7 +100,7 @@ def test_a_round_moves_few_objects_per_message(tmp_path: Path, heart_sites: list
     """Coordinator's message: Message, RecordDict, config, packed model (4, was 8 for a 2-tensor
     model); site's reply: Message, RecordDict, site, metrics with evaluation, packed model (5, was 10)."""
     path, study = heart_study(tmp_path, heart_sites, study={"rounds": 5})
-    strategy = SiteReportingStrategy(
+    strategy = coordinator_strategy(
         build_strategy(study.strategy, 3), RunRecorder(tmp_path / "run", study, {})
     )
     arrays = ArrayRecord({k: Array(v.copy()) for k, v in GLOBAL.items()})
@@ -116,7 +116,7 @@ def test_a_round_moves_few_objects_per_message(tmp_path: Path, heart_sites: list
 def test_strategy_aggregates_packed_replies_and_records_evaluations(tmp_path: Path) -> None:
     _, study = heart_study(tmp_path)
     recorder = RunRecorder(tmp_path / "run", study, {})
-    strategy = SiteReportingStrategy(build_strategy(study.strategy, 3), recorder)
+    strategy = coordinator_strategy(build_strategy(study.strategy, 3), recorder)
     arrays = ArrayRecord({k: Array(v.copy()) for k, v in GLOBAL.items()})
     sent = list(strategy.configure_train(1, arrays, ConfigRecord(), _Grid()))  # type: ignore[arg-type]
     assert wire.unpacked(sent[0].content[p.MODEL]).keys() == GLOBAL.keys()

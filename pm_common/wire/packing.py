@@ -17,7 +17,7 @@ import json
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import ConfigRecord, MetricRecord
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from pm_common.wire import keys as p
 
@@ -116,3 +116,21 @@ def split_metrics(record: MetricRecord) -> tuple[dict[str, float], dict[str, flo
     train = {k: v for k, v in record.items() if not k.startswith(p.EVAL_PREFIX)}
     evaluation = {k.removeprefix(p.EVAL_PREFIX): v for k, v in record.items() if k.startswith(p.EVAL_PREFIX)}
     return train, evaluation or None
+
+
+def model_content(arrays: Mapping[str, np.ndarray], config: ConfigRecord) -> RecordDict:
+    """What the sites receive: the config and the model packed into one record.
+
+    Args:
+        arrays: the model's arrays, by name, in the order sent.
+        config: the message's config record.
+
+    Returns:
+        The message content.
+    """
+    return RecordDict({p.CONFIG: config, p.MODEL: packed_record(arrays)})
+
+
+def metrics_problem(train: Mapping[str, float]) -> str:
+    """Why a trained reply's metrics cannot be aggregated ('' if they can): FedAvg weighs by them."""
+    return "" if p.NUM_EXAMPLES in train else f"no {p.NUM_EXAMPLES} in a 'trained' reply's metrics"

@@ -202,6 +202,8 @@ def run(
         int | None, typer.Option(help="sites to wait for before round 1 [default: those online now]")
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="give up after this many seconds")] = None,
+    round_timeout: Annotated[float | None, typer.Option(
+        help="seconds to wait for a round's replies [default: 3600]")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="continue the run in --out after the coordinator crashed: its last checkpoint, "
         "the same roster, every site's ledger completed from the site's own")] = False,
@@ -213,7 +215,7 @@ def run(
         _warn_not_enrolled(rows)
         online = [s["site"] for s in rows if s["status"] == "online" and s["enrolled"] and s["site"]]
         expected = len(online) if expected_sites is None else expected_sites
-        run_id = submit(coord, study, out, app_dir, expected, resume=resume)
+        run_id = submit(coord, study, out, app_dir, expected, resume=resume, round_timeout=round_timeout)
         _say(f"run {run_id} submitted; waiting for {expected} sites (online: {', '.join(online)})")
         info = follow(coord, run_id, out, on_round=_show_round, timeout=timeout)
         deployment = collect(coord, run_id, out, info)

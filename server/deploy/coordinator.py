@@ -167,7 +167,7 @@ def start_superlink(
     remote_control: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start the SuperLink (returns at once). Its ServerApps inherit the environment, so
-    PMFL_ROUND_TIMEOUT and PMFL_GRID_POLL_INTERVAL set here apply to every study."""
+    PMFL_GRID_POLL_INTERVAL set here applies to every study."""
     configure(coord, port, insecure, host)
     cmd = superlink_command(coord, host, port, insecure, remote_control)
     err = subprocess.STDOUT if stdout is not None else None
@@ -312,6 +312,7 @@ def submit(
     app_dir: Path,
     expected_sites: int = 0,
     resume: bool = False,
+    round_timeout: float | None = None,
 ) -> int:
     """`flwr run` the study app in `app_dir` with this study; returns Flower's run id.
 
@@ -323,6 +324,7 @@ def submit(
         expected_sites: sites to wait for before round 1.
         resume: continue the run in `run_dir` from its last checkpoint (after a crash of the
             coordinator): the same roster, the next attempt (server/resume.py).
+        round_timeout: seconds to wait for a round's replies (None: the app's default, 3600).
 
     Returns:
         Flower's run id.
@@ -345,6 +347,7 @@ def submit(
     config = (
         f"study='{Path(study).resolve()}' run-dir='{Path(run_dir).resolve()}' expected-sites={expected_sites}"
         f" resume={'true' if resume else 'false'}"
+        + (f" round-timeout={float(round_timeout)}" if round_timeout is not None else "")
     )
     answer = flwr(coord, "run", str(Path(app_dir).resolve()), CONNECTION, "--run-config", config)
     return int(answer["run-id"])
