@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.app import app as client_app
+from client.site import resolve_site
 from pm_common.secagg import primitives as sa
 from pm_common.study.config import study_text_for_sites
 from pm_common.wire import keys as p
@@ -319,9 +320,11 @@ def test_quantisation_and_weights_are_the_studys(
 
     reply = train(ConfigRecord({**relays[1], parameter: value}))
     assert reply.has_error() and refusal in reply.error.reason
-    state = json.loads(str(grid.states[1]["pmfl-site-state"]["json"]))
-    assert [json.loads(line)["status"] for line in state["ledger"]] == ["enrolled"]  # nothing spent
-    assert not state["accountant"].get("history")
+    _, store = resolve_site(grid.contexts[1], grid.study.name)
+    state = store.load()
+    assert state is not None
+    assert [json.loads(line)["status"] for line in state.ledger] == ["enrolled"]  # nothing spent
+    assert not state.accountant.get("history")
     reply = train(relays[1])  # the relay as the coordinator made it: the site trains and masks
     assert not reply.has_error() and p.MASKED in reply.content
 
