@@ -21,6 +21,7 @@ demo: $(BIN)/pmfl
 
 test: $(BIN)/pmfl
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/pmfl  # the first three tables of docs/benchmarks.md (about 10 minutes); the others: see there

@@ -17,11 +17,10 @@ apps = ["44844a4d...c8d5783236"]    # SHA-256 of each approved study app (FAB); 
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pm_common.study.schema import Items, Rule, Text, check_table
+from pm_common.study.schema import InputError, Items, Rule, Text, check_table, read_toml
 
 SITE_TOML = "site.toml"
 APPROVAL_RULES: dict[str, Rule] = {
@@ -71,12 +70,9 @@ def load_approval(site_dir: Path) -> Approval:
     """Read `[approval]` from the site's `site.toml` (re-read on every task: edits apply at once)."""
     path = Path(site_dir) / SITE_TOML
     try:
-        with path.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError as exc:
-        raise ApprovalError(f"site config not found: {path}") from exc
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ApprovalError(f"{path}: not valid TOML ({exc})") from exc
+        raw = read_toml(path)
+    except InputError as exc:
+        raise ApprovalError(str(exc)) from None
     problems: list[str] = []
     table = check_table(raw.get("approval", {}), APPROVAL_RULES, "[approval]", problems)
     if problems or table is None:

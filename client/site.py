@@ -32,7 +32,7 @@ from pm_common.study.config import (
     text_encoding,
 )
 from pm_common.study.run_settings import RunSettings
-from pm_common.study.schema import Rule, check_table, show, table_place
+from pm_common.study.schema import InputError, Rule, check_table, read_toml, show, table_place
 from pm_common.tasks import SiteTensors, task_of
 
 log = logging.getLogger("pmfl.client")
@@ -50,14 +50,9 @@ def read_site_toml(path: Path) -> dict[str, Any]:
         StudyConfigError: the file is missing, not TOML, or has unknown top-level tables.
     """
     try:
-        with path.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError as exc:
-        raise StudyConfigError(
-            f"site config not found: {path} (create it with `pmfl site init`)"
-        ) from exc
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise StudyConfigError(f"{path}: cannot be read as TOML ({exc})") from exc
+        raw = read_toml(path, " (create it with `pmfl site init`)")
+    except InputError as exc:
+        raise StudyConfigError(exc.problems, source=exc.source) from None
     unknown = [key for key in raw if key not in SITE_TABLES]
     if unknown:
         allowed = ", ".join(f"[{t}]" for t in SITE_TABLES)

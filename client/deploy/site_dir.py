@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from client.approval import SITE_TOML, load_approval
 from client.deploy.supernode import POLL_ENV
 from pm_common.deploy.processes import console_script, flower_env
-from pm_common.study.schema import Integer, Number, Rule, Text, check_table
+from pm_common.study.schema import InputError, Integer, Number, Rule, Text, check_table, read_toml
 
 # client.site, pm_common.privacy.accountant (torch, Opacus: seconds to import) are imported where they are
 # needed, so that `pmfl site init` and `approve` start fast.
@@ -133,8 +132,7 @@ def init_site(
         ),
         encoding="utf-8",
     )
-    with config.open("rb") as fh:  # what the ClientApp and the gate will read must parse
-        tomllib.load(fh)
+    read_toml(config)  # what the ClientApp and the gate will read must parse
     load_connection(site_dir)
     load_approval(site_dir)
     return site_dir
@@ -172,10 +170,9 @@ def load_connection(site_dir: Path) -> SiteConnection:
     site_dir = Path(site_dir).resolve()
     path = site_dir / SITE_TOML
     try:
-        with path.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise SiteAdminError(f"{path}: cannot be read as TOML ({exc})") from exc
+        raw = read_toml(path)
+    except InputError as exc:
+        raise SiteAdminError(str(exc)) from None
     problems: list[str] = []
     table = check_table(raw.get("connection", {}), CONNECTION_RULES, "[connection]", problems)
     if problems or table is None:

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from html import escape
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -92,7 +93,7 @@ def epsilon_plot(sites: Sequence[SiteAudit]) -> str | None:
     return _png(fig)
 
 
-def accuracy_plot(accuracy: Sequence[dict]) -> str | None:
+def accuracy_plot(accuracy: Sequence[dict[str, Any]]) -> str | None:
     """Base64 PNG: accuracy per round, mean over sites and pooled."""
     if not accuracy:
         return None
@@ -100,7 +101,7 @@ def accuracy_plot(accuracy: Sequence[dict]) -> str | None:
     fig = Figure(figsize=(8.0, 3.4))
     ax = fig.subplots()
     for key, label in (("mean_site_accuracy", "mean over sites"), ("pooled_accuracy", "pooled")):
-        values = [a.get(key) if a.get(key) is not None else float("nan") for a in accuracy]
+        values = [float(a[key]) if a.get(key) is not None else float("nan") for a in accuracy]
         ax.plot(rounds, values, "o-", markersize=3, label=label)
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -34,7 +34,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from pm_common.privacy.reference import PLD_DISCRETIZATION, RDP_ORDERS, pld_epsilons, rdp_epsilons
+from pm_common.privacy.reference import PLD_DISCRETIZATION as PLD_DISCRETIZATION
+from pm_common.privacy.reference import RDP_ORDERS, pld_epsilons, rdp_epsilons
 from pm_common.records.ledger import (
     CLOSED,
     ENROLLED,
@@ -197,7 +198,7 @@ class AuditResult:
         return [f for f in self.findings if f.severity == VIOLATION]
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({
+        as_json: dict[str, Any] = _jsonable({
             "path": self.path,
             "kind": self.kind,
             "exit_code": self.exit_code,
@@ -222,6 +223,7 @@ class AuditResult:
             "accuracy": self.accuracy,
             "empirical": self.empirical,
         })
+        return as_json
 
 
 # --- one site's ledger (pure) -----------------------------------------------------------------
@@ -508,10 +510,10 @@ def check_summary(summary: Mapping[str, Any], entries_by_site: Mapping[str, Sequ
     """
     findings: list[Finding] = []
     if roster is not None:
-        for key, expected in (("run", roster.run), ("roster_digest", roster.digest)):
-            if key in summary and summary[key] != expected:
+        for key, pinned in (("run", roster.run), ("roster_digest", roster.digest)):
+            if key in summary and summary[key] != pinned:
                 findings.append(Finding(VIOLATION, "summary_mismatch", f"summary.json names {key} "
-                                        f"{str(summary[key])[:16]}…, the roster {expected[:16]}…"))
+                                        f"{str(summary[key])[:16]}…, the roster {pinned[:16]}…"))
     sites = summary.get("sites") or {}
     if not isinstance(sites, Mapping):
         return [*findings, Finding(VIOLATION, "summary_mismatch", "summary.json 'sites' is not a table")]

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
@@ -218,7 +219,7 @@ class PrivacyPlan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> PrivacyPlan:
+    def from_dict(cls, data: Mapping[str, Any]) -> PrivacyPlan:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import codecs
 import copy
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +35,7 @@ from pm_common.study.schema import (
     check_table,
     key_place,
     quote_name,
+    read_toml,
     show,
     table_place,
 )
@@ -357,10 +357,9 @@ def _contract(study: _Study, task: str) -> DataContract | None:
         return None
     if isinstance(table, str):
         try:
-            with open(table, "rb") as fh:
-                loaded = tomllib.load(fh)
-        except (OSError, ValueError) as exc:  # ValueError: TOMLDecodeError, or a NUL in the path
-            why = one_line(str(exc), 200)
+            loaded = read_toml(Path(table))
+        except InputError as exc:
+            why = one_line("; ".join(exc.problems), 200)
             study.refuse("[contract]", f"cannot read the contract file {show(table)}: {why}")
             return None
         table = loaded.get("contract", loaded)
@@ -610,14 +609,9 @@ def load_study(path: Path) -> StudyConfig:
     """
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError as exc:
-        raise StudyConfigError(f"study config not found: {path}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StudyConfigError(f"{path}: cannot be read ({exc.__class__.__name__}: {exc})") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise StudyConfigError(f"{path}: not valid TOML ({exc})") from exc
+        data = read_toml(path)
+    except InputError as exc:
+        raise StudyConfigError(exc.problems, source=exc.source) from None
     try:
         return study_from_dict(data, path.parent)
     except StudyConfigError as exc:

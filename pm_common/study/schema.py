@@ -14,8 +14,10 @@ import datetime
 import json
 import math
 import re
+import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -34,6 +36,33 @@ class InputError(ValueError):
         self.source = source
         prefix = f"{source}: " if source is not None else ""
         super().__init__("\n".join(prefix + problem for problem in self.problems) or "invalid input")
+
+
+def read_toml(path: Path, missing_hint: str = "") -> dict[str, Any]:
+    """A settings file as TOML, or one line that says why it cannot be read.
+
+    Why one reader: study files, contracts, a site's `site.toml` and the coordinator's settings are
+    all read the same way, and each refusal must be one line naming the file (never a traceback).
+
+    Args:
+        path: the file.
+        missing_hint: appended to the refusal when the file does not exist (what creates it).
+
+    Returns:
+        The file's tables.
+
+    Raises:
+        InputError: the file is missing, unreadable or not TOML; one problem, prefixed with the path.
+    """
+    try:
+        with Path(path).open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise InputError(f"not found{missing_hint}", source=path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"not valid TOML ({exc})", source=path) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise InputError(f"cannot be read ({exc.__class__.__name__})", source=path) from None
 
 
 class Refused(Exception):

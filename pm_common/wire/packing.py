@@ -24,6 +24,9 @@ from pm_common.wire import keys as p
 Layout = Mapping[str, tuple[tuple[int, ...], np.dtype]]  # name -> shape, dtype, in the order sent
 
 
+MetricValue = int | float | list[int] | list[float]
+"""What a metric may be on the wire (Flower's MetricRecord values)."""
+
 def layout_of(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Names, shapes and dtypes of `arrays`, in their order."""
     return {name: (tuple(a.shape), np.dtype(a.dtype)) for name, a in arrays.items()}
@@ -84,7 +87,10 @@ def record_layout(record: ConfigRecord) -> dict[str, tuple[tuple[int, ...], np.d
 
 def unpacked(record: ConfigRecord) -> dict[str, np.ndarray]:
     """The arrays of a `packed_record` (ValueError if it is malformed)."""
-    return unpack(bytes(record[p.PACKED]), record_layout(record))
+    packed = record[p.PACKED]
+    if not isinstance(packed, bytes):
+        raise ValueError("not a packed-arrays record (its bytes are not bytes)")
+    return unpack(packed, record_layout(record))
 
 
 def flatten(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -103,15 +109,17 @@ def unflatten(vector: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
     return arrays
 
 
-def metrics_record(train: Mapping[str, float], evaluation: Mapping[str, float] | None) -> MetricRecord:
+def metrics_record(
+    train: Mapping[str, MetricValue], evaluation: Mapping[str, MetricValue] | None
+) -> MetricRecord:
     """A site's training metrics and, when it may send them, its evaluation of the received model
     (keys prefixed EVAL_PREFIX): one record, one object on the wire."""
-    merged = dict(train)
+    merged: dict[str, MetricValue] = dict(train)
     merged.update({p.EVAL_PREFIX + k: v for k, v in (evaluation or {}).items()})
     return MetricRecord(merged)
 
 
-def split_metrics(record: MetricRecord) -> tuple[dict[str, float], dict[str, float] | None]:
+def split_metrics(record: MetricRecord) -> tuple[dict[str, MetricValue], dict[str, MetricValue] | None]:
     """`metrics_record`'s inverse: (training metrics, evaluation or None if the site sent none)."""
     train = {k: v for k, v in record.items() if not k.startswith(p.EVAL_PREFIX)}
     evaluation = {k.removeprefix(p.EVAL_PREFIX): v for k, v in record.items() if k.startswith(p.EVAL_PREFIX)}

@@ -15,7 +15,6 @@ import re
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import tomli_w
 
 from pm_common.deploy.app_bundle import packed_state
 from pm_common.deploy.processes import console_script, flower_env
+from pm_common.study.schema import read_toml
 from server.deploy.pki import PkiPaths, check_pki_files
 
 if TYPE_CHECKING:  # flwr is imported where it is used: `pmfl` commands start fast
@@ -70,8 +70,7 @@ class Coordinator:
     def settings(self) -> dict[str, Any]:
         if not self.settings_path.exists():
             return {"port": DEFAULT_PORT, "insecure": False, "host": "127.0.0.1"}
-        with self.settings_path.open("rb") as fh:
-            return tomllib.load(fh)
+        return read_toml(self.settings_path)
 
     def env(self) -> dict[str, str]:
         return flower_env(FLWR_HOME=str(self.flwr_home))
