@@ -10,7 +10,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 import json
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -154,6 +154,9 @@ def simulate(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="check the study, every site's data and each site's DP plan, print the plans, "
         "and start nothing (exit 0: it would run; 2: refused, one line per problem)")] = False,
+    seeds: Annotated[str | None, typer.Option(
+        "--seeds", help="run once per seed (e.g. 0-9 or 1,4,7) in one engine start: OUT/seed-<s>/ per "
+        "seed and OUT/sweep.json with medians and ranges")] = None,
 ) -> None:
     """Simulate a federated study locally: one simulated hospital per site, real Flower apps."""
     from pm_common.data.imaging import ImageDataError
@@ -162,6 +165,7 @@ def simulate(
     from pm_common.study.schema import InputError
     from simulations.preflight import SiteDataError, preflight
     from simulations.scenarios import SYNTHETIC, scenario_study
+    from simulations.sweep import parse_seeds
 
     if (scenario is None) == (config is None):
         raise typer.BadParameter(
@@ -180,6 +184,10 @@ def simulate(
             dp=False if no_dp else None,
             secure_aggregation=True if secure_aggregation else None,
         )
+        seed_list = parse_seeds(seeds) if seeds is not None else ()
+        if seeds is not None and (resume or empirical_audit or seed is not None):
+            raise StudyConfigError("--seeds runs fresh runs, one per seed: not with --resume, "
+                                   "--empirical-audit or --seed")
         if empirical_audit and study.secure_aggregation.enabled:
             raise StudyConfigError(
                 "--empirical-audit needs the audited site's individual updates, which secure "
@@ -245,6 +253,9 @@ def simulate(
         for line in ea.summary_lines(audit_data):
             console.print(escape(line))
         return
+    if seed_list:
+        _sweep(study, out, seed_list, overwrite=overwrite, verbose=verbose)
+        return
     try:
         metrics = run(
             study,
@@ -262,6 +273,41 @@ def simulate(
         _errors(str(exc).splitlines())
         raise typer.Exit(1) from exc
     _print_results(out.resolve(), metrics)
+
+
+def _sweep(study: Any, out: Path, seeds: Sequence[int], *, overwrite: bool, verbose: bool) -> None:
+    """`pmfl simulate --seeds`: every seed's run, then the medians and ranges over seeds."""
+    from pm_common.data.imaging import ImageDataError
+    from pm_common.data.tabular import DataValidationError
+    from pm_common.study.config import StudyConfigError
+    from simulations.preflight import SiteDataError
+    from simulations.runner import SimulationError
+    from simulations.sweep import SUMMARY, seed_dir, simulate_seeds
+
+    def finished(seed: int, metrics: dict[str, Any]) -> None:
+        last = metrics["rounds"][-1]
+        figures = ", ".join(f"{k} {_fmt(v)}" for k, v in last.items() if isinstance(v, float))
+        console.print(escape(f"seed {seed}: {figures} ({seed_dir(out, seed)})"), soft_wrap=True,
+                      highlight=False)
+
+    try:
+        summary = simulate_seeds(
+            study, out, seeds, overwrite=overwrite, verbose=verbose, on_run=finished,
+            on_warning=lambda text: console.print(f"[yellow]{escape(text)}[/]", soft_wrap=True),
+        )
+    except (SiteDataError, DataValidationError, ImageDataError, StudyConfigError) as exc:
+        _errors(str(exc).splitlines())
+        raise typer.Exit(BAD_INPUT) from exc
+    except SimulationError as exc:
+        _errors(str(exc).splitlines())
+        raise typer.Exit(1) from exc
+    table = Table(title=f"{study.name}: {len(seeds)} seeds, final model")
+    for column in ("metric", "median", "min", "max"):
+        table.add_column(column)
+    for key, stats in summary["final"].items():
+        table.add_row(escape(key), _fmt(stats["median"]), _fmt(stats["min"]), _fmt(stats["max"]))
+    console.print(table)
+    console.print(escape(f"runs: {out}/seed-<s>/ (each audited like any run); summary: {out}/{SUMMARY}"))
 
 
 @app.command()

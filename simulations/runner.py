@@ -16,7 +16,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
@@ -37,6 +39,7 @@ from pm_common.study.run_settings import SIMULATED_SITES, RunSettings
 from pm_common.tasks import SiteTensors
 from pm_common.wire import keys as p
 from server.app import coordinator_grid, serve
+from server.enrollment import EnrolledGrid
 from server.recorder import ProgressCallback
 from simulations.attacks import attack_mod, study_attacks
 from simulations.faults import CrashingGrid, crash_round
@@ -62,43 +65,122 @@ def check_sites(study: StudyConfig) -> dict[str, SiteTensors]:
     return {checked.site.name: checked.data for checked in preflight(study, plans=False)}
 
 
+REPLICA_ACTION = "replica"
+"""Simulation only: the query that asks a simulated node which of the engine's runs it serves."""
+REPLICA_KEY = "replica"  # in a simulated node's node config: the index of the run it serves
+
+
 def simulated_server_app(
-    settings: RunSettings, progress: ProgressCallback | None = None, crash_after: int | None = None
+    replicas: Sequence[RunSettings],
+    nodes_per_run: int,
+    progress: ProgressCallback | None = None,
+    crash_after: int | None = None,
+    on_run: Callable[[RunSettings], None] | None = None,
 ) -> ServerApp:
-    """The real coordinator (server.app's `serve`), told the run's settings through its run config,
-    as `flwr run --run-config` tells it; `progress` is the simulation-only progress hook, and
-    `crash_after` a rehearsed crash (simulations/faults.py)."""
+    """The real coordinator (server.app's `serve`), once per run, told each run's settings through
+    its run config, as `flwr run --run-config` tells it.
+
+    Args:
+        replicas: the runs this engine start serves, one after another (several: a sweep over
+            seeds, each on its own simulated nodes; simulations/sweep.py).
+        nodes_per_run: simulated nodes (sites) of each run.
+        progress: the simulation-only progress hook, told after every round.
+        crash_after: a rehearsed crash (simulations/faults.py; one run only).
+        on_run: told when a run has finished.
+
+    Returns:
+        The ServerApp to hand to Flower's simulation engine.
+    """
     app = ServerApp()
-    config = settings.to_run_config()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        context.run_config.update(config)
         tuned = coordinator_grid(grid)
-        serve(CrashingGrid(tuned, crash_after) if crash_after else tuned, context, on_round=progress)
+        nodes = nodes_per_run * len(replicas)
+        groups = _nodes_by_replica(tuned, len(replicas), nodes) if len(replicas) > 1 else None
+        for index, settings in enumerate(replicas):
+            run_grid: Grid = tuned if groups is None else EnrolledGrid(tuned, groups.get(index, ()))
+            if crash_after:
+                run_grid = CrashingGrid(run_grid, crash_after)
+            serve(run_grid, _told(context, settings), on_round=progress)
+            if on_run is not None:
+                on_run(settings)
 
     return app
 
 
-def simulated_client_app(study: StudyConfig, settings: RunSettings) -> ClientApp:
-    """The real hospital ClientApp, told the run's settings through its run config (which study, and
-    where the simulated hospitals keep their records), wrapped in the simulation-only attack mod."""
-    app = ClientApp(mods=[attack_mod(study_attacks(study), [s.name for s in study.sites])])
-    config = settings.to_run_config()
+def simulated_client_app(study: StudyConfig, replicas: Sequence[RunSettings]) -> ClientApp:
+    """The real hospital ClientApp, told its run's settings through its run config (which study, and
+    where the simulated hospitals keep their records), wrapped in the simulation-only attack mod.
+
+    Args:
+        study: the study (its sites, in partition order, and its simulated attacks).
+        replicas: the runs the engine serves; simulated node `i` is site `i % sites` of run
+            `i // sites`.
+
+    Returns:
+        The ClientApp to hand to Flower's simulation engine.
+    """
+    sites = len(study.sites)
+
+    def tell(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        replica, partition = divmod(int(context.node_config.get("partition-id", 0)), sites)
+        node_config = {**context.node_config, "partition-id": partition, REPLICA_KEY: replica}
+        return call_next(msg, _told(context, replicas[replica], node_config))
+
+    app = ClientApp(mods=[tell, attack_mod(study_attacks(study), [s.name for s in study.sites])])
 
     def hospital(msg: Message, context: Context) -> Message:
-        # Flower's simulation engine keeps a node's run config as registered (empty under
-        # run_simulation) and refuses an edited one, so the app gets the node's context with the run
-        # config `flwr run` would have fused in; the node's state is the same object.
-        told = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
-                       state=context.state, run_config={**context.run_config, **config})
-        return client_app(msg, told)
+        return client_app(msg, context)
 
     app.train()(hospital)
     app.evaluate()(hospital)
     app.query(p.SECAGG_ACTION)(hospital)
     app.query(p.ENROLL_ACTION)(hospital)
+
+    @app.query(REPLICA_ACTION)
+    def replica(msg: Message, context: Context) -> Message:
+        index = int(context.node_config[REPLICA_KEY])
+        return Message(RecordDict({REPLICA_KEY: ConfigRecord({REPLICA_KEY: index})}), reply_to=msg)
+
     return app
+
+
+def _told(context: Context, settings: RunSettings, node_config: UserConfig | None = None) -> Context:
+    """`context` with the run config `flwr run` would have fused in for `settings`.
+
+    Why a copy: Flower's simulation engine keeps a node's run config as registered (empty under
+    run_simulation) and refuses an edited one; the node's state is the same object, so what the app
+    keeps there persists.
+    """
+    return Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config if node_config is None else node_config,
+        state=context.state,
+        run_config={**context.run_config, **settings.to_run_config()},
+    )
+
+
+def _nodes_by_replica(
+    grid: Grid, replicas: int, expected: int, timeout: float = 300.0
+) -> dict[int, list[int]]:
+    """Which simulated nodes serve which run: one query to each node (simulation only)."""
+    deadline = time.monotonic() + timeout  # the engine registers its nodes as the ServerApp starts
+    while len(nodes := list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    messages = [Message(RecordDict(), dst_node_id=node, message_type=f"query.{REPLICA_ACTION}")
+                for node in nodes]
+    groups: dict[int, list[int]] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            raise SimulationError(f"a simulated node did not say which run it serves: {reply.error.reason}")
+        index = int(reply.content.config_records[REPLICA_KEY][REPLICA_KEY])
+        groups.setdefault(index, []).append(reply.metadata.src_node_id)
+    if sorted(groups) != list(range(replicas)):
+        raise SimulationError(f"the simulated nodes serve runs {sorted(groups)}, expected 0..{replicas - 1} "
+                              f"({len(nodes)} nodes asked)")
+    return groups
 
 
 class _FlowerDeprecationNotice(logging.Filter):
@@ -164,34 +246,100 @@ def simulate(
     Returns:
         The run's metrics.json.
     """
+    warn_before_start(study, on_warning)
+    run_dir = prepare_run_dir(out_dir, overwrite, resume)
+    settings = run_settings(study, run_dir, sites_dir, resume=resume, record_updates_of=record_updates_of)
+    run_engine(study, [settings], progress=progress, crash_after=None if resume else crash_round(study),
+               verbose=verbose)
+    return finished_metrics(run_dir)
+
+
+def warn_before_start(study: StudyConfig, on_warning: Callable[[str], None] | None = None) -> None:
+    """Check every site's data and DP plan (refused here, before any process starts) and warn of
+    every site that will decline every round or has too little data.
+
+    Args:
+        study: the study.
+        on_warning: told each warning; logged when None.
+
+    Raises:
+        SiteDataError: every problem of every site's data, one line each.
+    """
     warn = on_warning or log.warning
-    for checked in preflight(study):  # attackers, data, DP plans: refused here, before any process starts
+    for checked in preflight(study):
         if checked.declines:
             warn(f"{checked.site.name}: declines every round: {checked.declines}")
         if checked.warning:
             warn(f"{checked.site.name}: {checked.warning}")
-    crash = crash_round(study)
-    run_dir = prepare_run_dir(out_dir, overwrite, resume)
+
+
+def run_settings(
+    study: StudyConfig,
+    run_dir: Path,
+    sites_dir: Path | None = None,
+    *,
+    resume: bool = False,
+    record_updates_of: str = "",
+) -> RunSettings:
+    """The settings of one simulated run in `run_dir`, with its study written there (config.toml).
+
+    Args:
+        study: the study of the run.
+        run_dir: the (prepared) run directory.
+        sites_dir: where the simulated hospitals keep their directories (default
+            `run_dir`/simulated-sites).
+        resume: the run continues from its last checkpoint.
+        record_updates_of: empirical audit only: the site whose individual updates are kept.
+
+    Returns:
+        What the apps are told through their run config.
+    """
     config_path = run_dir / "config.toml"
     write_study(study, config_path)
-    settings = RunSettings(
+    return RunSettings(
         study=config_path,
         run_dir=run_dir,
         sites_dir=Path(sites_dir).resolve() if sites_dir else run_dir / SITES_DIR,
         resume=resume,
         record_updates_of=record_updates_of,
     )
+
+
+def run_engine(
+    study: StudyConfig,
+    replicas: Sequence[RunSettings],
+    *,
+    progress: ProgressCallback | None = None,
+    crash_after: int | None = None,
+    verbose: bool = False,
+    on_run: Callable[[RunSettings], None] | None = None,
+) -> None:
+    """One start of Flower's simulation engine for the runs `replicas` of `study`, one after another.
+
+    Why several runs in one start: starting the engine and importing the apps in each of its
+    workers costs seconds, often more than a small study's training; a sweep over seeds pays it once.
+    Each run has simulated nodes of its own (one per site), so no state passes between runs.
+
+    Args:
+        study: the study (its sites; the replicas differ only in what their settings name).
+        replicas: the runs' settings.
+        progress: told after every round (the CLI's live display).
+        crash_after: a rehearsed coordinator crash (simulations/faults.py; one run only).
+        verbose: show Flower's and Ray's logs.
+        on_run: told when each run has finished.
+    """
     flwr_logger = logging.getLogger("flwr")
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
     notice = _FlowerDeprecationNotice()
     flwr_logger.addFilter(notice)
-    gpus = 1.0 / len(study.sites) if torch.cuda.is_available() else 0.0
+    nodes = len(study.sites) * len(replicas)
+    gpus = 1.0 / nodes if torch.cuda.is_available() else 0.0
     try:
         run_simulation(
-            server_app=simulated_server_app(settings, progress, None if resume else crash),
-            client_app=simulated_client_app(study, settings),
-            num_supernodes=len(study.sites),
+            server_app=simulated_server_app(replicas, len(study.sites), progress, crash_after, on_run),
+            client_app=simulated_client_app(study, replicas),
+            num_supernodes=nodes,
             backend_config={
                 # One CPU per site: Ray then runs min(cores, sites) sites at once, each on one
                 # thread (Ray sets OMP_NUM_THREADS), which is fastest for small per-site models.
@@ -202,12 +350,20 @@ def simulate(
         )
     finally:
         flwr_logger.removeFilter(notice)
+
+
+def finished_metrics(run_dir: Path) -> dict[str, Any]:
+    """The metrics.json of a run that finished.
+
+    Raises:
+        SimulationError: the run did not finish, or no site completed a single round.
+    """
     metrics_path = run_dir / "metrics.json"
     if not (run_dir / "model.pt").exists() or not metrics_path.exists():
         raise SimulationError(
             f"the simulated study did not finish; see the log above (run dir {run_dir})"
         )
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    metrics: dict[str, Any] = json.loads(metrics_path.read_text(encoding="utf-8"))
     if not any(r["trained"] or r["declined"] or r["rejected"] for r in metrics["rounds"]):
         failures = [f for r in metrics["rounds"] for f in r["failures"]]
         raise SimulationError(
