@@ -106,6 +106,21 @@ def _closed(state: RecordDict) -> list[int]:
 
 
 def load(state: RecordDict, round_: int) -> SecAggSiteState:
+    """This round's secure-aggregation state, from the node's in-memory context.
+
+    Refuses rather than making new keys: a round whose secrets are gone (over, or the site restarted)
+    must count as dropped out, never be answered with fresh secrets.
+
+    Args:
+        state: The node's context state.
+        round_: The round.
+
+    Returns:
+        The round's state.
+
+    Raises:
+        SecAggError: The round is over at this site, or it holds no keys for it.
+    """
     if round_ in _closed(state):
         raise sa.SecAggError(f"round {round_} is over at this site: it answers nothing more about it")
     record = state.config_records.get(_key(round_))
@@ -115,12 +130,24 @@ def load(state: RecordDict, round_: int) -> SecAggSiteState:
 
 
 def save(state: RecordDict, secagg: SecAggSiteState) -> None:
+    """Store the round's state back in the node's in-memory context (never on disk).
+
+    Args:
+        state: The node's context state.
+        secagg: The round's state, as updated by the last answer.
+    """
     state[_key(secagg.round)] = secagg.to_record()
 
 
 def forget(state: RecordDict, round_: int) -> None:
-    """Close a round: drop its secrets and answer nothing more about it (its unmasking is done, or
-    the coordinator moved on without it)."""
+    """Close a round: drop its secrets and answer nothing more about it.
+
+    Called when its unmasking is done, or the coordinator moved on without it.
+
+    Args:
+        state: The node's context state.
+        round_: The round to close.
+    """
     if _key(round_) in state:
         del state[_key(round_)]
     state[CLOSED_KEY] = ConfigRecord({"rounds": sorted({*_closed(state), round_})})
@@ -133,8 +160,15 @@ def _forget_before(state: RecordDict, round_: int) -> None:
 
 
 def study_rules(identity: SiteIdentity, study_text: str) -> sa.Rules:
-    """The run's rules, from the study text the coordinator sends, once it is the one this site
-    signed (by digest) in the run's roster.
+    """The run's rules, from the study text the coordinator sends, once it is the one this site signed (by
+    digest) in the run's roster.
+
+    Args:
+        identity: This site's enrolled identity.
+        study_text: The study text sent with the set-up request.
+
+    Returns:
+        The rules the round must follow.
 
     Raises:
         SecAggError: another study text, or a study without secure aggregation.
@@ -151,8 +185,20 @@ def study_rules(identity: SiteIdentity, study_text: str) -> sa.Rules:
 
 
 def setup(state: RecordDict, identity: SiteIdentity, rules: sa.Rules, round_: int) -> SecAggSiteState:
-    """This round's keys: made once (fresh X25519 key pairs and self-mask seed, the public keys
-    signed with the site's ledger key for this run, round and name); asked again, the same ones.
+    """This round's keys: made once, and asked again, the same ones.
+
+    Fresh X25519 key pairs and self-mask seed, the public keys signed with the site's ledger key for
+    this run, round and name. Returning the same keys to a repeated request keeps a coordinator from
+    collecting several key sets of one site for one round.
+
+    Args:
+        state: The node's context state.
+        identity: This site's enrolled identity.
+        rules: The run's rules (`study_rules`).
+        round_: The round.
+
+    Returns:
+        The round's state, holding its secrets.
 
     Raises:
         SecAggError: the round is over here, or it was keyed under other rules or another run.
@@ -175,11 +221,26 @@ def setup(state: RecordDict, identity: SiteIdentity, rules: sa.Rules, round_: in
 
 
 def public_keys(secagg: SecAggSiteState) -> tuple[bytes, bytes]:
+    """The round's two public keys, derived from the secrets the state keeps (public keys are not stored).
+
+    Args:
+        secagg: The round's state.
+
+    Returns:
+        (pk-c, pk-s): the key for sealing shares and the key for pairwise masks, raw bytes.
+    """
     return sa.public_key(secagg.sk_c), sa.public_key(sa.mask_private_key(secagg.mask_seed))
 
 
 def keys_record(secagg: SecAggSiteState) -> ConfigRecord:
-    """The site's signed round public keys, as the coordinator relays them to its neighbours."""
+    """The site's signed round public keys, as the coordinator relays them to its neighbours.
+
+    Args:
+        secagg: The round's state.
+
+    Returns:
+        A record with the site's name, pk-c, pk-s and its ledger-key signature over them.
+    """
     pk_c, pk_s = public_keys(secagg)
     return ConfigRecord({"site": secagg.site, "pk-c": pk_c, "pk-s": pk_s, "signature": secagg.key_signature})
 
@@ -195,8 +256,17 @@ def share_keys(
 ) -> tuple[list[str], list[bytes]]:
     """Shamir-share the seed and mask key among the neighbours, once; one sealed bundle each.
 
-    `neighbours` are site names (this site included) with their round keys and the signatures
-    their sites made over them. Returns the destinations and their sealed bundles.
+    Args:
+        secagg: The round's state; updated with the neighbours, their keys and the threshold.
+        identity: This site's enrolled identity.
+        neighbours: Site names, this site included.
+        pk_c: Each neighbour's round key for sealing shares, aligned with `neighbours`.
+        pk_s: Each neighbour's round key for pairwise masks, aligned with `neighbours`.
+        signatures: The signatures the neighbours' sites made over their round keys, aligned.
+        threshold: The reconstruction threshold the coordinator asks for.
+
+    Returns:
+        The destinations (every neighbour but this site) and their sealed bundles, aligned.
 
     Raises:
         SecAggError: a second key sharing, a neighbour off the roster or listed twice, keys that
@@ -254,7 +324,19 @@ def masked_input(
 
     Pairwise masks are added only for the neighbours whose shares arrived (those that completed
     key sharing): any of them that drops out later can then be unmasked from its shares.
-    Returns the masked uint32 vector and the number of clipped coordinates.
+
+    Args:
+        secagg: The round's state; marked as masked.
+        senders: The neighbours whose share bundles were relayed.
+        sealed: Their sealed bundles, aligned with `senders`.
+        vector: The site's (weighted, flattened) update.
+        quantiser: The run's quantiser.
+
+    Returns:
+        The masked uint32 vector and the number of clipped coordinates.
+
+    Raises:
+        SecAggError: as `open_shares` does, in which case the site sends no input.
     """
     names = open_shares(secagg, senders, sealed)
     quantised, clipped = quantiser.quantise(vector, np.random.default_rng())
@@ -274,6 +356,14 @@ def open_shares(secagg: SecAggSiteState, senders: Sequence[str], sealed: Sequenc
     included) the site sends nothing, since its input would be masked by too few pairwise masks
     for the threshold to protect it (a coordinator that relays no bundles at all would otherwise
     unmask the input from the self-mask seed shares alone).
+
+    Args:
+        secagg: The round's state; receives the opened shares.
+        senders: The neighbours the bundles claim to come from.
+        sealed: The sealed bundles, aligned with `senders`.
+
+    Returns:
+        The senders' names.
 
     Raises:
         SecAggError: an input was sent already, too few bundles, or bundles that are not its neighbours'.
@@ -311,6 +401,14 @@ def confirm_survivors(secagg: SecAggSiteState, identity: SiteIdentity, survivors
     The site vouches only for a set it can stand behind: its own input went out, and every
     surviving neighbour is one whose shares it received (one it masked with), at least the
     threshold of them. A repeated request for the same set gets the same signature.
+
+    Args:
+        secagg: The round's state; records the confirmed set and signature.
+        identity: This site's enrolled identity.
+        survivors: The survivor set the coordinator asks it to confirm.
+
+    Returns:
+        The raw ledger-key signature over the (sorted) survivor set.
 
     Raises:
         SecAggError: another set than the one confirmed, or one this site cannot vouch for.
@@ -361,6 +459,16 @@ def unmasking_shares(
     others. A survivor's seed share goes out only if that survivor confirmed the set itself.
     Never both kinds of share for one peer, across every request of the round.
 
+    Args:
+        secagg: The round's state; marked as unmasked, with what it revealed.
+        identity: This site's enrolled identity.
+        survivors: The survivor set the coordinator asks shares for.
+        signers: The sites whose confirmations come with the request.
+        signatures: Their signatures over the survivor set, aligned with `signers`.
+
+    Returns:
+        (seed sites, their self-mask seed shares, key sites, their mask-key seed shares).
+
     Raises:
         SecAggError: a second request, another survivor set, too few confirmations.
     """
@@ -398,8 +506,22 @@ def unmasking_shares(
 
 
 def handle(request: ConfigRecord, state: RecordDict, identity: SiteIdentity) -> ConfigRecord:
-    """Answer a key stage: `setup`, `share-keys`, `survivors` or `unmask` (the last two may carry
-    the next round's key sharing: the round after it is then ready without extra exchanges)."""
+    """Answer a key stage: `setup`, `share-keys`, `survivors` or `unmask`.
+
+    The last two may carry the next round's key sharing: the round after it is then ready without
+    extra exchanges.
+
+    Args:
+        request: The coordinator's request (its `stage`, `round`, run and the stage's fields).
+        state: The node's context state.
+        identity: This site's enrolled identity.
+
+    Returns:
+        The reply record for the stage (plus the next round's shares when asked).
+
+    Raises:
+        SecAggError: a request for another run, an unknown stage, or any refusal of the stage itself.
+    """
     _check_run(request, identity)
     stage, round_ = str(request["stage"]), int(request["round"])
     if stage == "setup":
@@ -445,10 +567,20 @@ def _share(request: ConfigRecord, state: RecordDict, identity: SiteIdentity, rou
 
 
 def relay_rules(request: ConfigRecord, state: RecordDict, identity: SiteIdentity) -> sa.Rules:
-    """The run's rules for a training relay, once its run, round, clip range, quantisation levels
-    and max weight are the ones this site keyed the round under (see `Rules.relay_problem`) and its
-    share bundles are enough and open (`open_shares`). A site checks this before it trains: a
-    relay it refuses costs it no privacy budget.
+    """The run's rules for a training relay, once it matches what this site keyed the round under.
+
+    Its run, round, clip range, quantisation levels and max weight must be the ones this site keyed
+    the round under (see `Rules.relay_problem`) and its share bundles must be enough and open
+    (`open_shares`). A site checks this before it trains: a relay it refuses costs it no privacy
+    budget.
+
+    Args:
+        request: The training relay.
+        state: The node's context state.
+        identity: This site's enrolled identity.
+
+    Returns:
+        The round's rules.
 
     Raises:
         SecAggError: another run, a round without keys, or parameters the study does not set.
@@ -465,8 +597,20 @@ def relay_rules(request: ConfigRecord, state: RecordDict, identity: SiteIdentity
 def mask_update(
     request: ConfigRecord, state: RecordDict, vector: np.ndarray, identity: SiteIdentity
 ) -> tuple[np.ndarray, int, ConfigRecord]:
-    """The training stage: this round's masked `vector`, its number of clipped coordinates, and
-    what goes back with it: the next round's signed public keys when the coordinator asks for them."""
+    """The training stage: this round's masked `vector` and what goes back with it.
+
+    Earlier rounds' secrets are dropped here, since the coordinator has moved on from them.
+
+    Args:
+        request: The training relay.
+        state: The node's context state.
+        vector: The site's update to mask.
+        identity: This site's enrolled identity.
+
+    Returns:
+        The masked vector, its number of clipped coordinates, and a record with the next round's
+        signed public keys when the coordinator asks for them (empty otherwise).
+    """
     rules = relay_rules(request, state, identity)
     secagg = load(state, int(request["round"]))
     masked, clipped = masked_input(secagg, request["senders"], request["sealed"], vector, rules.quantiser)

@@ -62,11 +62,28 @@ class EnrolledRun:
 
 
 def roster_path(run_dir: Path) -> Path:
+    """Where a run directory keeps the run's signed roster (privacy/roster.json).
+
+    Its presence is what marks a run directory as holding a run, so a new run is never written over one.
+
+    Args:
+        run_dir: The run directory.
+
+    Returns:
+        The roster file's path (which need not exist).
+    """
     return Path(run_dir) / "privacy" / ROSTER_FILE
 
 
 def load_signed_roster(run_dir: Path) -> SignedRoster | None:
-    """The run's roster, if the run has one (a resumed run); None for a new run."""
+    """The run's roster, if the run has one (a resumed run); None for a new run.
+
+    Args:
+        run_dir: The run directory.
+
+    Returns:
+        The signed roster, or None when the run directory holds none.
+    """
     path = roster_path(run_dir)
     if not path.exists():
         return None

@@ -40,13 +40,33 @@ log = logging.getLogger("pmfl.server")
 
 
 def smoothed(previous: np.ndarray | None, update: np.ndarray, beta: float) -> np.ndarray:
-    """The site's history after this round: beta * previous + (1 - beta) * update."""
+    """The site's history after this round: beta * previous + (1 - beta) * update.
+
+    Smoothing over rounds lets a site that is consistently off stand out even when one round's
+    update alone looks ordinary.
+
+    Args:
+        previous: The site's history so far; None for its first round.
+        update: This round's update, flattened.
+        beta: The weight of the history.
+
+    Returns:
+        The new history (the update itself when there was none).
+    """
     return update if previous is None else beta * previous + (1.0 - beta) * update
 
 
 def krum_scores(points: np.ndarray, num_malicious: int) -> np.ndarray:
-    """Krum's score per row: the sum of squared distances to its n - f - 2 nearest others (at
-    least one), as Blanchard et al. (2017) and Flower's `select_multikrum` define it."""
+    """Krum's score per row: the sum of squared distances to its n - f - 2 nearest others (at least one), as
+    Blanchard et al. (2017) and Flower's `select_multikrum` define it.
+
+    Args:
+        points: One row per site.
+        num_malicious: f, the number of malicious sites to tolerate.
+
+    Returns:
+        One score per row; lower is more central.
+    """
     sq = np.square(points).sum(axis=1)
     distances = np.maximum(sq[:, None] + sq[None, :] - 2.0 * points @ points.T, 0.0)
     closest = max(1, len(points) - num_malicious - 2)
@@ -54,9 +74,17 @@ def krum_scores(points: np.ndarray, num_malicious: int) -> np.ndarray:
 
 
 def median_distance_scores(points: np.ndarray) -> np.ndarray:
-    """Per row: the squared distance to the coordinate-wise median of the other rows. With few
-    sites Krum's score is the distance to one nearest neighbour, which a poisoned site may happen
-    to have; the others' median is where most of them agree, whichever site sits near it."""
+    """Per row: the squared distance to the coordinate-wise median of the other rows.
+
+    With few sites Krum's score is the distance to one nearest neighbour, which a poisoned site may
+    happen to have; the others' median is where most of them agree, whichever site sits near it.
+
+    Args:
+        points: One row per site.
+
+    Returns:
+        One score per row (zeros with fewer than two rows).
+    """
     if len(points) < 2:
         return np.zeros(len(points))
     others_median = [np.median(np.delete(points, i, axis=0), axis=0) for i in range(len(points))]
@@ -64,19 +92,44 @@ def median_distance_scores(points: np.ndarray) -> np.ndarray:
 
 
 def relative(values: np.ndarray) -> np.ndarray:
-    """Values over their median (all ones when the median is 0: nothing to tell apart)."""
+    """Values over their median (all ones when the median is 0: nothing to tell apart).
+
+    Makes scores comparable across rounds and models, whatever their scale.
+
+    Args:
+        values: The scores.
+
+    Returns:
+        The scores divided by their median.
+    """
     middle = float(np.median(values))
     return values / middle if middle > 0 else np.ones_like(values)
 
 
 def outliers(suspicion: np.ndarray, ratio: float, at_most: int) -> list[int]:
-    """Indices whose suspicion exceeds `ratio` times the median's, the `at_most` highest."""
+    """Indices whose suspicion exceeds `ratio` times the median's, the `at_most` highest.
+
+    Args:
+        suspicion: One score per site.
+        ratio: How many times the median a score must exceed.
+        at_most: The most indices to return.
+
+    Returns:
+        The selected indices, sorted.
+    """
     above = [i for i in np.argsort(-suspicion, kind="stable") if relative(suspicion)[i] > ratio]
     return sorted(int(i) for i in above[:at_most])
 
 
 def median_arrayrecords(contents: list[RecordDict]) -> ArrayRecord:
-    """Coordinate-wise median of each reply's (only) ArrayRecord, as Flower's FedMedian takes it."""
+    """Coordinate-wise median of each reply's (only) ArrayRecord, as Flower's FedMedian takes it.
+
+    Args:
+        contents: The replies' contents; not empty.
+
+    Returns:
+        The median per parameter, in the replies' dtype.
+    """
     records = [next(iter(c.array_records.values())) for c in contents]
     arrays = {}
     for key in records[0]:
@@ -174,7 +227,17 @@ class HistoryKrum(FedAvg):
 
 
 def site_key(reply: Message) -> str:
-    """The name a site reports (pmfl's site record), else its node id."""
+    """The name a site reports (pmfl's site record), else its node id.
+
+    Keys each site's history and names the sites left out in the log, so both read as the sites
+    are known to the study rather than by Flower's node numbers.
+
+    Args:
+        reply: A site's reply.
+
+    Returns:
+        The site's name, or "node-<id>".
+    """
     record = reply.content.config_records.get(p.SITE)
     if record is not None and p.SITE_NAME in record:
         return str(record[p.SITE_NAME])

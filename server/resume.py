@@ -51,7 +51,16 @@ def lost_rounds(checkpoint_round: int, entries: list[LedgerEntry], run: str) -> 
 
     The ledgers were completed from the sites' own at enrolment, so a round the coordinator never
     recorded before it died is here too. Lines of other runs of the study (a site's ledger covers
-    every run it took part in) are not this run's rounds."""
+    every run it took part in) are not this run's rounds.
+
+    Args:
+        checkpoint_round: The round of the last checkpoint.
+        entries: The ledger entries collected from every site.
+        run: The run's id.
+
+    Returns:
+        Each lost round mapped to its sites' lines, in round order.
+    """
     lost: dict[int, list[LedgerEntry]] = {}
     for entry in entries:
         if entry.run == run and entry.status in ROUND_STATUSES and entry.round > checkpoint_round:
@@ -60,6 +69,16 @@ def lost_rounds(checkpoint_round: int, entries: list[LedgerEntry], run: str) -> 
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of the run (checkpoints/round-N.pt with the largest N).
+
+    Chosen by the round in its name, not by file time, so copied or touched files cannot change it.
+
+    Args:
+        run_dir: The run directory.
+
+    Returns:
+        The checkpoint's path, or None when the run has none.
+    """
     rounds = {
         int(m.group(1)): path
         for path in (Path(run_dir) / "checkpoints").glob("round-*.pt")
@@ -69,7 +88,16 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_resume_point(run_dir: Path, run: str) -> ResumePoint:
-    """The last checkpoint and the collected ledgers' rounds of `run` after it."""
+    """The last checkpoint and the collected ledgers' rounds of `run` after it.
+
+    Args:
+        run_dir: The run directory.
+        run: The run's id.
+
+    Returns:
+        Where to resume: the checkpoint's round (0 without one), its model and strategy state, and the
+        lost rounds.
+    """
     run_dir = Path(run_dir)
     path = last_checkpoint(run_dir)
     saved = torch.load(path, weights_only=True) if path else {"round": 0}
@@ -84,9 +112,17 @@ def load_resume_point(run_dir: Path, run: str) -> ResumePoint:
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
-    """What a Flower strategy carries from round to round beyond the model: FedOpt's moments,
-    FedAvgM's momentum, HistoryKrum's per-site memories. As tensors, so checkpoints load with
-    `torch.load(weights_only=True)`."""
+    """What a Flower strategy carries from round to round beyond the model.
+
+    FedOpt's moments, FedAvgM's momentum, HistoryKrum's per-site memories. As tensors, so
+    checkpoints load with `torch.load(weights_only=True)`.
+
+    Args:
+        strategy: The strategy.
+
+    Returns:
+        The state by attribute name; empty for a strategy that carries none.
+    """
     state: dict[str, Any] = {}
     for name in (*_MOMENTS, *_SITE_MEMORY):
         moments = getattr(strategy, name, None)
@@ -99,6 +135,12 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
 
 
 def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    """Put the state `strategy_state` saved back onto the strategy, as NumPy arrays again.
+
+    Args:
+        strategy: The strategy, freshly built for the resumed run.
+        state: The state from the checkpoint; attributes it lacks are left as they are.
+    """
     for name in (*_MOMENTS, *_SITE_MEMORY):
         if name in state:
             setattr(strategy, name, {k: v.numpy() for k, v in state[name].items()})
@@ -109,8 +151,19 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
 def resume_study(
     run_dir: Path, run: str, model: nn.Module, strategy: Strategy, recorder: RunRecorder
 ) -> int:
-    """Load the run's last checkpoint into `model` and `strategy`, restore `recorder`'s record and
-    note the lost rounds; returns the round offset the wrapper strategy must apply."""
+    """Load the run's last checkpoint into `model` and `strategy`, restore `recorder`'s record and note the
+    lost rounds.
+
+    Args:
+        run_dir: The run directory.
+        run: The run's id.
+        model: The model to load the checkpoint's weights into.
+        strategy: The strategy to restore.
+        recorder: The run's recorder; the lost rounds' participation and failures are added to it.
+
+    Returns:
+        The round offset the wrapper strategy must apply (the rounds already used up).
+    """
     point = load_resume_point(run_dir, run)
     if point.state_dict is not None:
         model.load_state_dict(point.state_dict)

@@ -13,12 +13,29 @@ from pm_common.wire.packing import Layout
 
 
 def expected_layout(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Names, shapes and dtypes of the global model the coordinator sent out."""
+    """Names, shapes and dtypes of the global model the coordinator sent out.
+
+    What every site's reply is checked against before it is aggregated.
+
+    Args:
+        arrays: The global model sent to the sites.
+
+    Returns:
+        Each parameter's name mapped to its shape and dtype.
+    """
     return wire.layout_of({name: a.numpy() for name, a in arrays.items()})
 
 
 def layout_problem(layout: Layout, expected: Layout) -> str:
-    """Why arrays of `layout` cannot be an update of the `expected` model ('' if they can)."""
+    """Why arrays of `layout` cannot be an update of the `expected` model ('' if they can).
+
+    Args:
+        layout: The layout a site's update has (or declares).
+        expected: The global model's layout (`expected_layout`).
+
+    Returns:
+        The first problem found (names, then each parameter's shape and dtype), or ''.
+    """
     if set(layout) != set(expected):
         missing, extra = sorted(set(expected) - set(layout)), sorted(set(layout) - set(expected))
         return (
@@ -34,7 +51,15 @@ def layout_problem(layout: Layout, expected: Layout) -> str:
 
 
 def update_problem(arrays: Mapping[str, np.ndarray], expected: Layout) -> str:
-    """Why an update must be rejected ('' if it is acceptable): wrong keys, shapes, dtypes, NaN/Inf."""
+    """Why an update must be rejected ('' if it is acceptable): wrong keys, shapes, dtypes, NaN/Inf.
+
+    Args:
+        arrays: The site's update, by parameter name.
+        expected: The global model's layout.
+
+    Returns:
+        The first problem found, or ''.
+    """
     if problem := layout_problem(wire.layout_of(arrays), expected):
         return problem
     for name, values in arrays.items():
@@ -46,9 +71,21 @@ def update_problem(arrays: Mapping[str, np.ndarray], expected: Layout) -> str:
 def unpacked_update(
     record: ConfigRecord | None, expected: Layout, what: str = "model update"
 ) -> tuple[dict[str, np.ndarray], str]:
-    """A site's packed update (pm_common/wire/packing.py) as arrays, and why it must be rejected ('' if
-    it is acceptable). The layout the site declares is checked before its bytes are read, so a
-    wrong shape or dtype is reported as such rather than as a length mismatch."""
+    """A site's packed update (pm_common/wire/packing.py) as arrays, and why it must be rejected ('' if it is
+    acceptable).
+
+    The layout the site declares is checked before its bytes are read, so a wrong shape or dtype is
+    reported as such rather than as a length mismatch. Never raises on a malformed record: a bad
+    reply is a site's problem to report, not a reason to stop the round.
+
+    Args:
+        record: The reply's packed record; None when the reply carried none.
+        expected: The global model's layout.
+        what: What the record is, for the message.
+
+    Returns:
+        The arrays (empty when rejected before unpacking) and the reason to reject them, or ''.
+    """
     if record is None:
         return {}, f"no {what} in a 'trained' reply"
     try:
@@ -61,7 +98,15 @@ def unpacked_update(
 
 
 def update_norm(arrays: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of a site's update: its returned model minus the global model it was sent."""
+    """L2 norm of a site's update: its returned model minus the global model it was sent.
+
+    Args:
+        arrays: The site's returned model, by parameter name.
+        sent: The global model it was sent, by parameter name.
+
+    Returns:
+        The norm, computed in float64.
+    """
     total = sum(
         float(np.sum(np.square(np.asarray(array, dtype=np.float64) - sent[name])))
         for name, array in arrays.items()
@@ -76,6 +121,14 @@ def norm_problem(
 
     A bound stops a scaled (boosted) update from dominating the average; it cannot see a
     sign-flipped update of ordinary size: that is what the robust aggregators are for.
+
+    Args:
+        arrays: The site's returned model.
+        sent: The global model it was sent.
+        max_norm: The study's bound on the update's L2 norm; None for no bound.
+
+    Returns:
+        The reason to reject the update, or ''.
     """
     if max_norm is None:
         return ""
@@ -88,6 +141,13 @@ def in_layout_dtypes(arrays: ArrayRecord, expected: Layout) -> ArrayRecord:
 
     FedAdam/FedYogi/FedAdagrad's update promotes float32 to float64 (NumPy 2 promotes with their
     float64 step size); sites return float32, and the next round would reject every update.
+
+    Args:
+        arrays: The aggregated model.
+        expected: The global model's layout.
+
+    Returns:
+        `arrays` itself when its dtypes already match, else a copy cast to the expected dtypes.
     """
     if all(np.dtype(a.numpy().dtype) == expected[k][1] for k, a in arrays.items() if k in expected):
         return arrays
@@ -96,7 +156,16 @@ def in_layout_dtypes(arrays: ArrayRecord, expected: Layout) -> ArrayRecord:
 
 
 def masked_layout(expected: Layout) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """The layout of a masked update (secure aggregation): one uint32 vector of the model's size
-    plus its weight. Its values cannot be checked: the site bounds and checks them before masking."""
+    """The layout of a masked update (secure aggregation): one uint32 vector of the model's size plus its
+    weight.
+
+    Its values cannot be checked: the site bounds and checks them before masking.
+
+    Args:
+        expected: The global model's layout.
+
+    Returns:
+        The layout a masked reply must have.
+    """
     size = sum(int(np.prod(shape)) for shape, _ in expected.values()) + 1
     return {p.MASKED: ((size,), np.dtype(np.uint32))}

@@ -19,7 +19,19 @@ _APPS_LINE = re.compile(r"^(?P<indent>\s*)apps\s*=\s*\[(?P<body>[^\]]*)\]\s*(?P<
 def app_hash(app_dir: Path, site_dir: Path | None = None) -> str:
     """SHA-256 of the FAB that `flwr run APP_DIR` builds and sends (Flower's own, deterministic build).
 
-    With `site_dir`, refuse when the site's own files would be packed into that app."""
+    With `site_dir`, refuse when the site's own files would be packed into that app.
+
+    Args:
+        app_dir: The study app's source tree.
+        site_dir: The site's directory, to check that none of its files (keys, data, ledgers) would
+            leave the site inside the app; None to skip the check.
+
+    Returns:
+        The FAB's SHA-256, hex: what the site approves and the gate compares.
+
+    Raises:
+        ApprovalError: When the app would contain files of the site's directory.
+    """
     if site_dir is not None and (leak := packed_state(app_dir, site_dir)):
         raise ApprovalError(
             f"the app in {app_dir} would contain this site's files ({leak[0]}, ...): move the site "
@@ -29,7 +41,18 @@ def app_hash(app_dir: Path, site_dir: Path | None = None) -> str:
 
 
 def approve_app(site_dir: Path, fab_hash: str) -> bool:
-    """Add `fab_hash` to `[approval] apps` in place, keeping the file's comments. False if present."""
+    """Add `fab_hash` to `[approval] apps` in place, keeping the file's comments. False if present.
+
+    Args:
+        site_dir: The site's directory (its site.toml is edited).
+        fab_hash: The app's SHA-256, hex (case and surrounding spaces are ignored).
+
+    Returns:
+        True when the hash was added, False when it was approved already.
+
+    Raises:
+        ApprovalError: When `fab_hash` is not a SHA-256 hex digest.
+    """
     fab_hash = fab_hash.strip().lower()
     if not SHA256_HEX.match(fab_hash):
         raise ApprovalError(f"not a SHA-256 hex digest: {fab_hash!r}")
@@ -37,7 +60,15 @@ def approve_app(site_dir: Path, fab_hash: str) -> bool:
 
 
 def revoke_app(site_dir: Path, fab_hash: str) -> bool:
-    """Remove `fab_hash` from `[approval] apps`; the gate refuses the app from its next task on."""
+    """Remove `fab_hash` from `[approval] apps`; the gate refuses the app from its next task on.
+
+    Args:
+        site_dir: The site's directory (its site.toml is edited).
+        fab_hash: The app's SHA-256, hex (case and surrounding spaces are ignored).
+
+    Returns:
+        True when the hash was removed, False when it was not approved.
+    """
     fab_hash = fab_hash.strip().lower()
     return _edit_apps(site_dir, lambda apps: [h for h in apps if h != fab_hash])
 

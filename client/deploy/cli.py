@@ -51,7 +51,25 @@ def init(
         int | None, typer.Option(help="local port SuperNode <-> gate [default: 9094]")
     ] = None,
 ) -> None:
-    """Create a site directory: site.toml, an authentication key pair, the coordinator's CA."""
+    """Create a site directory: site.toml, an authentication key pair, the coordinator's CA.\f
+
+    (The form feed ending the summary line keeps the rest of this docstring out of --help.)
+
+    Args:
+        directory: The site directory to create.
+        name: The site's name, as the coordinator will know it.
+        data: The site's CSV file; it stays at the site.
+        superlink: The coordinator's address, host:port.
+        ca: The coordinator's CA certificate, copied in; None to put it there later.
+        epsilon: The site's epsilon budget per study.
+        delta: The site's delta.
+        max_rounds: The most training rounds the site gives one study.
+        study: The names of the studies the site takes part in; None for any.
+        runtime_port: The local port between the SuperNode and the gate; None for the default.
+
+    Raises:
+        typer.Exit: With code 1 when the directory cannot be created (the reason is printed).
+    """
     from client.deploy.site_dir import SiteAdminError, init_site
     from pm_common.study.config import StudyConfigError
 
@@ -84,7 +102,17 @@ def check(
     directory: SiteDir,
     study: Annotated[Path, typer.Option(help="the study TOML (its data contract)")],
 ) -> None:
-    """Validate the site's data against the study's contract; prints counts, sends nothing."""
+    """Validate the site's data against the study's contract; prints counts, sends nothing.\f
+
+    Lets a site find problems with its data before it joins a run, without anything leaving it.
+
+    Args:
+        directory: The site's directory.
+        study: The study TOML whose data contract the data is checked against.
+
+    Raises:
+        typer.Exit: With code 2 when the study or site cannot be read, 1 when the check finds problems.
+    """
     from client.deploy.site_dir import check_site
     from pm_common.study.config import StudyConfigError
 
@@ -127,7 +155,18 @@ def approve(
     fab_hash: Annotated[str | None, typer.Option("--hash", help="SHA-256 of the study app (FAB)")] = None,
     revoke: Annotated[bool, typer.Option(help="withdraw the approval instead")] = False,
 ) -> None:
-    """Approve (or revoke) a study app by its hash: the site runs no other code."""
+    """Approve (or revoke) a study app by its hash: the site runs no other code.\f
+
+    Args:
+        directory: The site's directory.
+        app_dir: The study app's source tree, hashed as `flwr run` would build it; or give `fab_hash`.
+        fab_hash: The app's SHA-256; or give `app_dir`.
+        revoke: Withdraw the approval instead of giving it.
+
+    Raises:
+        typer.Exit: With code 2 unless exactly one of `app_dir` and `fab_hash` is given, 1 when the
+            approval cannot be changed.
+    """
     if (app_dir is None) == (fab_hash is None):
         _fail(ValueError("give --app SOURCE_DIR or --hash SHA256"), 2)
     try:
@@ -141,7 +180,16 @@ def approve(
 
 @site_app.command("status")
 def status(directory: SiteDir) -> None:
-    """What this site approved, its ledgers so far, and the digest of every roster it signed."""
+    """What this site approved, its ledgers so far, and the digest of every roster it signed.\f
+
+    The roster digests are what a hospital hands an auditor to pin a run's roster out of band.
+
+    Args:
+        directory: The site's directory (or a simulated site's records, without a site.toml).
+
+    Raises:
+        typer.Exit: With code 1 when site.toml cannot be read.
+    """
     if (Path(directory) / "site.toml").exists():
         try:
             approval = load_approval(directory)
@@ -191,7 +239,16 @@ def start(
     ] = False,
     superlink: Annotated[str | None, typer.Option(help="override [connection] superlink")] = None,
 ) -> None:
-    """Start the site's SuperNode (TLS + its key) and its gate; runs until stopped (Ctrl-C)."""
+    """Start the site's SuperNode (TLS + its key) and its gate; runs until stopped (Ctrl-C).\f
+
+    Args:
+        directory: The site's directory.
+        insecure: Plain HTTP without authentication, for local tests only.
+        superlink: An address overriding `[connection] superlink`; None to use it.
+
+    Raises:
+        typer.Exit: With code 1 when the site cannot start, otherwise with the processes' exit code.
+    """
     if insecure:
         console.print("[bold red]--insecure: no TLS and no authentication. Never with real data.")
     from client.deploy.site_dir import SiteAdminError, start_site

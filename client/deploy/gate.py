@@ -121,7 +121,16 @@ def _flwr_clientapp() -> str:
 
 
 def refuse(runtime_api_address: str, token: str, reason: str) -> None:
-    """Answer the task with an error reply carrying `reason`; the app's code is never loaded."""
+    """Answer the task with an error reply carrying `reason`; the app's code is never loaded.
+
+    The reply lets the coordinator record why the site did not take part, instead of waiting for a
+    reply that never comes.
+
+    Args:
+        runtime_api_address: The SuperNode's ClientApp API address.
+        token: The task's token.
+        reason: Why the site refuses the app, sent with an INVALID_FAB error.
+    """
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
     client = RuntimeHttpClient.from_server_address(
@@ -143,7 +152,16 @@ def refuse(runtime_api_address: str, token: str, reason: str) -> None:
 
 
 def run_gate(site_dir: Path, runtime_api_address: str, poll_interval: float = DEFAULT_POLL) -> None:
-    """Serve ClientApp tasks of the SuperNode at `runtime_api_address` until killed."""
+    """Serve ClientApp tasks of the SuperNode at `runtime_api_address` until killed.
+
+    The warm worker is started ahead of the first task only when the site approved something, so a
+    site that approved nothing pays no start-up cost for it.
+
+    Args:
+        site_dir: The site's directory, whose approvals decide each task.
+        runtime_api_address: The SuperNode's ClientApp API address.
+        poll_interval: Seconds to wait after a poll that found no task.
+    """
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,
         insecure=True,
@@ -186,6 +204,17 @@ def _dispatch(site_dir: Path, address: str, worker: WarmWorker, fab_hash: str, t
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m client.deploy.gate`: the gate process `pmfl site start` launches next to the SuperNode.
+
+    Checks the warm worker's patches of Flower's task code before serving anything, so a site whose
+    tasks could not run does not start (see the module's docstring).
+
+    Args:
+        argv: The command-line arguments without the program name; sys.argv[1:] when None.
+
+    Raises:
+        SystemExit: With a one-line refusal when the patches cannot be applied, and with 0 on SIGTERM.
+    """
     parser = argparse.ArgumentParser(description="pmfl site gate (SuperExec with app approval)")
     parser.add_argument("--site-dir", type=Path, required=True)
     parser.add_argument("--runtime-api-address", required=True)

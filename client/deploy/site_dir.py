@@ -70,8 +70,17 @@ class SiteAdminError(ValueError):
 
 
 def write_key_pair(private_path: Path, public_path: Path) -> str:
-    """An EC P-384 key pair in OpenSSH format (what flower-supernode and `flwr supernode register`
-    read); the private key is readable by its owner only. Returns the public key line."""
+    """An EC P-384 key pair in OpenSSH format (what flower-supernode and `flwr supernode register` read).
+
+    The private key is readable by its owner only (created with mode 0600).
+
+    Args:
+        private_path: Where to write the private key; its parent directory is created when missing.
+        public_path: Where to write the public key line.
+
+    Returns:
+        The public key line, to hand to the coordinator.
+    """
     key = ec.generate_private_key(ec.SECP384R1())
     private_path.parent.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(
@@ -101,7 +110,30 @@ def init_site(
     runtime_port: int | None = None,
     poll_interval: float = 0.5,
 ) -> Path:
-    """Create `site_dir` with its `site.toml` and key pair; copy the coordinator's CA if given."""
+    """Create `site_dir` with its `site.toml` and key pair; copy the coordinator's CA if given.
+
+    The new site.toml is read back with the same checks the ClientApp and the gate apply, so a site
+    that cannot start fails here, at set-up, rather than at its first task.
+
+    Args:
+        site_dir: The directory to make a site of (created when missing).
+        name: The site's name, as the coordinator will know it.
+        data: The site's CSV file; recorded relative to the site directory when inside it.
+        superlink: The coordinator's address, host:port.
+        ca: The coordinator's CA certificate to copy in; None to put it there later.
+        epsilon: The site's epsilon budget per study.
+        delta: The site's delta.
+        max_rounds: The most training rounds the site gives one study.
+        studies: The names of the studies the site takes part in; empty for any.
+        runtime_port: The local port between the SuperNode and the gate; None for the default.
+        poll_interval: Seconds between the SuperNode's polls of the coordinator.
+
+    Returns:
+        The site directory, resolved.
+
+    Raises:
+        SiteAdminError: When the directory is already a site, or the name is not a valid site name.
+    """
     site_dir = Path(site_dir).resolve()
     config = site_dir / SITE_TOML
     if config.exists():
@@ -164,6 +196,12 @@ CONNECTION_RULES: dict[str, Rule] = {
 def load_connection(site_dir: Path) -> SiteConnection:
     """The site's `[connection]` table, every key checked.
 
+    Args:
+        site_dir: The site's directory.
+
+    Returns:
+        The connection settings, with paths resolved against the site directory and defaults filled in.
+
     Raises:
         SiteAdminError: every problem of the table, one line each, named `[connection].key`.
     """
@@ -216,7 +254,19 @@ class CheckReport:
 
 
 def check_site(site_dir: Path, study_path: Path) -> CheckReport:
-    """Validate the site's data against the study's contract, locally; sends nothing anywhere."""
+    """Validate the site's data against the study's contract, locally; sends nothing anywhere.
+
+    Loads the data exactly as the ClientApp will (same validation, encoding and split), so what it
+    reports is what a run would meet.
+
+    Args:
+        site_dir: The site's directory.
+        study_path: The study TOML.
+
+    Returns:
+        The report: counts of rows, labels and inputs, the DP plan, whether the study and apps are
+        approved, and every problem found (data problems are reported, not raised).
+    """
     import torch
 
     from client.site import load_site_config, load_site_data
@@ -266,7 +316,14 @@ def check_site(site_dir: Path, study_path: Path) -> CheckReport:
 
 
 def site_env(site_dir: Path) -> dict[str, str]:
-    """Environment of the site's processes: Flower's files in the site directory, no telemetry."""
+    """Environment of the site's processes: Flower's files in the site directory, no telemetry.
+
+    Args:
+        site_dir: The site's directory.
+
+    Returns:
+        The environment variables for the SuperNode and gate, including the poll interval when set.
+    """
     env = flower_env(FLWR_HOME=str(Path(site_dir).resolve() / "flwr-home"))
     poll = load_connection(site_dir).poll_interval
     if poll is not None:
@@ -275,8 +332,22 @@ def site_env(site_dir: Path) -> dict[str, str]:
 
 
 def supernode_command(site_dir: Path, insecure: bool = False, superlink: str | None = None) -> list[str]:
-    """`flower-supernode` for this site: TLS with the coordinator's CA and the site's key, and the
-    ClientApp tasks left to the site's gate (`--isolation process`)."""
+    """`flower-supernode` for this site, with the ClientApp tasks left to the site's gate.
+
+    TLS with the coordinator's CA and the site's key, and `--isolation process` so that the gate
+    decides which app runs. Under a 3 s poll interval pmfl's patched launcher runs instead.
+
+    Args:
+        site_dir: The site's directory.
+        insecure: Plain HTTP without authentication, for local tests only.
+        superlink: An address overriding `[connection] superlink`; None to use it.
+
+    Returns:
+        The command line.
+
+    Raises:
+        SiteAdminError: When, without `insecure`, the coordinator's CA or the site's key is missing.
+    """
     site_dir = Path(site_dir).resolve()
     conn = load_connection(site_dir)
     approval = load_approval(site_dir)
@@ -311,6 +382,18 @@ def supernode_command(site_dir: Path, insecure: bool = False, superlink: str | N
 
 
 def gate_command(site_dir: Path, parent_pid: int) -> list[str]:
+    """The command line of the site's gate, serving the SuperNode's ClientApp tasks on localhost.
+
+    Run with `-P`, so the site directory (its working directory) never shadows installed modules, and
+    with the SuperNode's pid, so the gate stops when the SuperNode does.
+
+    Args:
+        site_dir: The site's directory.
+        parent_pid: The SuperNode's process id.
+
+    Returns:
+        The command line.
+    """
     conn = load_connection(site_dir)
     return [
         sys.executable,
@@ -377,7 +460,17 @@ def start_site(
     superlink: str | None = None,
     stdout: IO[bytes] | int | None = None,
 ) -> SiteProcesses:
-    """Start the site's SuperNode and gate (returns at once; `wait()` or `stop()` them)."""
+    """Start the site's SuperNode and gate (returns at once; `wait()` or `stop()` them).
+
+    Args:
+        site_dir: The site's directory; its configuration is checked before anything starts.
+        insecure: Plain HTTP without authentication, for local tests only.
+        superlink: An address overriding `[connection] superlink`; None to use it.
+        stdout: Where both processes write their output (stderr included); None to inherit.
+
+    Returns:
+        The two processes.
+    """
     from client.site import load_site_config
 
     site_dir = Path(site_dir).resolve()

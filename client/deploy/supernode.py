@@ -23,6 +23,11 @@ REFUSAL = "pmfl: the SuperNode refuses to start"
 
 
 def main() -> None:
+    """Patch the SuperNode's waits to the site's poll interval, then run Flower's `flower-supernode`.
+
+    Raises:
+        SystemExit: With a one-line refusal when the patch cannot be applied or verified.
+    """
     poll = float(os.environ.get(POLL_ENV, "0") or 0)
     try:
         patches.patch_supernode_loop(poll if poll > 0 else 3.0)

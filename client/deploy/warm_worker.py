@@ -60,9 +60,18 @@ TASK_EXIT_PATIENCE = 30.0  # seconds a task may take to exit after its reply bef
 
 
 def load_patches() -> types.ModuleType:
-    """pmfl's patch module (`pm_common/flower_patches.py` of this installation), loaded by path under
-    a private name: importing `pm_common` here would hand the tasks this installation's package
-    instead of the approved app's."""
+    """pmfl's patch module (`pm_common/flower_patches.py` of this installation), loaded by path under a
+    private name.
+
+    Importing `pm_common` here would hand the tasks this installation's package instead of the approved
+    app's.
+
+    Returns:
+        The patch module (the one already loaded, on a second call).
+
+    Raises:
+        ImportError: When the patch file cannot be loaded.
+    """
     if PATCHES_MODULE in sys.modules:
         return sys.modules[PATCHES_MODULE]
     spec = importlib.util.spec_from_file_location(PATCHES_MODULE, PATCHES_FILE)
@@ -87,6 +96,17 @@ def _run_task(patches: types.ModuleType, address: str, token: str, parent_pid: i
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The warm worker process: check the patches, import the heavy libraries, then fork a child per task.
+
+    Reads one task token per line from stdin (the gate writes them) until EOF.
+
+    Args:
+        argv: The command-line arguments without the program name; sys.argv[1:] when None.
+
+    Raises:
+        SystemExit: With REFUSED_EXIT when a patch check fails, so that the gate stops the site instead
+            of starting this process again for every task.
+    """
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--parent-pid", type=int, default=None)

@@ -72,7 +72,18 @@ def _entries(rows: Sequence[Mapping[str, Any]]) -> list[LedgerEntry] | None:
 
 
 def accuracy_series(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per-round accuracy from metrics.json: mean over sites and pooled."""
+    """Per-round accuracy from metrics.json: mean over sites and pooled.
+
+    Tolerant of malformed items (skipped), since metrics.json is not covered by the ledger's integrity
+    and must not stop an audit.
+
+    Args:
+        metrics: The parsed metrics.json.
+
+    Returns:
+        One dict per round with `round`, `mean_site_accuracy`, `pooled_accuracy` (None when absent) and
+        the sorted names of the sites reported.
+    """
     rows = []
     for item in metrics.get("rounds", []):
         if not isinstance(item, Mapping) or "round" not in item:
@@ -376,7 +387,17 @@ def audit_directory(
 def run_audit(
     path: Path, *, report: bool = True, roster_digest: str | None = None, site_dirs: Sequence[Path] = ()
 ) -> AuditResult:
-    """Audit `path`, write audit/audit.json (and audit/report.html) inside it, return the result."""
+    """Audit `path`, write audit/audit.json (and audit/report.html) inside it, return the result.
+
+    Args:
+        path: A run directory or a site directory.
+        report: Whether to write the HTML report too (it needs matplotlib).
+        roster_digest: A roster digest given out of band, to pin the run's roster to.
+        site_dirs: Site directories whose own records the run is cross-checked against.
+
+    Returns:
+        The audit's result. Nothing is written when `path` is not a directory.
+    """
     path = Path(path)
     result = audit_directory(path, roster_digest=roster_digest, site_dirs=site_dirs)
     if path.is_dir():
@@ -393,7 +414,14 @@ def run_audit(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m pm_common.audit.directories RUN_OR_SITE_DIR`: print the verdict, exit with its code."""
+    """`python -m pm_common.audit.directories RUN_OR_SITE_DIR`: print the verdict, exit with its code.
+
+    Args:
+        argv: The command-line arguments without the program name; sys.argv[1:] when None.
+
+    Returns:
+        The audit's exit code (EXIT_UNVERIFIABLE on a usage error), so scripts can act on the verdict.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
         print("usage: python -m pm_common.audit.directories RUN_OR_SITE_DIR", file=sys.stderr)

@@ -64,7 +64,17 @@ def _png(fig: Figure) -> str:
 
 
 def epsilon_plot(sites: Sequence[SiteAudit]) -> str | None:
-    """Base64 PNG: cumulative epsilon per site per round (recomputed RDP, reported, budget)."""
+    """Base64 PNG: cumulative epsilon per site per round (recomputed RDP, reported, budget).
+
+    Plotting the recomputed figure next to the reported one shows at a glance where a site
+    under-reports, and the budget line where it overspends.
+
+    Args:
+        sites: The audited sites; only those with DP and at least one round are plotted.
+
+    Returns:
+        The PNG as base64, or None when no site has a DP round to plot.
+    """
     dp_sites = [s for s in sites if s.dp and s.rounds]
     if not dp_sites:
         return None
@@ -94,7 +104,17 @@ def epsilon_plot(sites: Sequence[SiteAudit]) -> str | None:
 
 
 def accuracy_plot(accuracy: Sequence[dict[str, Any]]) -> str | None:
-    """Base64 PNG: accuracy per round, mean over sites and pooled."""
+    """Base64 PNG: accuracy per round, mean over sites and pooled.
+
+    Shown so a reader can weigh the privacy spent against what the model gained.
+
+    Args:
+        accuracy: One dict per round with `round` and, when known, `mean_site_accuracy` and
+            `pooled_accuracy`.
+
+    Returns:
+        The PNG as base64, or None when there is no accuracy to plot.
+    """
     if not accuracy:
         return None
     rounds = [a["round"] for a in accuracy]
@@ -204,7 +224,17 @@ img{max-width:100%}section{margin-top:1.6em}code{font-size:.9em}
 
 
 def render_report(result: AuditResult) -> str:
-    """The report as one HTML string."""
+    """The report as one HTML string.
+
+    Self-contained (CSS inline, plots embedded) and with every ledger-derived string escaped, so it
+    can be archived and opened offline without trusting what the sites wrote.
+
+    Args:
+        result: The audit's result.
+
+    Returns:
+        The complete HTML document.
+    """
     deltas = sorted({s.delta for s in result.sites if s.delta is not None})
     accountants = sorted({s.accountant for s in result.sites if s.accountant})
     eps_png = epsilon_plot(result.sites)
@@ -263,6 +293,15 @@ keys come from the run's roster, which every site on it signed before round 1.</
 
 
 def write_report(result: AuditResult, path: Path) -> Path:
+    """Render the report and write it to `path`, creating its directory when missing.
+
+    Args:
+        result: The audit's result.
+        path: Where to write the HTML (usually audit/report.html).
+
+    Returns:
+        `path`, for the caller to print or link.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_report(result), encoding="utf-8")
     return path

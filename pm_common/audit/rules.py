@@ -251,6 +251,13 @@ def structure_problems(entries: Sequence[LedgerEntry]) -> list[tuple[str, str]]:
     within one attempt of a run, rounds go up; one delta and one budget per run; lines without
     mechanism (enrolment, closing, declines) record no steps. Ledgers written before runs were
     named (no `run`) keep their old rule: consecutive rounds from 1.
+
+    Args:
+        entries: One site's ledger entries, oldest first.
+
+    Returns:
+        One (code, message) pair per problem found, in no particular priority; empty when the ledger
+        is well formed.
     """
     problems: list[tuple[str, str]] = []
     runs: dict[str, list[LedgerEntry]] = {}
@@ -444,7 +451,14 @@ def audit_site(
 
 
 def check_roster_signatures(signed: SignedRoster) -> list[Finding]:
-    """Every site on the roster signed exactly this roster (a changed roster breaks them all)."""
+    """Every site on the roster signed exactly this roster (a changed roster breaks them all).
+
+    Args:
+        signed: The run's roster with the sites' signatures.
+
+    Returns:
+        One VIOLATION finding per site whose signature does not verify; empty when all do.
+    """
     return [
         Finding(VIOLATION, "roster_signature", f"{site}: its signature of the roster does not verify "
                 "(the roster was changed after the sites signed it, or the signature was forged)", site)
@@ -453,11 +467,22 @@ def check_roster_signatures(signed: SignedRoster) -> list[Finding]:
 
 
 def check_run_lines(site: str, entries: Sequence[LedgerEntry], roster: Roster) -> list[Finding]:
-    """The site's lines of this run agree with its roster entry, show its enrolment in this very
-    roster, and close the run.
+    """The site's lines of this run agree with its roster entry, show its enrolment in this very roster, and
+    close the run.
 
     A ledger that does not close the run cannot show that no line was removed from its end; the
-    site's own copy can (`check_site_copy`)."""
+    site's own copy can (`check_site_copy`).
+
+    Args:
+        site: The site's name; it must be on the roster.
+        entries: The site's ledger entries (all runs), oldest first.
+        roster: The run's roster.
+
+    Returns:
+        Findings: a VIOLATION when the enrolment in this roster is missing or the lines disagree with
+        the roster entry (budget, delta, dp, accountant), UNVERIFIABLE when the run is not closed, and
+        a NOTE when lines of a later run follow.
+    """
     entry = roster.entry(site)
     assert entry is not None
     findings: list[Finding] = []
@@ -654,7 +679,19 @@ def verdict(findings: Sequence[Finding], sites: Sequence[SiteAudit],
 
 
 def empirical_findings(items: Sequence[Mapping[str, Any]], sites: Sequence[SiteAudit]) -> list[Finding]:
-    """An empirical lower bound above the accounted epsilon proves an implementation bug."""
+    """An empirical lower bound above the accounted epsilon proves an implementation bug.
+
+    Accounting gives an upper bound on the leak; a measured lower bound above it cannot happen if the
+    mechanism runs as accounted, so it is reported as a violation. Positive controls (trained without
+    noise on purpose) are skipped.
+
+    Args:
+        items: The entries of privacy/empirical_audit.json, one per audited site (or run).
+        sites: The audited sites, whose recomputed RDP epsilon is used when an item claims none.
+
+    Returns:
+        One VIOLATION finding per item whose bound exceeds the accounted epsilon beyond the tolerance.
+    """
     by_site = {s.site: s for s in sites}
     findings = []
     for item in items:

@@ -95,11 +95,28 @@ class LedgerEntry:
 
 
 def ledger_path(privacy_dir: Path, site: str) -> Path:
+    """Where a site's ledger lives in a privacy directory.
+
+    One file per site, named after the site, so that every writer and every auditor script finds the
+    same ledger without having to agree on anything but the site's name.
+
+    Args:
+        privacy_dir: The privacy directory holding the ledgers.
+        site: The site's name.
+
+    Returns:
+        The path of the site's `ledger-<site>.jsonl` file (which need not exist yet).
+    """
     return privacy_dir / f"ledger-{site}.jsonl"
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append one line and fsync: a ledger line, once written, survives a crash."""
+    """Append one line and fsync: a ledger line, once written, survives a crash.
+
+    Args:
+        path: The ledger file; it and its parent directory are created when missing.
+        line: The line to append; a trailing newline is added when it lacks one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
         fh.write(line.rstrip("\n") + "\n")
@@ -108,6 +125,20 @@ def append_line(path: Path, line: str) -> None:
 
 
 def read_ledger(path: Path) -> list[LedgerEntry]:
+    """Read a ledger file into its entries, in the order they were written.
+
+    Fails loudly on a line that does not parse, naming the file and line, rather than skipping it:
+    a ledger with a damaged line must not be mistaken for a shorter, clean one.
+
+    Args:
+        path: The ledger file (JSON lines); blank lines are ignored.
+
+    Returns:
+        The ledger's entries, oldest first.
+
+    Raises:
+        ValueError: When a non-blank line is not a valid ledger entry.
+    """
     entries = []
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
@@ -121,14 +152,31 @@ def read_ledger(path: Path) -> list[LedgerEntry]:
 
 
 def round_entries(entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
-    """The lines that answer a round (trained or declined), without enrolments and closings."""
+    """The lines that answer a round (trained or declined), without enrolments and closings.
+
+    Args:
+        entries: A site's ledger entries.
+
+    Returns:
+        The `trained` and `declined` entries, in their original order.
+    """
     return [e for e in entries if e.status in ROUND_STATUSES]
 
 
 def next_round_fits(entries: Iterable[LedgerEntry]) -> bool | None:
-    """Whether one more round of the site's own plan (its last trained round's mechanism) keeps it
-    within its budget, by the figure the site reports; None when there is nothing to judge (no DP,
-    no budget, nothing trained yet). Follows from the ledger alone, so an auditor can recompute it."""
+    """Whether one more round of the site's own plan keeps it within its budget.
+
+    The plan is the mechanism of the site's last trained round, judged by the figure the site reports.
+    Follows from the ledger alone, so an auditor can recompute it.
+
+    Args:
+        entries: A site's ledger entries, oldest first.
+
+    Returns:
+        True when one more such round stays within the site's epsilon budget, False when it would
+        exceed it, and None when there is nothing to judge (no DP, no budget, nothing trained yet, or an
+        accountant this version does not know).
+    """
     from pm_common.privacy.accountant import (
         cumulative_epsilon,  # accounting maths, only when judging a budget
     )
@@ -148,7 +196,15 @@ def next_round_fits(entries: Iterable[LedgerEntry]) -> bool | None:
 
 
 def site_status(entries: Iterable[LedgerEntry]) -> str:
-    """Summary status of a site from its ledger: whether it declined, ran out of budget or goes on."""
+    """Summary status of a site from its ledger: whether it declined, ran out of budget or goes on.
+
+    Args:
+        entries: A site's ledger entries, oldest first.
+
+    Returns:
+        One of ACTIVE, NO_DP, EXHAUSTED or STATUS_DECLINED: EXHAUSTED when the site declined for its
+        budget or when one more round of its plan would not fit.
+    """
     entries = list(entries)
     fits = next_round_fits(entries)
     entries = round_entries(entries)
@@ -165,8 +221,19 @@ def site_status(entries: Iterable[LedgerEntry]) -> str:
 
 
 def summarize(entries: list[LedgerEntry]) -> dict[str, Any]:
-    """One site's line in privacy/summary.json: everything in it follows from the ledger alone, so
-    an auditor can recompute it."""
+    """One site's line in privacy/summary.json.
+
+    Everything in it follows from the ledger alone, so an auditor can recompute it.
+
+    Args:
+        entries: A site's ledger entries, oldest first; must not be empty.
+
+    Returns:
+        The summary: the site's cumulative epsilon, delta, budget and accountant, counts of rounds
+        trained and declined, total steps, status and whether it used DP; plus a warning when it did
+        not, `within_budget` when both epsilon and budget are known, and the reason when its last
+        round was declined.
+    """
     last = entries[-1]
     rounds = round_entries(entries)
     last_round = rounds[-1] if rounds else last
@@ -192,4 +259,15 @@ def summarize(entries: list[LedgerEntry]) -> dict[str, Any]:
 
 
 def finite_or_none(value: float | None) -> float | None:
+    """A number fit for JSON: infinities and NaN become None.
+
+    JSON has no infinity or NaN, and an epsilon can be infinite (e.g. no noise); None keeps the file
+    readable by any JSON parser.
+
+    Args:
+        value: The number, or None.
+
+    Returns:
+        The value when it is finite, otherwise None.
+    """
     return value if value is not None and math.isfinite(value) else None

@@ -165,17 +165,47 @@ class Roster:
 
 
 def study_digest(study_text: str) -> str:
-    """SHA-256 (hex) of the study text sent to the sites: binds a roster to the settings they ran."""
+    """SHA-256 (hex) of the study text sent to the sites: binds a roster to the settings they ran.
+
+    Args:
+        study_text: The study file's text, exactly as sent to the sites.
+
+    Returns:
+        The digest, 64 hex digits.
+    """
     return hashlib.sha256(study_text.encode("utf-8")).hexdigest()
 
 
 def sign_roster(roster: Roster, key: Ed25519PrivateKey) -> str:
-    """A site's signature (base64) over the roster's digest."""
+    """A site's signature (base64) over the roster's digest.
+
+    Signing the digest (which covers every site, key and budget) means any change to the roster
+    invalidates the signature.
+
+    Args:
+        roster: The run's roster.
+        key: The site's ledger key.
+
+    Returns:
+        The Ed25519 signature, base64, under the roster domain tag.
+    """
     return sign_statement(key, ROSTER_DOMAIN, bytes.fromhex(roster.digest))
 
 
 def roster_signature_valid(roster: Roster, site: str, signature: str) -> bool:
-    """Whether `signature` is `site`'s signature of `roster`, by the key the roster names for it."""
+    """Whether `signature` is `site`'s signature of `roster`, by the key the roster names for it.
+
+    Never raises: a site not on the roster, an unreadable key or a malformed signature all count as
+    an invalid signature.
+
+    Args:
+        roster: The run's roster.
+        site: The site whose signature it claims to be.
+        signature: The signature, base64.
+
+    Returns:
+        True when the signature verifies with the roster's key for `site`, False otherwise.
+    """
     entry = roster.entry(site)
     if entry is None or not isinstance(signature, str):
         return False

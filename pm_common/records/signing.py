@@ -57,11 +57,25 @@ MALFORMED = "malformed"
 
 
 def generate_signing_key() -> Ed25519PrivateKey:
-    """A fresh Ed25519 key for one site; its private half never leaves the site."""
+    """A fresh Ed25519 key for one site; its private half never leaves the site.
+
+    Returns:
+        A new Ed25519 private key.
+    """
     return Ed25519PrivateKey.generate()
 
 
 def private_key_pem(key: Ed25519PrivateKey) -> bytes:
+    """Serialise a private key as unencrypted PKCS#8 PEM, the form `save_private_key` writes.
+
+    Unencrypted because the site's services must sign unattended; the file's permissions protect it.
+
+    Args:
+        key: The site's ledger key.
+
+    Returns:
+        The PEM bytes.
+    """
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -70,13 +84,29 @@ def private_key_pem(key: Ed25519PrivateKey) -> bytes:
 
 
 def public_key_pem(pub: Ed25519PublicKey) -> bytes:
+    """Serialise a public key as SubjectPublicKeyInfo PEM, a form any tool (e.g. openssl) can read.
+
+    Args:
+        pub: The public key.
+
+    Returns:
+        The PEM bytes.
+    """
     return pub.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
 def save_private_key(key: Ed25519PrivateKey, path: Path) -> None:
-    """Write the private key as PKCS#8 PEM, readable by its owner only."""
+    """Write the private key as PKCS#8 PEM, readable by its owner only.
+
+    The file is created with mode 0600 (and chmod'ed again, in case it already existed), so the key is
+    never readable by others, not even for a moment.
+
+    Args:
+        key: The site's ledger key.
+        path: Where to write it; parent directories are created when missing.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
@@ -85,11 +115,31 @@ def save_private_key(key: Ed25519PrivateKey, path: Path) -> None:
 
 
 def save_public_key(pub: Ed25519PublicKey, path: Path) -> None:
+    """Write the public key as PEM, so that it can be handed to the coordinator and to auditors.
+
+    Args:
+        pub: The public key.
+        path: Where to write it; parent directories are created when missing.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(public_key_pem(pub))
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """Read a private key written by `save_private_key`.
+
+    Checks the key type, so that a key of another kind is refused here rather than failing later
+    with a confusing error when it signs.
+
+    Args:
+        path: The PEM file.
+
+    Returns:
+        The Ed25519 private key.
+
+    Raises:
+        ValueError: When the file holds a key that is not an Ed25519 private key.
+    """
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path}: not an Ed25519 private key")
@@ -97,10 +147,30 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
+    """Read a public key from a PEM file (as written by `save_public_key`).
+
+    Args:
+        path: The PEM file; its name is used in error messages.
+
+    Returns:
+        The Ed25519 public key.
+    """
     return public_key_from_pem(path.read_bytes(), source=str(path))
 
 
 def public_key_from_pem(pem: bytes, source: str = "PEM data") -> Ed25519PublicKey:
+    """Parse a PEM public key and make sure it is an Ed25519 key, the only kind ledgers are signed with.
+
+    Args:
+        pem: The PEM bytes.
+        source: Where the bytes came from, for the error message.
+
+    Returns:
+        The Ed25519 public key.
+
+    Raises:
+        ValueError: When the PEM holds a public key of another type.
+    """
     key = serialization.load_pem_public_key(pem)
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"{source}: not an Ed25519 public key")
@@ -108,7 +178,15 @@ def public_key_from_pem(pem: bytes, source: str = "PEM data") -> Ed25519PublicKe
 
 
 def load_or_create_signing_key(private_path: Path, public_path: Path) -> Ed25519PrivateKey:
-    """A site's key, created on first use: the same key must sign the whole study."""
+    """A site's key, created on first use: the same key must sign the whole study.
+
+    Args:
+        private_path: The private key's file; read when it exists, otherwise created (mode 0600).
+        public_path: The public key's file; written from the private key when missing.
+
+    Returns:
+        The site's Ed25519 private key.
+    """
     if private_path.exists():
         key = load_private_key(private_path)
     else:
@@ -120,19 +198,39 @@ def load_or_create_signing_key(private_path: Path, public_path: Path) -> Ed25519
 
 
 def public_key_fingerprint(pub: Ed25519PublicKey) -> str:
-    """SHA-256 (hex) of the raw 32-byte public key: short enough to read aloud, compare on paper."""
+    """SHA-256 (hex) of the raw 32-byte public key: short enough to read aloud, compare on paper.
+
+    Args:
+        pub: The public key.
+
+    Returns:
+        The fingerprint, 64 hex digits.
+    """
     raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()
 
 
 def public_key_text(pub: Ed25519PublicKey) -> str:
-    """The raw 32-byte public key as base64: how a roster names a site's ledger key."""
+    """The raw 32-byte public key as base64: how a roster names a site's ledger key.
+
+    Args:
+        pub: The public key.
+
+    Returns:
+        The base64 text.
+    """
     raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode("ascii")
 
 
 def public_key_from_text(text: str) -> Ed25519PublicKey:
     """`public_key_text`'s inverse.
+
+    Args:
+        text: The base64 of a raw 32-byte Ed25519 public key.
+
+    Returns:
+        The public key.
 
     Raises:
         ValueError: the text is not the base64 of a 32-byte Ed25519 public key.
@@ -159,7 +257,20 @@ def sign_statement(key: Ed25519PrivateKey, domain: bytes, payload: bytes) -> str
 
 
 def statement_valid(public_key: Ed25519PublicKey, domain: bytes, payload: bytes, signature: str) -> bool:
-    """Whether `signature` (base64) is `public_key`'s signature of `payload` under `domain`."""
+    """Whether `signature` (base64) is `public_key`'s signature of `payload` under `domain`.
+
+    Never raises on bad input: a malformed signature is simply not a valid one, so callers can treat
+    every failure alike.
+
+    Args:
+        public_key: The signer's public key.
+        domain: The domain tag the statement was signed under (see `sign_statement`).
+        payload: The bytes signed after the tag.
+        signature: The signature, base64.
+
+    Returns:
+        True when the signature verifies, False otherwise (including undecodable base64).
+    """
     try:
         public_key.verify(base64.b64decode(signature, validate=True), domain + payload)
     except (InvalidSignature, ValueError, TypeError):
@@ -175,6 +286,12 @@ def canonical_bytes(entry: Mapping[str, Any]) -> bytes:
 
     Canonical so that the bytes signed do not depend on how a line was formatted on disk: a JSON
     float round-trips exactly through Python's repr, so parse-then-serialize is stable.
+
+    Args:
+        entry: A ledger line as a mapping, signed or not.
+
+    Returns:
+        The UTF-8 bytes of its content fields.
     """
     content = {k: v for k, v in entry.items() if k not in SIGNATURE_FIELDS}
     return json.dumps(
@@ -183,7 +300,16 @@ def canonical_bytes(entry: Mapping[str, Any]) -> bytes:
 
 
 def compute_entry_hash(entry: Mapping[str, Any], prev_hash: str, key_fingerprint: str) -> str:
-    """The hash that links a line to its predecessor and to its signer."""
+    """The hash that links a line to its predecessor and to its signer.
+
+    Args:
+        entry: The ledger line; its signature fields are ignored.
+        prev_hash: The entry_hash of the line before (GENESIS_HASH for the first line).
+        key_fingerprint: The signer's key fingerprint (`public_key_fingerprint`).
+
+    Returns:
+        SHA-256 (hex) over the domain tag, prev_hash, the fingerprint and the entry's canonical bytes.
+    """
     digest = hashlib.sha256()
     digest.update(DOMAIN)
     digest.update(prev_hash.encode("ascii") + b"\n")
@@ -193,7 +319,18 @@ def compute_entry_hash(entry: Mapping[str, Any], prev_hash: str, key_fingerprint
 
 
 def sign_entry(entry: Mapping[str, Any], prev_hash: str, key: Ed25519PrivateKey) -> dict[str, Any]:
-    """Return a copy of `entry` with prev_hash, entry_hash, signature and key_fingerprint."""
+    """Return a copy of `entry` with prev_hash, entry_hash, signature and key_fingerprint.
+
+    Any signature fields already in `entry` are replaced, so re-signing a line is harmless.
+
+    Args:
+        entry: The ledger line's content.
+        prev_hash: What the line chains to (`chain_head` of the ledger so far).
+        key: The site's ledger key.
+
+    Returns:
+        The signed line.
+    """
     fingerprint = public_key_fingerprint(key.public_key())
     content = {k: v for k, v in entry.items() if k not in SIGNATURE_FIELDS}
     entry_hash = compute_entry_hash(content, prev_hash, fingerprint)
@@ -208,7 +345,17 @@ def sign_entry(entry: Mapping[str, Any], prev_hash: str, key: Ed25519PrivateKey)
 
 
 def chain_head(entries: Sequence[Mapping[str, Any]]) -> str:
-    """What the next line must chain to: the last line's entry_hash, or genesis."""
+    """What the next line must chain to: the last line's entry_hash, or genesis.
+
+    Args:
+        entries: The ledger's lines so far (with their signature fields), oldest first.
+
+    Returns:
+        The last line's entry_hash, or GENESIS_HASH for an empty ledger.
+
+    Raises:
+        ValueError: When the last line is not signed, so the chain cannot be extended.
+    """
     if not entries:
         return GENESIS_HASH
     head = entries[-1].get("entry_hash")
@@ -218,7 +365,17 @@ def chain_head(entries: Sequence[Mapping[str, Any]]) -> str:
 
 
 def read_raw_ledger(path: Path) -> list[dict[str, Any]]:
-    """All lines of a ledger as dicts, signature fields included (read_ledger drops them)."""
+    """All lines of a ledger as dicts, signature fields included (read_ledger drops them).
+
+    Args:
+        path: The ledger file; blank lines are ignored.
+
+    Returns:
+        The lines, oldest first.
+
+    Raises:
+        ValueError: When a non-blank line is not JSON or not a JSON object.
+    """
     rows: list[dict[str, Any]] = []
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
@@ -235,7 +392,16 @@ def read_raw_ledger(path: Path) -> list[dict[str, Any]]:
 
 
 def append_signed(path: Path, entry: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
-    """Sign `entry` onto the end of the ledger at `path` and return the signed line."""
+    """Sign `entry` onto the end of the ledger at `path` and return the signed line.
+
+    Args:
+        path: The ledger file; created when missing.
+        entry: The line's content.
+        key: The site's ledger key.
+
+    Returns:
+        The signed line, as written.
+    """
     previous = read_raw_ledger(path) if path.exists() else []
     signed = sign_entry(entry, chain_head(previous), key)
     append_line(path, json.dumps(signed, sort_keys=True, allow_nan=False))
@@ -246,10 +412,19 @@ def append_signed(path: Path, entry: Mapping[str, Any], key: Ed25519PrivateKey) 
 
 
 def entry_slot(entry: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What may appear once in a ledger: one enrolment and one closing per run of the study, one
-    answer per (run, round, attempt). `attempt` numbers a coordinator's restarts of the same run, so
-    a round re-run after a crash is a new slot while a replayed line is not. Ledgers written before
-    runs were named have neither field: their slot is the round alone, as it always was."""
+    """What may appear once in a ledger, so that a replayed line can be told from a legitimate one.
+
+    One enrolment and one closing per run of the study, one answer per (run, round, attempt).
+    `attempt` numbers a coordinator's restarts of the same run, so a round re-run after a crash is a
+    new slot while a replayed line is not. Ledgers written before runs were named have neither field:
+    their slot is the round alone, as it always was.
+
+    Args:
+        entry: A ledger line.
+
+    Returns:
+        `(status, run)` for an enrolment or closing; `("round", run, round, attempt)` otherwise.
+    """
     status = entry.get("status")
     run, attempt = entry.get("run", ""), entry.get("attempt", 0)
     if status in ("enrolled", "closed"):
@@ -258,7 +433,14 @@ def entry_slot(entry: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 def describe_slot(slot: tuple[Any, ...]) -> str:
-    """`entry_slot` in words, for a finding."""
+    """`entry_slot` in words, for a finding.
+
+    Args:
+        slot: A slot as returned by `entry_slot`.
+
+    Returns:
+        A short description, e.g. "round 3 of run <id> (attempt 1)".
+    """
     if slot[0] != "round":
         return f"the {slot[0]} line of run {str(slot[1])[:12] or '(unnamed)'}"
     _, run, rnd, attempt = slot
@@ -321,7 +503,19 @@ def verify_chain(
 ) -> ChainVerification:
     """Check every signature and link of one site's ledger; report each problem with its line.
 
-    `site`, when given, is the site the ledger belongs to; otherwise the first line's site.
+    Reports problems rather than stopping at the first, so an auditor sees the whole extent of any
+    tampering in one pass.
+
+    Args:
+        entries: The ledger's lines with their signature fields (`read_raw_ledger`), oldest first.
+        public_key: The site's public key, as the study record keeps it.
+        site: The site the ledger belongs to; when None, the first line's site.
+
+    Returns:
+        The verification: whether it is clean, the number of lines, the key's fingerprint, the chain's
+        head (the last line's entry_hash, to compare with a copy held elsewhere) and every problem
+        found (unsigned, malformed, wrong key, bad signature, broken chain, duplicate, replayed round,
+        foreign site).
     """
     expected_fp = public_key_fingerprint(public_key)
     problems: list[ChainProblem] = []

@@ -162,21 +162,55 @@ class Rules:
 
 
 def new_private_key() -> bytes:
+    """A fresh X25519 private key, raw: a site's per-round key for agreeing share-sealing keys.
+
+    Fresh every round, so that a key revealed or rebuilt for one round tells nothing about another.
+
+    Returns:
+        The 32 raw bytes of the private key.
+    """
     return X25519PrivateKey.generate().private_bytes_raw()
 
 
 def mask_private_key(seed: bytes) -> bytes:
-    """The X25519 key that agrees a site's pairwise masks, derived from a 16-byte seed: only the
-    seed is Shamir-shared, half the bytes of sharing the key itself."""
+    """The X25519 key that agrees a site's pairwise masks, derived from a 16-byte seed.
+
+    Only the seed is Shamir-shared, half the bytes of sharing the key itself.
+
+    Args:
+        seed: The site's mask-key seed (SEED_BYTES bytes).
+
+    Returns:
+        The 32 raw bytes of the X25519 private key.
+    """
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"pmfl-secagg mask key").derive(seed)
 
 
 def public_key(private_key: bytes) -> bytes:
+    """The raw X25519 public key of a raw private key: what a site sends to its neighbours.
+
+    Args:
+        private_key: The 32 raw bytes of an X25519 private key.
+
+    Returns:
+        The 32 raw bytes of its public key.
+    """
     return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
 
 
 def agree(private_key: bytes, peer_public_key: bytes, info: bytes) -> bytes:
-    """A 32-byte key both parties derive: X25519 then HKDF-SHA256 bound to `info`."""
+    """A 32-byte key both parties derive: X25519 then HKDF-SHA256 bound to `info`.
+
+    Binding to `info` gives every use (a round, a direction, a purpose) its own key from one agreement.
+
+    Args:
+        private_key: One's own raw X25519 private key.
+        peer_public_key: The other party's raw X25519 public key.
+        info: The HKDF info naming what the key is for.
+
+    Returns:
+        The derived 32-byte key.
+    """
     shared = X25519PrivateKey.from_private_bytes(private_key).exchange(
         X25519PublicKey.from_public_bytes(peer_public_key)
     )
@@ -184,22 +218,50 @@ def agree(private_key: bytes, peer_public_key: bytes, info: bytes) -> bytes:
 
 
 def mask(seed: bytes, length: int, info: bytes) -> np.ndarray:
-    """`length` uint32 words of ChaCha20 keystream keyed by HKDF(seed, info): the mask PRG."""
+    """`length` uint32 words of ChaCha20 keystream keyed by HKDF(seed, info): the mask PRG.
+
+    Args:
+        seed: The secret the mask is derived from.
+        length: How many uint32 words to produce (the length of the quantised update).
+        info: The HKDF info naming the mask (its kind and round).
+
+    Returns:
+        The mask, a uint32 array of `length` words.
+    """
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(seed)
     stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
     return np.frombuffer(stream.update(bytes(4 * length)), dtype="<u4").astype(np.uint32)
 
 
 def seal(key: bytes, plaintext: bytes, context: bytes) -> bytes:
-    """AES-GCM with a fresh random 96-bit nonce, sent in front of the ciphertext; `context` is
-    authenticated too. A nonce never repeats under one key: besides being random, every sealing key
-    is derived for one round, sender and receiver, and a site shares its keys once per round."""
+    """AES-GCM with a fresh random 96-bit nonce, sent in front of the ciphertext; `context` is authenticated
+    too.
+
+    A nonce never repeats under one key: besides being random, every sealing key is derived for one
+    round, sender and receiver, and a site shares its keys once per round.
+
+    Args:
+        key: The 32-byte sealing key (from `agree`).
+        plaintext: The bytes to seal.
+        context: Associated data the receiver must present to open it (`share_context`).
+
+    Returns:
+        The nonce followed by the ciphertext and tag.
+    """
     nonce = os.urandom(NONCE_BYTES)
     return nonce + AESGCM(key).encrypt(nonce, plaintext, context)
 
 
 def unseal(key: bytes, sealed: bytes, context: bytes) -> bytes:
     """Open `seal`'s output.
+
+    Args:
+        key: The 32-byte sealing key.
+        sealed: The nonce, ciphertext and tag, as `seal` returns them.
+        context: The associated data it was sealed with.
+
+    Returns:
+        The plaintext.
 
     Raises:
         SecAggError: the bundle was not sealed with this key for this context (or was altered).
@@ -212,7 +274,19 @@ def unseal(key: bytes, sealed: bytes, context: bytes) -> bytes:
 
 
 def split_secret(secret: bytes, threshold: int, holders: int) -> list[bytes]:
-    """Shamir shares of `secret` (a multiple of 16 bytes): any `threshold` of them rebuild it."""
+    """Shamir shares of `secret` (a multiple of 16 bytes): any `threshold` of them rebuild it.
+
+    Each 16-byte chunk is shared separately (pycryptodome shares 16-byte secrets); a holder's share
+    is its index followed by its share of every chunk, so it travels as one value.
+
+    Args:
+        secret: The secret; its length must be a multiple of 16 bytes.
+        threshold: How many shares rebuild it.
+        holders: How many shares to make.
+
+    Returns:
+        One share per holder, holder i+1's at position i.
+    """
     per_chunk = [
         Shamir.split(threshold, holders, secret[i : i + _CHUNK], ssss=False)
         for i in range(0, len(secret), _CHUNK)
@@ -224,6 +298,15 @@ def split_secret(secret: bytes, threshold: int, holders: int) -> list[bytes]:
 
 
 def combine_shares(shares: Sequence[bytes]) -> bytes:
+    """Rebuild a secret from its Shamir shares (`split_secret`'s inverse).
+
+    Args:
+        shares: At least the threshold number of shares of one secret; not empty.
+
+    Returns:
+        The secret. With too few or foreign shares the result is wrong rather than an error, so callers
+        count shares first.
+    """
     indexed = [(int.from_bytes(s[:_INDEX_BYTES], "big"), s[_INDEX_BYTES:]) for s in shares]
     chunks = len(indexed[0][1]) // _CHUNK
     return b"".join(
@@ -233,29 +316,84 @@ def combine_shares(shares: Sequence[bytes]) -> bytes:
 
 
 def share_context(run: str, round_: int, sender: str, receiver: str) -> bytes:
-    """HKDF info (and AES-GCM associated data) of the bundle `sender` sends `receiver` in a round:
-    a bundle opens only for its run, round and direction, between the sites the roster names."""
+    """HKDF info (and AES-GCM associated data) of the bundle `sender` sends `receiver` in a round.
+
+    A bundle opens only for its run, round and direction, between the sites the roster names.
+
+    Args:
+        run: The run's id.
+        round_: The round.
+        sender: The sending site's name.
+        receiver: The receiving site's name.
+
+    Returns:
+        The context bytes.
+    """
     return json.dumps(["pmfl-secagg shares", run, round_, sender, receiver]).encode()
 
 
 def self_mask(seed: bytes, round_: int, length: int) -> np.ndarray:
+    """A site's self mask for one round, from its seed `b`.
+
+    The self mask hides a site's input even when its pairwise masks are removed because its neighbours
+    think it dropped out; the coordinator learns the seed only for sites whose input arrived.
+
+    Args:
+        seed: The site's self-mask seed for the round.
+        round_: The round, so that a seed never yields the same mask twice.
+        length: The number of uint32 words.
+
+    Returns:
+        The mask, a uint32 array.
+    """
     return mask(seed, length, f"pmfl-secagg self mask r{round_}".encode())
 
 
 def pairwise_mask(mask_seed: bytes, peer_public_key: bytes, round_: int, length: int) -> np.ndarray:
-    """The mask a pair of sites shares this round; either side's mask-key seed derives it."""
+    """The mask a pair of sites shares this round; either side's mask-key seed derives it.
+
+    Args:
+        mask_seed: One's own mask-key seed (see `mask_private_key`).
+        peer_public_key: The peer's mask public key (pk-s) for the round.
+        round_: The round.
+        length: The number of uint32 words.
+
+    Returns:
+        The mask, a uint32 array.
+    """
     info = f"pmfl-secagg pairwise mask r{round_}".encode()
     return mask(agree(mask_private_key(mask_seed), peer_public_key, info), length, info)
 
 
 def pairwise_sign(own: str, peer: str) -> int:
-    """The site whose name sorts first adds the pair's mask, the other subtracts it: they cancel in
-    the sum. Names, not the coordinator's numbering: both sides agree whatever the coordinator says."""
+    """Which of a pair adds their mask and which subtracts it, so that they cancel in the sum.
+
+    The site whose name sorts first adds the pair's mask, the other subtracts it. Names, not the
+    coordinator's numbering: both sides agree whatever the coordinator says.
+
+    Args:
+        own: One's own site name.
+        peer: The neighbour's site name.
+
+    Returns:
+        1 when `own` adds the mask, -1 when it subtracts it.
+    """
     return 1 if own < peer else -1
 
 
 def keys_statement(run: str, round_: int, site: str, pk_c: bytes, pk_s: bytes) -> bytes:
-    """What a site signs about its round public keys: whose they are, for which run and round."""
+    """What a site signs about its round public keys: whose they are, for which run and round.
+
+    Args:
+        run: The run's id.
+        round_: The round.
+        site: The site's name.
+        pk_c: Its round public key for sealing shares.
+        pk_s: Its round public key for pairwise masks.
+
+    Returns:
+        The canonical JSON of the statement.
+    """
     return json.dumps(
         {"run": run, "round": round_, "site": site, "pk-c": pk_c.hex(), "pk-s": pk_s.hex()},
         sort_keys=True, separators=(",", ":"),
@@ -263,31 +401,95 @@ def keys_statement(run: str, round_: int, site: str, pk_c: bytes, pk_s: bytes) -
 
 
 def sign_keys(key: Ed25519PrivateKey, run: str, round_: int, site: str, pk_c: bytes, pk_s: bytes) -> bytes:
-    """The site's ledger-key signature (raw, 64 bytes, as it travels) over its round public keys."""
+    """The site's ledger-key signature (raw, 64 bytes, as it travels) over its round public keys.
+
+    Signed with the ledger key the roster names, so a coordinator cannot substitute keys of its own
+    and read the shares sent to a site.
+
+    Args:
+        key: The site's ledger key.
+        run: The run's id.
+        round_: The round.
+        site: The site's name.
+        pk_c: Its round public key for sealing shares.
+        pk_s: Its round public key for pairwise masks.
+
+    Returns:
+        The raw 64-byte Ed25519 signature.
+    """
     return _raw(sign_statement(key, KEYS_DOMAIN, keys_statement(run, round_, site, pk_c, pk_s)))
 
 
 def keys_signature_valid(
     roster: Roster, run: str, round_: int, site: str, pk_c: bytes, pk_s: bytes, signature: object
 ) -> bool:
-    """Whether `signature` is `site`'s signature of these round keys, by the key the roster names."""
+    """Whether `signature` is `site`'s signature of these round keys, by the key the roster names.
+
+    Args:
+        roster: The run's roster.
+        run: The run's id.
+        round_: The round.
+        site: The site the keys claim to be from.
+        pk_c: The claimed round public key for sealing shares.
+        pk_s: The claimed round public key for pairwise masks.
+        signature: The signature as received (raw bytes expected; anything else is invalid).
+
+    Returns:
+        True when it verifies, False otherwise.
+    """
     return _signed_by(roster, site, KEYS_DOMAIN, keys_statement(run, round_, site, pk_c, pk_s), signature)
 
 
 def survivors_statement(run: str, round_: int, survivors: Sequence[str]) -> bytes:
-    """What a site signs to confirm a round's survivors: the sites whose masked inputs arrived."""
+    """What a site signs to confirm a round's survivors: the sites whose masked inputs arrived.
+
+    Args:
+        run: The run's id.
+        round_: The round.
+        survivors: The survivors' names, in any order (they are sorted).
+
+    Returns:
+        The canonical JSON of the statement.
+    """
     return json.dumps({"run": run, "round": round_, "survivors": sorted(survivors)},
                       sort_keys=True, separators=(",", ":")).encode()
 
 
 def sign_survivors(key: Ed25519PrivateKey, run: str, round_: int, survivors: Sequence[str]) -> bytes:
-    """The site's ledger-key signature (raw, 64 bytes) confirming a round's survivor set."""
+    """The site's ledger-key signature (raw, 64 bytes) confirming a round's survivor set.
+
+    Args:
+        key: The site's ledger key.
+        run: The run's id.
+        round_: The round.
+        survivors: The survivors' names.
+
+    Returns:
+        The raw 64-byte Ed25519 signature.
+    """
     return _raw(sign_statement(key, SURVIVORS_DOMAIN, survivors_statement(run, round_, survivors)))
 
 
 def survivors_signature_valid(
     roster: Roster, run: str, round_: int, survivors: Sequence[str], site: str, signature: object
 ) -> bool:
+    """Whether `signature` is `site`'s confirmation of this survivor set, by the key the roster names.
+
+    Lets a site check that its neighbours saw the same survivors before it hands in shares: a
+    coordinator that tells sites different survivor sets could otherwise get both a site's self-mask
+    seed and its mask key.
+
+    Args:
+        roster: The run's roster.
+        run: The run's id.
+        round_: The round.
+        survivors: The survivor set the signature should confirm.
+        site: The site that supposedly signed it.
+        signature: The signature as received (raw bytes expected; anything else is invalid).
+
+    Returns:
+        True when it verifies, False otherwise.
+    """
     return _signed_by(roster, site, SURVIVORS_DOMAIN, survivors_statement(run, round_, survivors), signature)
 
 
@@ -310,6 +512,14 @@ def neighbourhoods(count: int, degree: int, rng: random.Random) -> dict[int, lis
 
     `degree` <= 0 or >= count: everyone (SecAgg). Otherwise SecAgg+'s sparse graph: a ring over a
     random order, `degree // 2` neighbours each side, so the relation is symmetric.
+
+    Args:
+        count: The number of participants.
+        degree: The study's neighbourhood size.
+        rng: The source of the random order.
+
+    Returns:
+        Each participant's number mapped to the sorted numbers of its neighbours.
     """
     everyone = list(range(1, count + 1))
     if degree <= 0 or degree >= count:
@@ -324,13 +534,32 @@ def neighbourhoods(count: int, degree: int, rng: random.Random) -> dict[int, lis
 
 
 def reconstruction_threshold(fraction: float, holders: int) -> int:
-    """Shares needed to rebuild a secret: a strict majority of its holders, and at least 2."""
+    """Shares needed to rebuild a secret: a strict majority of its holders, and at least 2.
+
+    Args:
+        fraction: The study's threshold, as a fraction of the holders.
+        holders: How many sites hold shares of the secret.
+
+    Returns:
+        The larger of 2, a strict majority and `fraction` of the holders (rounded up).
+    """
     return max(2, holders // 2 + 1, math.ceil(fraction * holders))
 
 
 def check_threshold(threshold: int, holders: int) -> str:
-    """Why a site must refuse these parameters ('' if safe): a threshold of 1 or a minority would
-    let the coordinator alone, or with a minority of sites, rebuild a site's secrets."""
+    """Why a site must refuse these parameters ('' if safe).
+
+    A threshold of 1 or a minority would let the coordinator alone, or with a minority of sites,
+    rebuild a site's secrets.
+
+    Args:
+        threshold: The threshold asked for.
+        holders: How many share holders there are.
+
+    Returns:
+        The reason to refuse, or '' when the threshold is a strict majority of at least 2 and no more
+        than the holders.
+    """
     if threshold < 2 or 2 * threshold <= holders:
         return f"reconstruction threshold {threshold} of {holders} shares is not a strict majority (>= 2)"
     if threshold > holders:
@@ -352,6 +581,18 @@ def recover_sum(
     `seed_shares` holds shares of each contributor's self-mask seed; `key_shares` shares of the
     mask key of each site that shared keys but sent no input (its pairwise masks stay in its
     neighbours' inputs and are removed here).
+
+    Args:
+        round_: The round.
+        masked: Each contributing site's masked input.
+        seed_shares: Shares of each contributor's self-mask seed.
+        key_shares: Shares of the mask-key seed of each site that dropped out.
+        pk_s: Each site's round mask public key.
+        graph: Each site's neighbours.
+        threshold: How many shares rebuild a secret.
+
+    Returns:
+        The sum of the unmasked quantised inputs, uint32 (mod 2**32).
 
     Raises:
         SecAggError: fewer than `threshold` shares of a needed secret.

@@ -57,7 +57,16 @@ def pki(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing certificate set")] = False,
 ) -> None:
-    """Make a pilot CA and the SuperLink's server certificate (SANs = --host values)."""
+    """Make a pilot CA and the SuperLink's server certificate (SANs = --host values).\f
+
+    Args:
+        directory: The coordinator's directory; the certificates go to its pki/ folder.
+        host: The names or IPs the sites dial; 127.0.0.1 and localhost are always added.
+        overwrite: Replace an existing certificate set.
+
+    Raises:
+        typer.Exit: With code 1 when the certificates cannot be made (e.g. they exist already).
+    """
     hosts = list(dict.fromkeys([*(host or []), "127.0.0.1", "localhost"]))
     try:
         paths = write_pilot_pki(Coordinator(directory).pki.directory, hosts, overwrite=overwrite)
@@ -73,7 +82,15 @@ def check_pki(
     directory: CoordDir,
     host: Annotated[str, typer.Option(help="the address sites dial")] = "127.0.0.1",
 ) -> None:
-    """Check a certificate set (e.g. from the hospital's own PKI) in DIR/pki for --host."""
+    """Check a certificate set (e.g. from the hospital's own PKI) in DIR/pki for --host.\f
+
+    Args:
+        directory: The coordinator's directory.
+        host: The address the sites dial, which the server certificate must be valid for.
+
+    Raises:
+        typer.Exit: With code 1 when the set is incomplete or not valid for `host`.
+    """
     try:
         cert = check_pki_files(PkiPaths(Coordinator(directory).pki.directory), host)
     except PkiError as exc:
@@ -106,7 +123,18 @@ def start(
     """Start the SuperLink: TLS, site-key authentication, state in DIR/state/superlink.db.
 
     Sites reach its Fleet API on HOST:PORT; its Control API (runs, site keys) and Runtime API answer
-    this host only, unless --remote-control."""
+    this host only, unless --remote-control.\f
+
+    Args:
+        directory: The coordinator's directory.
+        host: The address to listen on.
+        port: The HTTPS port of the Fleet, Control and Runtime APIs.
+        insecure: Plain HTTP without site authentication, for local tests only.
+        remote_control: Also answer the Control and Runtime APIs (no user authentication) to other hosts.
+
+    Raises:
+        typer.Exit: With code 1 when the SuperLink cannot start, otherwise with its exit code.
+    """
     coord = Coordinator(directory.resolve())
     if insecure:
         console.print("[bold red]--insecure: no TLS and no site authentication. Never with real data.")
@@ -132,7 +160,16 @@ def register(
     public_key: Annotated[Path, typer.Argument(help="the site's keys/site.pub")],
     name: Annotated[str, typer.Option(help="the site's name")],
 ) -> None:
-    """Register a site's public key: only registered sites can connect."""
+    """Register a site's public key: only registered sites can connect.\f
+
+    Args:
+        directory: The coordinator's directory.
+        public_key: The site's keys/site.pub.
+        name: The site's name.
+
+    Raises:
+        typer.Exit: With code 1 when the key cannot be registered.
+    """
     try:
         node = register_site(Coordinator(directory.resolve()), public_key, name)
     except CoordinatorError as exc:
@@ -142,7 +179,15 @@ def register(
 
 @coordinator_app.command("unregister")
 def unregister(directory: CoordDir, name: Annotated[str, typer.Option(help="the site's name")]) -> None:
-    """Remove a site's key: it can no longer connect."""
+    """Remove a site's key: it can no longer connect.\f
+
+    Args:
+        directory: The coordinator's directory.
+        name: The site's name.
+
+    Raises:
+        typer.Exit: With code 1 when the site cannot be removed (e.g. it is not registered).
+    """
     try:
         unregister_site(Coordinator(directory.resolve()), name)
     except CoordinatorError as exc:
@@ -152,8 +197,15 @@ def unregister(directory: CoordDir, name: Annotated[str, typer.Option(help="the 
 
 @coordinator_app.command("sites")
 def sites(directory: CoordDir) -> None:
-    """Every node the SuperLink has registered and whether it is online; nodes pmfl did not enrol
-    (registered directly through the Control API on this host) are flagged."""
+    """Every node the SuperLink has registered and whether it is online; nodes pmfl did not enrol (registered
+    directly through the Control API on this host) are flagged.\f
+
+    Args:
+        directory: The coordinator's directory.
+
+    Raises:
+        typer.Exit: With code 1 when the SuperLink's registry cannot be read.
+    """
     try:
         rows = site_status(Coordinator(directory.resolve()))
     except CoordinatorError as exc:
@@ -208,7 +260,22 @@ def run(
         "--resume", help="continue the run in --out after the coordinator crashed: its last checkpoint, "
         "the same roster, every site's ledger completed from the site's own")] = False,
 ) -> None:
-    """Submit a study to the SuperLink, follow it to the end, and collect its run directory."""
+    """Submit a study to the SuperLink, follow it to the end, and collect its run directory.\f
+
+    Args:
+        directory: The coordinator's directory.
+        study: The study TOML (its [[sites]], if any, are not used).
+        out: The run directory.
+        app_dir: The source of the study app sent to the sites.
+        expected_sites: Sites to wait for before round 1; None for those online now.
+        timeout: Seconds after which to give up; None to wait for the end.
+        round_timeout: Seconds to wait for a round's replies; None for the default.
+        resume: Continue the run in `out` after the coordinator crashed.
+
+    Raises:
+        typer.Exit: With code 1 when the run cannot be submitted, followed or collected.
+        SystemExit: With code 1 when the run did not complete.
+    """
     coord = Coordinator(directory.resolve())
     try:
         rows = site_status(coord)

@@ -86,14 +86,32 @@ WILDCARDS = ("", "0.0.0.0", "::", "[::]", "localhost")  # bound there, this host
 
 
 def dial_host(host: str) -> str:
-    """The address this host's own commands (`flwr`, `pmfl coordinator`, the ServerApp) dial to
-    reach a SuperLink listening on `host`: 127.0.0.1 for a wildcard or loopback, else `host` itself
-    (a process here dialing one of this machine's addresses arrives from that address, which the
-    SuperLink counts as this host). The server certificate needs it as a subject alternative name."""
+    """The address this host's own commands (`flwr`, `pmfl coordinator`, the ServerApp) dial to reach a
+    SuperLink listening on `host`.
+
+    127.0.0.1 for a wildcard or loopback, else `host` itself (a process here dialing one of this
+    machine's addresses arrives from that address, which the SuperLink counts as this host). The
+    server certificate needs it as a subject alternative name.
+
+    Args:
+        host: The address the SuperLink listens on.
+
+    Returns:
+        The host name or IP to dial, without IPv6 brackets.
+    """
     return "127.0.0.1" if host in WILDCARDS else host.strip("[]")
 
 
 def dial_address(host: str, port: int) -> str:
+    """`dial_host` with the port: the host:port this host's own commands connect to.
+
+    Args:
+        host: The address the SuperLink listens on.
+        port: Its port.
+
+    Returns:
+        "host:port", with an IPv6 address in brackets.
+    """
     name = dial_host(host)
     return f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
 
@@ -101,8 +119,17 @@ def dial_address(host: str, port: int) -> str:
 def configure(
     coord: Coordinator, port: int = DEFAULT_PORT, insecure: bool = False, host: str = "127.0.0.1"
 ) -> None:
-    """Write the host and port, and the `flwr` CLI's connection (the address this host dials for
-    `host`, see `dial_host`; with the CA unless insecure)."""
+    """Write the host and port, and the `flwr` CLI's connection.
+
+    The connection is the address this host dials for `host` (see `dial_host`), with the CA unless
+    insecure, so that every later `flwr` command reaches this SuperLink without further settings.
+
+    Args:
+        coord: The coordinator.
+        port: The SuperLink's port.
+        insecure: Plain HTTP without TLS.
+        host: The address the SuperLink listens on.
+    """
     coord.directory.mkdir(parents=True, exist_ok=True)
     settings = {"port": port, "insecure": insecure, "host": host}
     coord.settings_path.write_text(tomli_w.dumps(settings), encoding="utf-8")
@@ -124,12 +151,28 @@ def superlink_command(
     insecure: bool = False,
     remote_control: bool = False,
 ) -> list[str]:
-    """`flower-superlink` with TLS, SuperNode authentication and a database file (or plain HTTP
-    without authentication when `insecure`: Flower does not allow authentication without TLS).
+    """`flower-superlink` with TLS, SuperNode authentication and a database file.
 
-    Its Control and Runtime APIs answer this host only (`server.deploy.superlink`: Flower serves
-    them on the Fleet API's port, without user authentication), unless `remote_control`; the
-    launcher refuses to start if that restriction cannot be put in place."""
+    Or plain HTTP without authentication when `insecure`: Flower does not allow authentication
+    without TLS. Its Control and Runtime APIs answer this host only (`server.deploy.superlink`:
+    Flower serves them on the Fleet API's port, without user authentication), unless
+    `remote_control`; the launcher refuses to start if that restriction cannot be put in place.
+
+    Args:
+        coord: The coordinator.
+        host: The address to listen on.
+        port: The port of the Fleet, Control and Runtime APIs.
+        insecure: Plain HTTP without authentication, for local tests only.
+        remote_control: Run Flower's own `flower-superlink`, answering the Control and Runtime APIs to
+            other hosts too.
+
+    Returns:
+        The command line.
+
+    Raises:
+        PkiError: When, without `insecure`, the certificate set is incomplete or not valid for the
+            address this host dials (from `check_pki_files`).
+    """
     coord.database.parent.mkdir(parents=True, exist_ok=True)
     launcher = [_script("flower-superlink")] if remote_control else [sys.executable, "-P", "-m", LAUNCHER]
     cmd = [
@@ -165,8 +208,21 @@ def start_superlink(
     stdout: Any = None,
     remote_control: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start the SuperLink (returns at once). Its ServerApps inherit the environment, so
-    PMFL_GRID_POLL_INTERVAL set here applies to every study."""
+    """Start the SuperLink (returns at once).
+
+    Its ServerApps inherit the environment, so PMFL_GRID_POLL_INTERVAL set here applies to every study.
+
+    Args:
+        coord: The coordinator.
+        host: The address to listen on.
+        port: The port of the Fleet, Control and Runtime APIs.
+        insecure: Plain HTTP without authentication, for local tests only.
+        stdout: Where the SuperLink writes its output (stderr included); None to inherit.
+        remote_control: Answer the Control and Runtime APIs to other hosts too.
+
+    Returns:
+        The SuperLink's process.
+    """
     configure(coord, port, insecure, host)
     cmd = superlink_command(coord, host, port, insecure, remote_control)
     err = subprocess.STDOUT if stdout is not None else None
@@ -177,7 +233,22 @@ def start_superlink(
 
 
 def flwr(coord: Coordinator, *args: str, cwd: Path | None = None, timeout: float = 120) -> dict[str, Any]:
-    """Run a `flwr` CLI command against this coordinator's SuperLink; its JSON answer."""
+    """Run a `flwr` CLI command against this coordinator's SuperLink; its JSON answer.
+
+    Uses Flower's own CLI rather than its internals, so this module keeps working as Flower changes.
+
+    Args:
+        coord: The coordinator.
+        *args: The command's arguments (without `--format json`, which is added).
+        cwd: The working directory; the coordinator's directory when None.
+        timeout: Seconds before the command is abandoned.
+
+    Returns:
+        The command's JSON answer.
+
+    Raises:
+        CoordinatorError: When the command fails or does not report success.
+    """
     proc = subprocess.run(
         [_script("flwr"), *args, "--format", "json"],
         env=coord.env(),
@@ -199,13 +270,33 @@ def flwr(coord: Coordinator, *args: str, cwd: Path | None = None, timeout: float
 
 
 def registry(coord: Coordinator) -> dict[str, dict[str, Any]]:
+    """The sites pmfl enrolled (sites.json): name -> node id and public key.
+
+    Args:
+        coord: The coordinator.
+
+    Returns:
+        The registry; empty when no site was registered yet.
+    """
     if not coord.registry_path.exists():
         return {}
     return json.loads(coord.registry_path.read_text(encoding="utf-8"))
 
 
 def register_site(coord: Coordinator, public_key: Path, name: str) -> int:
-    """Register a site's public key with the SuperLink; only registered keys may connect."""
+    """Register a site's public key with the SuperLink; only registered keys may connect.
+
+    Args:
+        coord: The coordinator.
+        public_key: The site's public key file (keys/site.pub).
+        name: The site's name; it must not be registered yet.
+
+    Returns:
+        The node id the SuperLink gave the site.
+
+    Raises:
+        CoordinatorError: When the name is registered already or Flower refuses the key.
+    """
     sites = registry(coord)
     if name in sites:
         raise CoordinatorError(f"a site named {name!r} is already registered (node {sites[name]['node_id']})")
@@ -217,7 +308,15 @@ def register_site(coord: Coordinator, public_key: Path, name: str) -> int:
 
 
 def unregister_site(coord: Coordinator, name: str) -> None:
-    """Remove a site: its key can no longer connect (withdrawal, or a lost key)."""
+    """Remove a site: its key can no longer connect (withdrawal, or a lost key).
+
+    Args:
+        coord: The coordinator.
+        name: The site's name.
+
+    Raises:
+        CoordinatorError: When no site of that name is registered or Flower refuses.
+    """
     sites = registry(coord)
     if name not in sites:
         raise CoordinatorError(f"no registered site named {name!r}")
@@ -231,13 +330,16 @@ _GONE = ("unregistered", "deleted")  # hidden by `flwr supernode list`, as here:
 
 
 def site_status(coord: Coordinator) -> list[dict[str, Any]]:
-    """Every node the SuperLink has registered, as Flower lists it (`flwr supernode list`), and every
-    site in sites.json, each with its status; nodes pmfl did not enrol are flagged.
+    """Every node the SuperLink has registered, as Flower lists it (`flwr supernode list`), and every site in
+    sites.json, each with its status; nodes pmfl did not enrol are flagged.
 
     Why flag: the SuperLink's Control API has no user authentication, so any process on this host can
     register a node key (`flwr supernode register`); such a node takes part in every study like an
     enrolled site, but pmfl's registry does not know it. A node counts as enrolled only when
     sites.json holds its node id with the same public key.
+
+    Args:
+        coord: The coordinator.
 
     Returns:
         One dict per node or site: `site` (the sites.json name, or None), `node_id`, `status`
@@ -353,17 +455,32 @@ def submit(
 
 
 def run_info(coord: Coordinator, run_id: int) -> dict[str, Any]:
+    """`flwr ls`'s record of one run: its status, app hash and times.
+
+    Args:
+        coord: The coordinator.
+        run_id: Flower's run id.
+
+    Returns:
+        The run's record as `flwr ls --format json` gives it.
+    """
     return flwr(coord, "ls", CONNECTION, "--run-id", str(run_id))["runs"][0]
 
 
 @contextmanager
 def control_client(coord: Coordinator) -> Iterator[ControlHttpClient]:
-    """Flower's own Control API client (what the `flwr` CLI uses), in this process, for the
-    SuperLink of this coordinator (at the address this host dials, see `dial_host`).
+    """Flower's own Control API client (what the `flwr` CLI uses), in this process, for the SuperLink of this
+    coordinator (at the address this host dials, see `dial_host`).
 
     Why not `flwr ls` in a loop: every `flwr` command is a new Python process that costs about 1 s
     of CPU; polled once a second while a study runs, that took half of a 2-core coordinator from
     the SuperLink and the ServerApp, and slowed every round.
+
+    Args:
+        coord: The coordinator (its settings must have been written by `configure`).
+
+    Yields:
+        The connected client; it is closed on leaving the context.
     """
     from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
     from flwr.supercore.control import ControlHttpClient
@@ -384,7 +501,18 @@ def control_client(coord: Coordinator) -> Iterator[ControlHttpClient]:
 
 
 def run_status(client: ControlHttpClient, run_id: int) -> str:
-    """The run's status as `flwr ls` shows it: "running", "finished:completed", ..."""
+    """The run's status as `flwr ls` shows it: "running", "finished:completed", ...
+
+    Args:
+        client: A Control API client (`control_client`).
+        run_id: Flower's run id.
+
+    Returns:
+        The status, with its sub-status after a colon when it has one.
+
+    Raises:
+        CoordinatorError: When the SuperLink cannot be asked or knows no such run.
+    """
     from flwr.common.serde import run_from_proto
     from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=E0611
 
@@ -406,8 +534,23 @@ def follow(
     poll: float = 0.5,
     timeout: float | None = None,
 ) -> dict[str, Any]:
-    """Wait for the run to finish, reporting each round that lands in RUN/metrics.json; then
-    `flwr ls`'s record of the run."""
+    """Wait for the run to finish, reporting each round that lands in RUN/metrics.json; then `flwr ls`'s
+    record of the run.
+
+    Args:
+        coord: The coordinator.
+        run_id: Flower's run id.
+        run_dir: The run directory the ServerApp writes.
+        on_round: Called with each new round of metrics.json; None to report nothing.
+        poll: Seconds between status checks.
+        timeout: Seconds after which to give up; None to wait for the end.
+
+    Returns:
+        The run's record (`run_info`).
+
+    Raises:
+        CoordinatorError: When the run does not finish within `timeout`, or its status cannot be read.
+    """
     deadline = None if timeout is None else time.monotonic() + timeout
     seen = 0
     metrics_path = Path(run_dir) / "metrics.json"
@@ -442,6 +585,16 @@ def collect(coord: Coordinator, run_id: int, run_dir: Path, info: dict[str, Any]
 
     The ServerApp itself wrote metrics.json, model.pt, config.toml, checkpoints/ and privacy/
     (every site's ledger lines as received). Here: `serverapp.log` and `deployment.json`.
+
+    Args:
+        coord: The coordinator.
+        run_id: Flower's run id.
+        run_dir: The run directory.
+        info: The run's record (`run_info`).
+
+    Returns:
+        What deployment.json holds: the run id, status, app hash, the sites by node id, each round's
+        failures with the site they came from, and the sites that dropped out.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,14 @@ def _name(common_name: str, organization: str) -> x509.Name:
 
 
 def san_entry(host: str) -> x509.GeneralName:
-    """An IP address SAN for IP literals, a DNS name otherwise (TLS clients match them differently)."""
+    """An IP address SAN for IP literals, a DNS name otherwise (TLS clients match them differently).
+
+    Args:
+        host: A host name or IP address.
+
+    Returns:
+        The subject alternative name entry for it.
+    """
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
@@ -68,7 +75,18 @@ def _key_usage(*, signs_certificates: bool) -> x509.KeyUsage:
 def make_ca(
     common_name: str = "pmfl pilot CA", organization: str = "pmfl", days: int = 825
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A self-signed CA that may sign server certificates only (path length 0)."""
+    """A self-signed CA that may sign server certificates only (path length 0).
+
+    Path length 0, so that a leaked pilot CA cannot be used to mint intermediate CAs.
+
+    Args:
+        common_name: The CA's common name.
+        organization: The CA's organisation.
+        days: How long the CA certificate is valid.
+
+    Returns:
+        The CA's private key (EC P-384) and its certificate.
+    """
     key = ec.generate_private_key(ec.SECP384R1())
     name = _name(common_name, organization)
     now = _now()
@@ -94,7 +112,21 @@ def make_server_certificate(
     hosts: list[str],
     days: int = 397,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A TLS server certificate for the SuperLink, valid for every name or IP in `hosts`."""
+    """A TLS server certificate for the SuperLink, valid for every name or IP in `hosts`.
+
+    Args:
+        ca_key: The CA's private key, which signs the certificate.
+        ca_cert: The CA's certificate.
+        hosts: The names and IPs the sites dial; the first is also the subject's common name.
+        days: How long the certificate is valid (default 397, within the 398-day maximum many TLS clients
+            enforce).
+
+    Returns:
+        The server's private key (EC P-384) and its certificate.
+
+    Raises:
+        PkiError: When `hosts` is empty.
+    """
     if not hosts:
         raise PkiError("a server certificate needs at least one host name or IP address")
     key = ec.generate_private_key(ec.SECP384R1())
@@ -127,7 +159,20 @@ def verify_server_certificate(
     host: str,
     intermediates: list[x509.Certificate] | None = None,
 ) -> None:
-    """Raise PkiError unless `cert` chains to `ca` and is valid for `host` (as a TLS client checks)."""
+    """Raise PkiError unless `cert` chains to `ca` and is valid for `host` (as a TLS client checks).
+
+    Checking as a client would catches a certificate set that sites would refuse before any site
+    tries to connect.
+
+    Args:
+        cert: The server certificate.
+        ca: The trusted CA certificates.
+        host: The address the sites dial.
+        intermediates: Intermediate certificates between `cert` and `ca`, if any.
+
+    Raises:
+        PkiError: When the certificate does not verify for `host` under `ca`.
+    """
     from cryptography.x509 import verification as v
 
     entry = san_entry(host)
@@ -182,7 +227,19 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def write_pilot_pki(directory: Path, hosts: list[str], overwrite: bool = False) -> PkiPaths:
-    """Make a CA and a server certificate for `hosts` in `directory` (keys readable by owner only)."""
+    """Make a CA and a server certificate for `hosts` in `directory` (keys readable by owner only).
+
+    Args:
+        directory: Where to write the certificate set.
+        hosts: The names and IPs the sites dial.
+        overwrite: Replace an existing certificate set.
+
+    Returns:
+        The paths of the written files.
+
+    Raises:
+        PkiError: When a certificate set exists and `overwrite` is not set.
+    """
     paths = PkiPaths(Path(directory))
     existing = [p for p in (paths.ca_cert, paths.server_cert) if p.exists()]
     if existing and not overwrite:
@@ -197,7 +254,19 @@ def write_pilot_pki(directory: Path, hosts: list[str], overwrite: bool = False) 
 
 
 def check_pki_files(paths: PkiPaths, host: str) -> x509.Certificate:
-    """Check a certificate set on disk (a pilot's or the hospital PKI's) for the address `host`."""
+    """Check a certificate set on disk (a pilot's or the hospital PKI's) for the address `host`.
+
+    Args:
+        paths: The certificate set's paths.
+        host: The address the sites dial.
+
+    Returns:
+        The server certificate (the chain's leaf), for the caller to report its subject and validity.
+
+    Raises:
+        PkiError: When a file is missing or unreadable, the key is not the certificate's, or the
+            certificate is not valid for `host` under the CA.
+    """
     for path in (paths.ca_cert, paths.server_cert, paths.server_key):
         if not path.is_file():
             raise PkiError(f"missing {path}")

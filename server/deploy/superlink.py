@@ -35,6 +35,12 @@ def apply_patches() -> None:
 
 
 def main() -> None:
+    """Apply the SuperLink patches, then run Flower's own `flower-superlink` (see the module's docstring).
+
+    Raises:
+        SystemExit: With a one-line refusal (status 1) when a patch fails, otherwise with the
+            SuperLink's exit code.
+    """
     try:
         apply_patches()
         from flwr.superlink.cli.flower_superlink import flower_superlink

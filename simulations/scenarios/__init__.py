@@ -17,6 +17,17 @@ SYNTHETIC = frozenset({"imaging-synthetic"})
 
 
 def scenario_path(name: str) -> Path:
+    """The study file of a built-in scenario.
+
+    Args:
+        name: The scenario's name (a key of SCENARIOS).
+
+    Returns:
+        The path of its TOML.
+
+    Raises:
+        ValueError: When there is no such scenario; the message lists the built-in ones.
+    """
     try:
         return SCENARIOS[name]
     except KeyError:
@@ -24,7 +35,18 @@ def scenario_path(name: str) -> Path:
 
 
 def scenario_study(name: str, out_dir: Path) -> StudyConfig:
-    """The scenario's study, its data generated under `out_dir` first when it is synthetic."""
+    """The scenario's study, its data generated under `out_dir` first when it is synthetic.
+
+    Synthetic data is generated at run time rather than shipped, so a researcher can simulate a study
+    without any real data.
+
+    Args:
+        name: The scenario's name.
+        out_dir: The directory the synthetic data goes under (in synthetic-data/).
+
+    Returns:
+        The study, with its sites pointing at the generated files when the scenario is synthetic.
+    """
     path = scenario_path(name)
     if name not in SYNTHETIC:
         return load_study(path)
