@@ -93,19 +93,23 @@ def epsilon_plot(sites: Sequence[SiteAudit]) -> str | None:
 
 
 def accuracy_plot(accuracy: Sequence[dict]) -> str | None:
-    """Base64 PNG: accuracy per round, mean over sites and pooled."""
+    """Base64 PNG: the task's headline metric per round (accuracy for yes/no studies), mean over sites
+    and pooled."""
     if not accuracy:
         return None
     rounds = [a["round"] for a in accuracy]
+    metric = str(accuracy[-1].get("metric", "accuracy"))
+    keys = ((("mean_site_accuracy", "mean over sites"), ("pooled_accuracy", "pooled")) if metric == "accuracy"
+            else (("mean_site", "mean over sites"), ("pooled", "weighted by test rows")))
     fig = Figure(figsize=(8.0, 3.4))
     ax = fig.subplots()
-    for key, label in (("mean_site_accuracy", "mean over sites"), ("pooled_accuracy", "pooled")):
+    for key, label in keys:
         values = [a.get(key) if a.get(key) is not None else float("nan") for a in accuracy]
         ax.plot(rounds, values, "o-", markersize=3, label=label)
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("accuracy")
-    ax.set_title("Test accuracy per round (metrics.json; not covered by DP)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"Test {metric} per round (metrics.json; not covered by DP)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
@@ -250,7 +254,7 @@ keys come from the run's roster, which every site on it signed before round 1.</
 </table></section>
 
 <section id="epsilon-plot"><h2>Cumulative ε per round</h2>{eps_img}</section>
-<section id="accuracy-plot"><h2>Accuracy per round</h2>{acc_img}</section>
+<section id="accuracy-plot"><h2>Test metric per round</h2>{acc_img}</section>
 
 <section id="not-covered"><h2>What this guarantee does not cover</h2><ul>{not_covered}</ul>
 </section>
