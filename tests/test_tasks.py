@@ -133,7 +133,8 @@ def test_one_patients_gradient_does_not_depend_on_the_rest_of_the_batch() -> Non
     patient_x, patient_y = torch.randn(1, 4, generator=generator), torch.tensor([[12.0, 1.0]])
     y_a = torch.tensor([[5.0, 1], [15, 0], [22, 1], [28, 1], [40, 0]])
     y_b = torch.tensor([[3.0, 0], [13, 1], [18, 1], [35, 1], [8, 1]])
-    rest_a, rest_b = (torch.randn(5, 4, generator=generator), y_a), (torch.randn(5, 4, generator=generator), y_b)
+    rest_a = (torch.randn(5, 4, generator=generator), y_a)
+    rest_b = (torch.randn(5, 4, generator=generator), y_b)
     batches = [(torch.cat([patient_x, x]), torch.cat([patient_y, y])) for x, y in (rest_a, rest_b)]
     hazard = DiscreteHazardLoss((10.0, 20.0, 30.0))
     a, b = (_first_patient_gradient(hazard, x, y) for x, y in batches)
