@@ -28,7 +28,8 @@ from simulations.runner import simulate
 from simulations.scenarios import scenario_study
 
 SCENARIOS = ("heart-disease-severity", "diabetes-progression", "tcga-brca")
-HEADLINE = {"heart-disease-severity": "balanced_accuracy", "diabetes-progression": "r2", "tcga-brca": "c_index"}
+HEADLINE = {"heart-disease-severity": "balanced_accuracy", "diabetes-progression": "r2",
+            "tcga-brca": "c_index"}
 
 
 def pooled_rows(study: StudyConfig) -> tuple[torch.Tensor, ...]:
@@ -93,7 +94,8 @@ def main() -> None:
     write_results("tasks", {"command": "python -m benchmarks.tasks", "seeds": args.seeds,
                             "results": results,
                             "flamby_tcga_brca_c_index_non_private": {
-                                "pooled": 0.704, "fedavg": 0.735, "fedadam": 0.842, "best_region_alone": 0.728}})
+                                "pooled": 0.704, "fedavg": 0.735, "fedadam": 0.842,
+                                "best_region_alone": 0.728}})
 
 
 if __name__ == "__main__":
