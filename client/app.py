@@ -41,7 +41,7 @@ from pm_common.privacy.hospital_dp import clip_and_noise, site_noise_std
 from pm_common.records.ledger import CLOSED, DECLINED, TRAINED, LedgerEntry
 from pm_common.records.roster import Roster, study_digest
 from pm_common.study.config import SiteSpec, StudyConfig
-from pm_common.tasks import SiteTensors, few_rows_warning, task_of
+from pm_common.tasks import SiteTensors, evaluate_with_baseline, few_rows_warning, task_of
 from pm_common.tasks.metrics import reportable
 from pm_common.wire import keys as p
 from pm_common.wire import packing as wire
@@ -86,8 +86,9 @@ def _model_from(received: Mapping[str, torch.Tensor], study: StudyConfig) -> nn.
 
 
 def _evaluation(model: nn.Module, data: SiteTensors, study: StudyConfig) -> dict[str, float] | None:
-    """Aggregate test metrics of the received model, or None when too few rows to be safe to send."""
-    metrics = task_of(study).metrics(predict(model, data.test_x), data.test_y)
+    """Aggregate test metrics of the received model (with the site's trivial baseline beside them), or
+    None when too few rows to be safe to send."""
+    metrics = evaluate_with_baseline(task_of(study), predict(model, data.test_x), data.train_y, data.test_y)
     return metrics if reportable(metrics, study.min_report_count) else None
 
 

@@ -40,7 +40,8 @@ log = logging.getLogger("pmfl.client")
 
 
 SITE_TABLES = ("site", "privacy", "approval", "connection")
-SITE_TABLE_RULES: dict[str, Rule] = {k: SITE_RULES[k] for k in ("name", "data", "delimiter", "encoding")}
+SITE_TABLE_RULES: dict[str, Rule] = {k: SITE_RULES[k] for k in ("name", "data", "test_data", "delimiter",
+                                                                  "encoding")}
 
 
 def read_site_toml(path: Path) -> dict[str, Any]:
@@ -83,6 +84,7 @@ def load_site_config(site_dir: Path) -> SiteSpec:
         privacy=replace(PrivacySettings(), **privacy),
         delimiter=site.get("delimiter", ","),
         encoding=site.get("encoding", "utf-8"),
+        test_data=(path.parent / site["test_data"]).resolve() if "test_data" in site else None,
     )
 
 

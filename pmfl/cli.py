@@ -65,8 +65,10 @@ def _progress_printer(num_rounds: int):  # type: ignore[no-untyped-def]
         parts = [
             f"[bold]round {progress.round:>3}/{num_rounds}[/]",
             f"trained {len(progress.trained)}",
-            f"model r{progress.round - 1}: mean site acc {_fmt(progress.mean_site_accuracy)}",
-            f"pooled {_fmt(progress.pooled_accuracy)}",
+            *([f"model r{progress.round - 1}: mean site acc {_fmt(progress.mean_site_accuracy)}",
+               f"pooled {_fmt(progress.pooled_accuracy)}"] if progress.metric == "accuracy" else
+              [f"model r{progress.round - 1}: mean site {progress.metric} {_fmt(progress.mean_site)}",
+               f"pooled {_fmt(progress.pooled)}"]),
             f"max ε {_fmt(progress.max_epsilon, 2)}",
         ]
         for site, reason in progress.declined.items():
@@ -81,12 +83,19 @@ def _progress_printer(num_rounds: int):  # type: ignore[no-untyped-def]
     return show
 
 
+METRIC_COLUMNS = {"accuracy": "test acc", "balanced_accuracy": "bal. acc", "auc": "AUC",
+                  "macro_f1": "macro F1", "mae": "MAE", "rmse": "RMSE", "r2": "R²", "c_index": "C-index",
+                  "integrated_brier": "IBS"}
+"""How the final table heads each task metric (metrics.json's names)."""
+
+
 def _print_results(out: Path, metrics: dict[str, Any]) -> None:
     summary = json.loads((out / "privacy" / "summary.json").read_text())
     final = metrics["rounds"][-1]
     table = Table(title=escape(f"{metrics['study']}: final model (round {final['round']})"))
     balanced = any("balanced_accuracy" in m for m in final["sites"].values())  # imaging studies
-    for column in ("site", "test acc", *(["bal. acc"] if balanced else []), "AUC", "n", "ε (cumulative)",
+    shown = metrics.get("metrics_shown") or ["accuracy", *(["balanced_accuracy"] if balanced else []), "auc"]
+    for column in ("site", *(METRIC_COLUMNS.get(name, name) for name in shown), "n", "ε (cumulative)",
                    "budget", "δ", "status"):
         table.add_column(column)
     for site, info in summary["sites"].items():
@@ -94,9 +103,7 @@ def _print_results(out: Path, metrics: dict[str, Any]) -> None:
         eps = "none (no DP)" if not info["dp"] else _fmt(info["epsilon"], 3)
         table.add_row(
             escape(site),
-            _fmt(m.get("accuracy")),
-            *([_fmt(m.get("balanced_accuracy"))] if balanced else []),
-            _fmt(m.get("auc")),
+            *(_fmt(m.get(name)) for name in shown),
             str(int(m["n"])) if m else "-",
             eps,
             _fmt(info.get("epsilon_budget"), 2),
@@ -104,10 +111,20 @@ def _print_results(out: Path, metrics: dict[str, Any]) -> None:
             escape(info["status"]),
         )
     console.print(table)
-    console.print(
-        f"mean site accuracy (FLamby metric) {_fmt(final['mean_site_accuracy'])}, "
-        f"pooled test accuracy {_fmt(final['pooled_accuracy'])}"
-    )
+    if final.get("mean_site_accuracy") is not None or final.get("metric", "accuracy") == "accuracy":
+        console.print(
+            f"mean site accuracy (FLamby metric) {_fmt(final['mean_site_accuracy'])}, "
+            f"pooled test accuracy {_fmt(final['pooled_accuracy'])}"
+        )
+    if final.get("metric", "accuracy") != "accuracy":
+        console.print(escape(f"{final['metric']}: mean over sites {_fmt(final.get('mean_site'))}, "
+                             f"weighted by test rows {_fmt(final.get('pooled'))}"))
+    for site, m in final["sites"].items():
+        if m.get("no_better_than_baseline"):
+            console.print(escape(
+                f"{site}: no better than the trivial baseline on its test rows "
+                f"({final.get('metric', 'accuracy')} {_fmt(m.get(final.get('metric', 'accuracy')))} vs "
+                f"baseline {_fmt(m.get('baseline'))})"), style="yellow")
     if not summary["dp"]:
         console.print(
             "[bold red]NO PRIVACY GUARANTEE: this study ran without differential privacy (--no-dp)."

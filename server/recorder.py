@@ -32,6 +32,7 @@ from pm_common.records.roster import SignedRoster
 from pm_common.records.signing import chain_head, public_key_pem, read_raw_ledger, verify_chain
 from pm_common.redaction import failure_reason
 from pm_common.study.config import StudyConfig, write_study
+from pm_common.tasks import task_of
 from pm_common.tasks.metrics import mean_over_sites
 
 
@@ -61,11 +62,21 @@ class RoundProgress:
     mean_site_accuracy: float | None  # of the model the sites received at the start of the round
     pooled_accuracy: float | None
     max_epsilon: float | None
+    metric: str = "accuracy"  # the task's headline metric
+    mean_site: float | None = None  # of `metric`, mean over sites
+    pooled: float | None = None  # of `metric`, weighted by each site's test rows
 
 
 ProgressCallback = Callable[[RoundProgress], None]
 
 UPDATES_DIR = "empirical"  # under privacy/: global-NNNN.npz (model sent), update-NNNN.npz (reply)
+
+
+def _flagged(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A site's evaluation as metrics.json shows it: the baseline flag as true/false."""
+    if "no_better_than_baseline" not in metrics:
+        return metrics
+    return {**metrics, "no_better_than_baseline": bool(metrics["no_better_than_baseline"])}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -254,6 +265,9 @@ class RunRecorder:
                 mean_site_accuracy=summary["mean_site_accuracy"],
                 pooled_accuracy=summary["pooled_accuracy"],
                 max_epsilon=max(epsilons) if epsilons else None,
+                metric=summary["metric"],
+                mean_site=summary["mean_site"],
+                pooled=summary["pooled"],
             )
         )
 
@@ -268,14 +282,21 @@ class RunRecorder:
 
     # -- files ----------------------------------------------------------------------------
     def _round_metrics(self, model_round: int) -> dict[str, Any]:
-        sites = self.evaluations.get(model_round, {})
-        accuracies = [m["accuracy"] for m in sites.values()]
-        total = sum(m["n"] for m in sites.values())
-        pooled = sum(m["accuracy"] * m["n"] for m in sites.values()) / total if total else None
+        sites = {site: _flagged(m) for site, m in self.evaluations.get(model_round, {}).items()}
+        with_accuracy = [m for m in sites.values() if "accuracy" in m]
+        accuracies = [m["accuracy"] for m in with_accuracy]
+        total = sum(m["n"] for m in with_accuracy)
+        pooled = sum(m["accuracy"] * m["n"] for m in with_accuracy) / total if total else None
+        metric = task_of(self.study).headline
+        scored = [m for m in sites.values() if metric in m]
+        scored_n = sum(m["n"] for m in scored)
         return {
             "sites": sites,
             "mean_site_accuracy": mean_over_sites(accuracies),
             "pooled_accuracy": pooled,
+            "metric": metric,
+            "mean_site": mean_over_sites([m[metric] for m in scored]),
+            "pooled": sum(m[metric] * m["n"] for m in scored) / scored_n if scored_n else None,
         }
 
     def write_metrics(self) -> dict[str, Any]:
@@ -302,6 +323,8 @@ class RunRecorder:
             "study": self.study.name,
             "strategy": self.study.strategy.name,
             "model": self.study.model.name,
+            "task": self.study.task,
+            "metrics_shown": list(task_of(self.study).shown),
             "grad_sample_mode": self.study.training.grad_sample_mode,  # "auto" resolved for the model
             "dp": all(s.privacy.dp for s in self.study.sites)
             if self.study.sites
@@ -311,7 +334,11 @@ class RunRecorder:
                if self.noise_seeded else {}),
             "note": "round r holds the evaluation of the global model after round r on each site's "
             "own test rows (round 0: the initial model). mean_site_accuracy is FLamby's metric; "
-            "pooled_accuracy is the accuracy on all sites' test rows together.",
+            "pooled_accuracy is the accuracy on all sites' test rows together. metric is the task's "
+            "headline metric; mean_site its mean over sites, pooled its mean weighted by each site's "
+            "test rows. A site's baseline is its trivial predictor's value of that metric on the same "
+            "test rows (majority class, training mean, constant risk); no_better_than_baseline says the "
+            "model did not beat it there.",
             "rounds": rounds,
         }
         _write_json(self.run_dir / "metrics.json", metrics)

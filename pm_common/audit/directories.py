@@ -72,7 +72,8 @@ def _entries(rows: Sequence[Mapping[str, Any]]) -> list[LedgerEntry] | None:
 
 
 def accuracy_series(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per-round accuracy from metrics.json: mean over sites and pooled.
+    """Per-round accuracy from metrics.json, mean over sites and pooled, and the task's own headline
+    metric (`metric`: e.g. r2, c_index) the same two ways.
 
     Tolerant of malformed items (skipped), since metrics.json is not covered by the ledger's integrity
     and must not stop an audit.
@@ -81,8 +82,8 @@ def accuracy_series(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
         metrics: The parsed metrics.json.
 
     Returns:
-        One dict per round with `round`, `mean_site_accuracy`, `pooled_accuracy` (None when absent) and
-        the sorted names of the sites reported.
+        One dict per round with `round`, `mean_site_accuracy`, `pooled_accuracy`, `metric`,
+        `mean_site` and `pooled` (None when absent) and the sorted names of the sites reported.
     """
     rows = []
     for item in metrics.get("rounds", []):
@@ -92,6 +93,9 @@ def accuracy_series(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
             "round": item["round"],
             "mean_site_accuracy": item.get("mean_site_accuracy"),
             "pooled_accuracy": item.get("pooled_accuracy"),
+            "metric": item.get("metric", "accuracy"),
+            "mean_site": item.get("mean_site", item.get("mean_site_accuracy")),
+            "pooled": item.get("pooled", item.get("pooled_accuracy")),
             "sites": sorted((item.get("sites") or {}).keys()),
         })
     return rows

@@ -103,30 +103,42 @@ def epsilon_plot(sites: Sequence[SiteAudit]) -> str | None:
     return _png(fig)
 
 
+def _plotted(value: Any) -> float:
+    """A metrics.json value as a point of a plot (NaN, a gap, where it is not a number: metrics.json
+    is not signed, and a malformed value must not stop an audit)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return float("nan")
+
+
 def accuracy_plot(accuracy: Sequence[dict[str, Any]]) -> str | None:
-    """Base64 PNG: accuracy per round, mean over sites and pooled.
+    """Base64 PNG: the task's headline metric per round (accuracy for yes/no studies), mean over sites
+    and pooled.
 
     Shown so a reader can weigh the privacy spent against what the model gained.
 
     Args:
-        accuracy: One dict per round with `round` and, when known, `mean_site_accuracy` and
-            `pooled_accuracy`.
+        accuracy: One dict per round with `round`, the headline `metric`'s name and, when known, its
+            mean over sites and pooled value.
 
     Returns:
-        The PNG as base64, or None when there is no accuracy to plot.
+        The PNG as base64, or None when there is nothing to plot.
     """
     if not accuracy:
         return None
     rounds = [a["round"] for a in accuracy]
+    metric = str(accuracy[-1].get("metric", "accuracy"))
+    keys = ((("mean_site_accuracy", "mean over sites"), ("pooled_accuracy", "pooled")) if metric == "accuracy"
+            else (("mean_site", "mean over sites"), ("pooled", "weighted by test rows")))
     fig = Figure(figsize=(8.0, 3.4))
     ax = fig.subplots()
-    for key, label in (("mean_site_accuracy", "mean over sites"), ("pooled_accuracy", "pooled")):
-        values = [float(a[key]) if a.get(key) is not None else float("nan") for a in accuracy]
+    for key, label in keys:
+        values = [_plotted(a.get(key)) for a in accuracy]
         ax.plot(rounds, values, "o-", markersize=3, label=label)
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("accuracy")
-    ax.set_title("Test accuracy per round (metrics.json; not covered by DP)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"Test {metric} per round (metrics.json; not covered by DP)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
@@ -281,7 +293,7 @@ keys come from the run's roster, which every site on it signed before round 1.</
 </table></section>
 
 <section id="epsilon-plot"><h2>Cumulative ε per round</h2>{eps_img}</section>
-<section id="accuracy-plot"><h2>Accuracy per round</h2>{acc_img}</section>
+<section id="accuracy-plot"><h2>Test metric per round</h2>{acc_img}</section>
 
 <section id="not-covered"><h2>What this guarantee does not cover</h2><ul>{not_covered}</ul>
 </section>

@@ -10,6 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pm_common.data.targets import (
+    BINARY,
+    TABULAR_TASKS,
+    TabularTarget,
+    check_target,
+    task_of_target,
+)
+from pm_common.data.targets import canonical_label as _canonical_number_text
 from pm_common.study.schema import (
     AnyOf,
     Boolean,
@@ -82,6 +90,11 @@ class Target:
     name: str
     positive: tuple[str, ...]
     negative: tuple[str, ...]
+    task = BINARY
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.name,)
 
     def label_of(self, raw: str) -> int | None:
         text = _canonical_number_text(raw)
@@ -95,7 +108,7 @@ class Target:
 @dataclass(frozen=True)
 class DataContract:
     task: str
-    target: Target
+    target: Target | TabularTarget
     features: tuple[Feature, ...]
     missing: MissingPolicy = "impute"
     missing_indicators: bool = True
@@ -108,7 +121,7 @@ class DataContract:
 
     @property
     def expected_columns(self) -> list[str]:
-        return [*self.feature_names, self.target.name]
+        return [*self.feature_names, *self.target.columns]
 
     def encoded_names(self) -> list[str]:
         """Names of the encoded columns, in model-input order."""
@@ -127,17 +140,7 @@ class DataContract:
         return len(self.encoded_names())
 
 
-def _canonical_number_text(raw: str) -> str:
-    """'1.0' and '1' are the same label; keep non-numbers as written."""
-    text = str(raw).strip()
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    return str(int(number)) if number.is_integer() else text
-
-
-TASK = "binary-classification"
+TASK = BINARY
 MAX_FEATURES = 1000  # columns a contract declares; each is one or more model inputs
 MAX_CATEGORIES = 1000  # values of one categorical feature (one model input each)
 MAX_LABELS = 1000  # raw values listed as positive or negative
@@ -153,12 +156,12 @@ _LABELS = AnyOf((_LABEL, Items(_LABEL, 1, MAX_LABELS)), f"a label or an array of
 _CATEGORY = AnyOf((Text(max_length=200), Integer(-(2**63), 2**63 - 1)), "text or an integer")
 _BOUND = Number(-MAX_ABS_BOUND, MAX_ABS_BOUND)
 CONTRACT_RULES: dict[str, Rule] = {
-    "task": Choice((TASK,)),
+    "task": Choice(TABULAR_TASKS),
     "missing": Choice(MISSING_POLICIES),
     "missing_indicators": Boolean(),
     "ignore_columns": Items(_NAME, 0, MAX_FEATURES),
     "min_rows": Integer(1, MAX_MIN_ROWS),
-    "target": Nested("a table { name, positive, negative }"),
+    "target": Nested("a table { name, positive, negative } or another task's target form"),
     "features": Nested("an array of feature tables"),
 }
 TARGET_RULES: dict[str, Rule] = {"name": _NAME, "positive": _LABELS, "negative": _LABELS}
@@ -223,8 +226,18 @@ def check_contract(data: Any, problems: list[str], place: str = "[contract]") ->
     if values is None:
         return None
     target_place = f"{place.rstrip(']')}.target]"
-    target = check_table(data.get("target"), TARGET_RULES, target_place, problems,
-                         required=("name", "positive", "negative")) if "target" in data else None
+    form = task_of_target(data.get("target")) if "target" in data else BINARY
+    declared = values.get("task")
+    if declared is not None and form is not None and declared != form:
+        problems.append(f"{place.rstrip(']')}].task: {declared!r} does not match the target's form, which "
+                        f"declares {form!r}; omit task or write the target as {form!r} expects")
+    other: TabularTarget | None = None
+    if form != BINARY:
+        other = check_target(data.get("target"), target_place, problems)
+        target = None
+    else:
+        target = check_table(data.get("target"), TARGET_RULES, target_place, problems,
+                             required=("name", "positive", "negative")) if "target" in data else None
     if target is not None and {"positive", "negative"} <= set(target):
         positive, negative = _labels(target["positive"]), _labels(target["negative"])
         if set(positive) & set(negative):
@@ -249,11 +262,15 @@ def check_contract(data: Any, problems: list[str], place: str = "[contract]") ->
         problems.append(f"[{features_place}]: duplicate names {duplicates}")
     if target is not None and target.get("name") in names:
         problems.append(f"{target_place}.name: the target {target['name']!r} is also declared as a feature")
-    if len(problems) > before or target is None:
+    for column in other.columns if other is not None else ():
+        if column in names:
+            problems.append(f"{target_place}: the target column {column!r} is also declared as a feature")
+    if len(problems) > before or (target is None and other is None):
         return None
     return DataContract(
-        task=values.get("task", TASK),
-        target=Target(target["name"], _labels(target["positive"]), _labels(target["negative"])),
+        task=form or TASK,
+        target=other if other is not None else Target(target["name"], _labels(target["positive"]),
+                                                      _labels(target["negative"])),
         features=tuple(features),
         missing=values.get("missing", "impute"),
         missing_indicators=values.get("missing_indicators", True),

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from pm_common.data.contract import CategoricalFeature, DataContract, NumericFeature
+from pm_common.data.contract import CategoricalFeature, DataContract, NumericFeature, Target
 
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 MAX_LISTED_PROBLEMS = 25
@@ -56,7 +56,7 @@ class TabularData:
     """A site's encoded table. Rows stay at the site; only the shape is ever reported."""
 
     x: np.ndarray  # float32, (n, contract.num_inputs)
-    y: np.ndarray  # float32 0/1, (n,)
+    y: np.ndarray  # float32, (n,): 0/1, class index or scaled value; survival (n, 2): time, event
     rows_dropped: int = 0
 
     def __len__(self) -> int:
@@ -160,11 +160,15 @@ def validate_and_encode(frame: pd.DataFrame, contract: DataContract, path: Path)
     n = len(frame)
     x = np.zeros((n, contract.num_inputs), dtype=np.float32)
     y = np.zeros(n, dtype=np.float32)
+    if not isinstance(contract.target, Target):  # the other tasks' targets (pm_common.data.targets)
+        y, target_problems = contract.target.encode(frame)
+        problems.extend(Problem(None, None, line) for line in target_problems)
     row_missing = np.zeros(n, dtype=bool)
     indicator_base = sum(f.width for f in contract.features)
     use_indicators = contract.missing_indicators and contract.missing == "impute"
 
-    for row, raw_label in enumerate(frame[contract.target.name].tolist()):
+    binary_labels = frame[contract.target.name].tolist() if isinstance(contract.target, Target) else []
+    for row, raw_label in enumerate(binary_labels):
         label = None if _is_missing(raw_label) else contract.target.label_of(raw_label)
         if label is None:
             problems.append(
@@ -259,8 +263,9 @@ def split_train_test(
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     indices = np.arange(len(data))
-    _, counts = np.unique(data.y, return_counts=True)
-    stratify = data.y if len(counts) == 2 and counts.min() >= 2 else None
+    labels = data.y[:, 1] if data.y.ndim == 2 else data.y  # survival: stratified by event
+    _, counts = np.unique(labels, return_counts=True)
+    stratify = labels if len(counts) == 2 and counts.min() >= 2 else None
     train_idx, test_idx = train_test_split(
         indices, test_size=test_fraction, random_state=seed, stratify=stratify
     )
@@ -270,3 +275,30 @@ def split_train_test(
         TabularData(data.x[train_idx], data.y[train_idx], data.rows_dropped),
         TabularData(data.x[test_idx], data.y[test_idx]),
     )
+
+
+def load_site_split(
+    data: Path, test_data: Path | None, contract: DataContract, *, delimiter: str, encoding: str,
+    test_fraction: float, seed: int,
+) -> tuple[TabularData, TabularData]:
+    """A site's train and test rows: its declared test file when it has one, else a seeded split.
+
+    A site that must honour a fixed split (a published benchmark's, say) declares its test rows in a
+    file of their own, validated against the same contract; otherwise its rows are split at the site.
+
+    Args:
+        data: the site's (training) table.
+        test_data: the site's own test table, or None to split `data`.
+        contract: the study's data contract.
+        delimiter: the site's CSV delimiter.
+        encoding: the site's text encoding.
+        test_fraction: share of rows held out when splitting.
+        seed: the split's seed.
+
+    Returns:
+        (train, test).
+    """
+    table = load_site_table(data, contract, delimiter=delimiter, encoding=encoding)
+    if test_data is None:
+        return split_train_test(table, test_fraction=test_fraction, seed=seed)
+    return table, load_site_table(test_data, contract, delimiter=delimiter, encoding=encoding)

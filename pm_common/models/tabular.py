@@ -12,45 +12,51 @@ from torch import nn
 
 
 class LogisticRegression(nn.Module):
-    """One linear layer: FLamby's Fed-Heart-Disease baseline model."""
+    """One linear layer: FLamby's Fed-Heart-Disease baseline model (one output per class, interval or
+    value; a single output is returned as one number per row)."""
 
-    def __init__(self, num_inputs: int) -> None:
+    def __init__(self, num_inputs: int, num_outputs: int = 1) -> None:
         super().__init__()
-        self.linear = nn.Linear(num_inputs, 1)
+        self.linear = nn.Linear(num_inputs, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x).squeeze(-1)
+        out = self.linear(x)
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
 
 
 class MLP(nn.Module):
     """A small multilayer perceptron for tabular risk prediction; returns one logit per row."""
 
-    def __init__(self, num_inputs: int, hidden: Sequence[int] = (32,)) -> None:
+    def __init__(self, num_inputs: int, hidden: Sequence[int] = (32,), num_outputs: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = num_inputs
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, num_outputs))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+        out = self.net(x)
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
 
 
 TABULAR_MODELS = ("logreg", "mlp")
 
 
 def build_tabular_model(
-    name: str, num_inputs: int, hidden: Sequence[int] = (32,), seed: int = 0
+    name: str, num_inputs: int, hidden: Sequence[int] = (32,), seed: int = 0, num_outputs: int = 1
 ) -> nn.Module:
-    """Same name, inputs and seed give the same initial weights at every site and the coordinator."""
+    """Same name, inputs, outputs and seed give the same initial weights at every site and the coordinator.
+
+    `num_outputs`: 1 for a binary logit or a regression value, one per class, one hazard logit per
+    survival interval."""
     torch.manual_seed(seed)
     if name == "logreg":
-        return LogisticRegression(num_inputs)
+        return LogisticRegression(num_inputs, num_outputs)
     if name == "mlp":
-        return MLP(num_inputs, hidden)
+        return MLP(num_inputs, hidden, num_outputs)
     raise ValueError(f"unknown tabular model {name!r}; choose one of {TABULAR_MODELS}")
 
 

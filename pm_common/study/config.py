@@ -17,6 +17,7 @@ import tomli_w
 
 from pm_common.data.contract import DataContract, check_contract
 from pm_common.data.imaging import FORMATS, ImageSpec
+from pm_common.data.targets import TABULAR_TASKS, task_of_target
 from pm_common.models.images import IMAGE_MODELS
 from pm_common.models.tabular import AUTO_MODE, OPACUS_MODES, TABULAR_MODELS, resolve_grad_sample_mode
 from pm_common.privacy.accountant import DEFAULT_ACCOUNTANT
@@ -110,10 +111,12 @@ class SiteSpec:
     delimiter: str = ","
     encoding: str = "utf-8"
     image_source: tuple[tuple[str, Any], ...] = ()  # imaging: format, manifest, windowing, on_bad_file
+    test_data: Path | None = None  # the site's own test rows (a fixed split); None: split `data`
 
 
 IMAGE_SOURCE_KEYS = ("format", "manifest", "window_center", "window_width", "on_bad_file", "npz_val")
-TASKS = ("binary-classification", "image-classification")
+IMAGE_TASK = "image-classification"
+TASKS = (*TABULAR_TASKS, IMAGE_TASK)
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,7 @@ SECURE_AGGREGATION_RULES: dict[str, Rule] = {
 SITE_RULES: dict[str, Rule] = {
     "name": SITE_NAME,
     "data": PATH,
+    "test_data": PATH,
     "delimiter": Choice(DELIMITERS),
     "encoding": Text(max_length=40, what="a text encoding name"),
     **PRIVACY_RULES,
@@ -336,19 +340,28 @@ def _top_level(study: _Study) -> None:
             study.refuse(table_place(key), f"unknown {what}; allowed: {allowed}")
 
 
+def _inferred_task(raw: Mapping[str, Any]) -> str:
+    """The task a study asks when `[study] task` is omitted: images, or the contract target's form."""
+    if "images" in raw:
+        return IMAGE_TASK
+    contract = raw.get("contract")
+    target = contract.get("target") if isinstance(contract, Mapping) else None
+    return task_of_target(target) or "binary-classification"
+
+
 def _task(study: _Study) -> tuple[dict[str, Any] | None, str]:
     values = study.table("study", STUDY_RULES)
-    task = (values or {}).get("task", "binary-classification")
+    task = (values or {}).get("task") or _inferred_task(study.raw)
     if values is None and isinstance(study.raw.get("study"), Mapping):
-        raw_task = study.raw["study"].get("task", "binary-classification")
-        task = raw_task if raw_task in TASKS else "binary-classification"
+        raw_task = study.raw["study"].get("task", task)
+        task = raw_task if raw_task in TASKS else task
     return values, task
 
 
 def _contract(study: _Study, task: str) -> DataContract | None:
     """The tabular data contract: inline `[contract]`, or `contract = "path.toml"` (then inlined)."""
     table: Any = study.raw.get("contract")
-    if task != "binary-classification":
+    if task == IMAGE_TASK:
         if table is not None:
             study.refuse("[contract]", f"applies to tabular studies only; [study].task is {task!r}")
         return None
@@ -364,12 +377,18 @@ def _contract(study: _Study, task: str) -> DataContract | None:
             return None
         table = loaded.get("contract", loaded)
         study.raw["contract"] = table  # inline it: the effective config stands on its own
-    return check_contract(table, study.problems)
+    contract = check_contract(table, study.problems)
+    explicit = isinstance(study.raw.get("study"), Mapping) and "task" in study.raw["study"]
+    if contract is not None and contract.task != task and explicit:
+        study.refuse("[study].task", f"{task!r} does not match [contract].target, whose form declares "
+                     f"{contract.task!r}; omit [study] task to take the target's")
+        return None
+    return contract
 
 
 def _images(study: _Study, task: str) -> ImageSpec | None:
     table = study.raw.get("images")
-    if task != "image-classification":
+    if task != IMAGE_TASK:
         if table is not None:
             study.refuse("[images]", f"applies to image studies only; [study].task is {task!r}")
         return None
@@ -383,7 +402,7 @@ def _images(study: _Study, task: str) -> ImageSpec | None:
 def _model(study: _Study, task: str, images: ImageSpec | None) -> ModelConfig | None:
     values = study.table("model", MODEL_RULES)
     table = study.raw.get("model", {})
-    allowed = IMAGE_MODELS if task == "image-classification" else TABULAR_MODELS
+    allowed = IMAGE_MODELS if task == IMAGE_TASK else TABULAR_MODELS
     name = table.get("name", allowed[0]) if isinstance(table, Mapping) else allowed[0]
     if name not in allowed or not isinstance(name, str):
         study.refuse("[model].name", f"got {show(name)}; expected one of "
@@ -463,7 +482,7 @@ def _sites(study: _Study, privacy: PrivacySettings | None, task: str) -> tuple[S
     if len(entries) > MAX_SITES:
         study.refuse("[[sites]]", f"{len(entries)} entries; at most {MAX_SITES}")
         return ()
-    imaging = task == "image-classification"
+    imaging = task == IMAGE_TASK
     rules = {**SITE_RULES, **(IMAGE_SOURCE_RULES if imaging else {})}
     required = ("name", "data", "format") if imaging else ("name", "data")
     sites, names = [], []
@@ -490,6 +509,7 @@ def _sites(study: _Study, privacy: PrivacySettings | None, task: str) -> tuple[S
                 delimiter=values.get("delimiter", ","),
                 encoding=values.get("encoding", "utf-8"),
                 image_source=tuple(sorted((k, entry[k]) for k in IMAGE_SOURCE_KEYS if k in entry)),
+                test_data=Path(values["test_data"]) if "test_data" in values else None,
             )
         )
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -530,7 +550,7 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
         raw["contract"] = resolved(raw["contract"])
     sites = raw.get("sites", [])
     for site in sites if isinstance(sites, list) else []:
-        for key in ("data", "manifest"):
+        for key in ("data", "manifest", "test_data"):
             if isinstance(site, dict) and key in site:
                 site[key] = resolved(site[key])
 
@@ -556,6 +576,7 @@ def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
     _top_level(study)
     values, task = _task(study)
     contract = _contract(study, task)
+    task = contract.task if contract is not None else task  # a contract file's target names the task
     images = _images(study, task)
     model = _model(study, task, images)
     training = _training(study, model)

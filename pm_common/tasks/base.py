@@ -29,6 +29,9 @@ class SiteTensors:
 
 class Task(Protocol):
     name: str
+    headline: str  # the metric a run's summary and the baseline flag use
+    higher_is_better: bool
+    shown: tuple[str, ...]  # the metrics the final table shows, in order
 
     def build_model(self, study: StudyConfig, seed: int = 0) -> nn.Module: ...
 
@@ -41,6 +44,54 @@ class Task(Protocol):
     def describe_model(self, study: StudyConfig) -> dict[str, Any]: ...
 
     def unlearnable(self, train_y: torch.Tensor) -> str: ...
+
+    def baseline(self, train_y: torch.Tensor, test_y: torch.Tensor) -> float: ...
+
+
+def evaluate_with_baseline(
+    task: Task, outputs: torch.Tensor, train_y: torch.Tensor, test_y: torch.Tensor
+) -> dict[str, float]:
+    """A site's test metrics with its trivial baseline beside them, and whether the model beat it.
+
+    Why: a model no better than "always the majority class" (or the training mean, or a constant
+    risk) has learnt nothing a site could use, whatever its accuracy looks like; the run says so.
+
+    Args:
+        task: the study's task.
+        outputs: the model's outputs on the site's test rows.
+        train_y: the site's training labels (the baseline is fitted on them alone).
+        test_y: the site's test labels.
+
+    Returns:
+        The task's metrics, plus `baseline` (the trivial predictor's headline metric on the same test
+        rows) and `no_better_than_baseline` (1.0 or 0.0) when the headline metric is defined.
+    """
+    metrics = task.metrics(outputs, test_y)
+    if task.headline not in metrics or len(train_y) == 0:
+        return metrics
+    baseline = task.baseline(train_y, test_y)
+    value = metrics[task.headline]
+    better = value > baseline if task.higher_is_better else value < baseline
+    return {**metrics, "baseline": baseline, "no_better_than_baseline": 0.0 if better else 1.0}
+
+
+def majority_logits(train_y: torch.Tensor, count: int, num_outputs: int) -> torch.Tensor:
+    """Outputs that always predict the training labels' majority class (the classifiers' baseline).
+
+    Args:
+        train_y: training class indices (0/1 for binary).
+        count: how many rows to predict.
+        num_outputs: 1 for a binary logit, else one output per class.
+
+    Returns:
+        Logits of shape (count,) or (count, num_outputs).
+    """
+    majority = int(torch.mode(train_y.long()).values.item())
+    if num_outputs == 1:
+        return torch.full((count,), 10.0 if majority == 1 else -10.0)
+    logits = torch.full((count, num_outputs), -10.0)
+    logits[:, majority] = 10.0
+    return logits
 
 
 FEW_TRAINING_ROWS = 20
@@ -71,3 +122,24 @@ def single_class_reason(train_y: torch.Tensor) -> str:
     return ""
 
 
+
+
+def tabular_site(spec: SiteSpec, study: StudyConfig, label_dtype: torch.dtype = torch.float32) -> SiteTensors:
+    """A tabular site's rows, validated against the study's contract, as train/test tensors.
+
+    Args:
+        spec: the site (its data file, and its own test file when it declares one).
+        study: the study (contract and split).
+        label_dtype: what the task's loss takes (class indices are long).
+
+    Returns:
+        The site's tensors.
+    """
+    from pm_common.data.tabular import load_site_split
+
+    assert study.contract is not None
+    train, test = load_site_split(spec.data, spec.test_data, study.contract, delimiter=spec.delimiter,
+                                  encoding=spec.encoding, test_fraction=study.split.test_fraction,
+                                  seed=study.split.seed)
+    return SiteTensors(torch.from_numpy(train.x), torch.from_numpy(train.y).to(label_dtype),
+                       torch.from_numpy(test.x), torch.from_numpy(test.y).to(label_dtype))

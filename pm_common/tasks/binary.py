@@ -9,7 +9,7 @@ from torch import nn
 
 from pm_common.models.tabular import build_tabular_model
 from pm_common.study.config import SiteSpec, StudyConfig
-from pm_common.tasks.base import SiteTensors, single_class_reason
+from pm_common.tasks.base import SiteTensors, majority_logits, single_class_reason, tabular_site
 from pm_common.tasks.metrics import binary_metrics
 
 NAME = "binary-classification"
@@ -19,6 +19,9 @@ class TabularTask:
     """Binary risk prediction from a validated table (the data contract)."""
 
     name = NAME
+    headline = "accuracy"
+    higher_is_better = True
+    shown = ("accuracy", "auc")
 
     def build_model(self, study: StudyConfig, seed: int = 0) -> nn.Module:
         return build_tabular_model(study.model.name, study.contract.num_inputs, study.model.hidden, seed)
@@ -32,13 +35,12 @@ class TabularTask:
     def unlearnable(self, train_y: torch.Tensor) -> str:
         return single_class_reason(train_y)
 
-    def load_site(self, spec: SiteSpec, study: StudyConfig) -> SiteTensors:
-        from pm_common.data.tabular import load_site_table, split_train_test
+    def baseline(self, train_y: torch.Tensor, test_y: torch.Tensor) -> float:
+        """Accuracy of always predicting the training rows' majority label."""
+        return binary_metrics(majority_logits(train_y, len(test_y), 1), test_y)["accuracy"]
 
-        table = load_site_table(spec.data, study.contract, delimiter=spec.delimiter, encoding=spec.encoding)
-        train, test = split_train_test(table, test_fraction=study.split.test_fraction, seed=study.split.seed)
-        return SiteTensors(torch.from_numpy(train.x), torch.from_numpy(train.y),
-                           torch.from_numpy(test.x), torch.from_numpy(test.y))
+    def load_site(self, spec: SiteSpec, study: StudyConfig) -> SiteTensors:
+        return tabular_site(spec, study)
 
     def describe_model(self, study: StudyConfig) -> dict[str, Any]:
         return {"model": study.model.name, "num_inputs": study.contract.num_inputs,

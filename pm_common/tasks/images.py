@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from pm_common.study.config import SiteSpec, StudyConfig
-from pm_common.tasks.base import SiteTensors, single_class_reason
+from pm_common.tasks.base import SiteTensors, majority_logits, single_class_reason
 from pm_common.tasks.metrics import balanced_accuracy
 
 NAME = "image-classification"
@@ -37,6 +37,9 @@ class ImageTask:
     """Image classification from DICOM, PNG/JPEG folders or MedMNIST-style NPZ files."""
 
     name = NAME
+    headline = "balanced_accuracy"
+    higher_is_better = True
+    shown = ("accuracy", "balanced_accuracy", "auc")
 
     def build_model(self, study: StudyConfig, seed: int = 0) -> nn.Module:
         from pm_common.models.images import build_image_model
@@ -54,6 +57,12 @@ class ImageTask:
 
     def unlearnable(self, train_y: torch.Tensor) -> str:
         return single_class_reason(train_y)
+
+    def baseline(self, train_y: torch.Tensor, test_y: torch.Tensor) -> float:
+        """Balanced accuracy of always predicting the training images' majority class."""
+        classes = max(int(train_y.max().item()), int(test_y.max().item()) if len(test_y) else 0) + 1
+        return multiclass_metrics(majority_logits(train_y, len(test_y), max(classes, 2)), test_y)[
+            "balanced_accuracy"]
 
     def load_site(self, spec: SiteSpec, study: StudyConfig) -> SiteTensors:
         from pm_common.data.imaging import load_image_site

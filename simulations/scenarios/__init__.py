@@ -11,6 +11,9 @@ _HERE = Path(__file__).parent
 
 SCENARIOS: dict[str, Path] = {
     "heart-disease": _HERE / "heart_disease.toml",
+    "heart-disease-severity": _HERE / "heart_disease_severity.toml",
+    "diabetes-progression": _HERE / "diabetes_progression.toml",
+    "tcga-brca": _HERE / "tcga_brca.toml",
     "imaging-synthetic": _HERE / "imaging_synthetic.toml",
 }
 SYNTHETIC = frozenset({"imaging-synthetic"})
