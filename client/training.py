@@ -193,6 +193,19 @@ def _mean(values: list[float]) -> float:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """The model's raw outputs (logits) for `x`, in evaluation mode, on the CPU.
+
+    Evaluation mode (dropout and batch-norm updates off) whatever mode the model came in: a
+    prediction must not depend on what the model did last.
+
+    Args:
+        model: the model (global or a site's).
+        x: the encoded inputs.
+        device: where to run it (default: the site's GPU when it has one).
+
+    Returns:
+        One row of outputs per input row.
+    """
     device = device or pick_device()
     model = model.to(device).train().eval()
     return model(x.to(device)).cpu()

@@ -212,4 +212,10 @@ def serve(grid: Grid, context: Context, on_round: ProgressCallback | None = None
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """The ServerApp's entry point under `flwr run` and a deployed SuperLink.
+
+    Args:
+        grid: Flower's grid to the connected sites.
+        context: the run's context; its run config names the study and run directory.
+    """
     serve(coordinator_grid(grid), context)

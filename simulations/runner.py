@@ -192,6 +192,23 @@ class _FlowerDeprecationNotice(logging.Filter):
 
 
 def prepare_run_dir(out_dir: Path, overwrite: bool, resume: bool = False) -> Path:
+    """The run directory, ready for a new run (or checked for one to resume).
+
+    Why so careful: appending to another run's ledgers would corrupt them, so an earlier run is
+    only replaced when asked, and then nothing of it (ledgers, keys, states) is left behind.
+
+    Args:
+        out_dir: the run directory.
+        overwrite: replace an earlier run there.
+        resume: continue the unfinished run there.
+
+    Returns:
+        The directory, resolved.
+
+    Raises:
+        SimulationError: it holds a run and neither `overwrite` nor `resume` says what to do, or
+            there is nothing (or nothing unfinished) to resume.
+    """
     out_dir = Path(out_dir).resolve()
     if resume:
         if not (out_dir / "config.toml").exists():

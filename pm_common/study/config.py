@@ -675,6 +675,13 @@ def study_text_for_sites(study: StudyConfig) -> str:
 
 
 def write_study(study: StudyConfig, path: Path) -> None:
+    """Write the study as TOML (the run directory's config.toml: the effective settings of a run,
+    with command-line overrides applied and an external contract inlined, so it stands on its own).
+
+    Args:
+        study: the checked study.
+        path: where to write it (parents are created).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as fh:
         tomli_w.dump(dict(study.raw), fh)
