@@ -33,9 +33,10 @@ class TabularTask:
         return single_class_reason(train_y)
 
     def load_site(self, spec: SiteSpec, study: StudyConfig) -> SiteTensors:
-        from pm_common.data.tabular import load_site_table, split_train_test
+        from pm_common.data.tabular import NumberFormat, load_site_table, split_train_test
 
-        table = load_site_table(spec.data, study.contract, delimiter=spec.delimiter, encoding=spec.encoding)
+        table = load_site_table(spec.data, study.contract, delimiter=spec.delimiter, encoding=spec.encoding,
+                                number_format=NumberFormat(spec.thousands, spec.decimal))
         train, test = split_train_test(table, test_fraction=study.split.test_fraction, seed=study.split.seed)
         return SiteTensors(torch.from_numpy(train.x), torch.from_numpy(train.y),
                            torch.from_numpy(test.x), torch.from_numpy(test.y))
