@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tomli_w
 
 from pm_common.data.contract import category_key, contract_from_dict
 from pm_common.data.tabular import DataValidationError, NumberFormat, load_site_table, parse_numbers
@@ -55,14 +56,16 @@ def test_numeric_category_codes_match_whatever_their_spelling(tmp_path: Path) ->
     assert category_key("1,0", decimal=",") == "1" and category_key("0.50") == category_key("0.5")
     assert category_key("Male") == category_key("MALE") != category_key("1")
     contract = contract_from_dict(SMALL)
-    path = _write(tmp_path / "site.csv", "income,grade,ratio,y\n10,1.0,0.50,1\n20,2.00,1.5,0\n30,3,1.50,1.0\n")
+    text = "income,grade,ratio,y\n10,1.0,0.50,1\n20,2.00,1.5,0\n30,3,1.50,1.0\n"
+    path = _write(tmp_path / "site.csv", text)
     data = load_site_table(path, contract)
     names = contract.encoded_names()
     grade = [names.index(f"grade={v}") for v in ("1", "2", "3")]
     np.testing.assert_array_equal(data.x[:, grade], np.eye(3))
     assert data.x[:, names.index("ratio=0.5")].tolist() == [1, 0, 0]
     with pytest.raises(Exception, match="spellings of the same category"):
-        contract_from_dict({**SMALL, "features": [{"name": "g", "type": "categorical", "values": ["1", "1.0"]}]})
+        contract_from_dict({**SMALL, "features": [{"name": "g", "type": "categorical",
+                                                   "values": ["1", "1.0"]}]})
 
 
 def test_a_site_with_its_own_number_format_runs_the_same_contract(tmp_path: Path) -> None:
@@ -73,8 +76,6 @@ def test_a_site_with_its_own_number_format_runs_the_same_contract(tmp_path: Path
         {"name": "a", "data": "a.csv"},
         {"name": "b", "data": "b.csv", "delimiter": ";", "thousands": ".", "decimal": ","}]}
     study_path = tmp_path / "study.toml"
-    import tomli_w
-
     study_path.write_text(tomli_w.dumps(table), encoding="utf-8")
     study = load_study(study_path)
     a, b = (load_site_table(s.data, study.contract, delimiter=s.delimiter,
@@ -125,12 +126,14 @@ def test_validation_checks_every_file_and_every_column_before_stopping(
     bad_b = pd.read_csv(heart_sites[1]["data"], dtype=str, keep_default_na=False)
     bad_b.loc[0, "sex"] = "X"
     bad_b.to_csv(tmp_path / "b.csv", index=False)
-    sites = [{**heart_sites[0], "data": str(tmp_path / "a.csv")}, {**heart_sites[1], "data": str(tmp_path / "b.csv")}]
+    sites = [{**heart_sites[0], "data": str(tmp_path / "a.csv")},
+             {**heart_sites[1], "data": str(tmp_path / "b.csv")}]
     _, study = heart_study(tmp_path, sites)
     with pytest.raises(SiteDataError) as info:
         preflight(study, plans=False)
     text = "\n".join(info.value.problems)
     assert "[[sites]] 'cleveland'.data: " in text and "1 missing column(s) ['chol']" in text
     assert "a.csv, column 'age': 1 row outside the plausible range [18, 100] years (data row 4;" in text
-    assert "b.csv, column 'sex': 1 row with an unknown category; allowed: ['Male', 'Female'] (data row 1;" in text
+    assert "b.csv, column 'sex': 1 row with an unknown category; allowed: ['Male', 'Female'] (data row 1;" \
+        in text
     assert "999" not in text
