@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +52,14 @@ class SiteFile:
     delimiter: str
     encoding: str
     number_format: NumberFormat
+    numbers: np.ndarray  # (rows, columns): every cell read once in the site's number format; NaN: none
+    missing: np.ndarray
+    bad: np.ndarray
+
+    def column(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A column's numbers, missing cells and non-number cells."""
+        j = self.frame.columns.get_loc(name)
+        return self.numbers[:, j], self.missing[:, j], self.bad[:, j]
 
 
 @dataclass
@@ -122,7 +130,12 @@ def read_site_file(path: Path, taken: set[str]) -> SiteFile:
     delimiter, encoding = _sniff(path) if path.suffix.lower() not in {".parquet", ".pq"} else (",", "utf-8")
     frame = read_table(path, delimiter=delimiter, encoding=encoding)
     frame.columns = [str(c).strip() for c in frame.columns]
-    return SiteFile(_site_name(path, taken), path, frame, delimiter, encoding, _number_format(frame))
+    number_format = _number_format(frame)
+    shape = frame.shape
+    parsed = parse_numbers(pd.Series(frame.to_numpy(dtype=object).ravel(order="F")), number_format)
+    numbers, missing, bad = (a.reshape(shape, order="F") for a in parsed)
+    name = _site_name(path, taken)
+    return SiteFile(name, path, frame, delimiter, encoding, number_format, numbers, missing, bad)
 
 
 def _outward(low: float, high: float, integer: bool) -> tuple[float, float]:
@@ -146,13 +159,13 @@ def _outward(low: float, high: float, integer: bool) -> tuple[float, float]:
     return round(lo, digits), round(hi, digits)
 
 
-def _column(name: str, cells: pd.Series, numbers: np.ndarray, missing: np.ndarray, bad: np.ndarray,
-            site_of: np.ndarray) -> Column:
+def _column(name: str, cells: Callable[[], pd.Series], numbers: np.ndarray, missing: np.ndarray,
+            bad: np.ndarray, site_of: np.ndarray) -> Column:
     """Decide one column's type from all sites' cells (never keeping a value except categories).
 
     Args:
         name: the column.
-        cells: its cells at every site holding it, in order.
+        cells: its cells at every site holding it, in order (built only for a text column).
         numbers: the cells as numbers (each site's format), NaN where not one.
         missing: cells that are a missing-value token.
         bad: cells that are not numbers.
@@ -166,14 +179,21 @@ def _column(name: str, cells: pd.Series, numbers: np.ndarray, missing: np.ndarra
     can_be_missing = bool(missing.any())
     if count == 0:
         return Column(name, "ignore", "empty: no value in any row")
-    text = cells[present].astype(str).str.strip()
-    if text.str.fullmatch(DATE).mean() > 0.8:
-        return Column(name, "ignore", "date-like: dates are not model inputs (derive e.g. an age first)")
     numeric = not bad[present].any()
-    distinct = text.nunique() if not numeric else len(np.unique(numbers[present]))
-    integer = numeric and bool(np.all(np.mod(numbers[present], 1) == 0))
     at = site_of[present]
-    unique = count >= 10 and all(text[at == k].nunique() == int((at == k).sum()) for k in np.unique(at))
+    if numeric:  # numbers only: no text operation on the (many) numeric columns
+        values = numbers[present]
+        distinct = len(np.unique(values))
+        integer = bool(np.all(np.mod(values, 1) == 0))
+        unique = count >= 10 and all(len(np.unique(values[at == k])) == int((at == k).sum())
+                                     for k in np.unique(at))
+        text = pd.Series([], dtype=str)
+    else:
+        text = cells()[present].astype(str).str.strip()
+        if text.str.fullmatch(DATE).mean() > 0.8:
+            return Column(name, "ignore", "date-like: dates are not model inputs (derive e.g. an age first)")
+        distinct, integer = text.nunique(), False
+        unique = count >= 10 and all(text[at == k].nunique() == int((at == k).sum()) for k in np.unique(at))
     if unique and (not numeric or (integer and (ID_NAME.search(name) or _increasing(numbers[present])))):
         return Column(name, "ignore", "identifier-like: a distinct value in every row")
     if distinct == 1:
@@ -188,6 +208,8 @@ def _column(name: str, cells: pd.Series, numbers: np.ndarray, missing: np.ndarra
     if not numeric and distinct > MAX_CATEGORIES:
         return Column(name, "ignore", f"free text: more than {MAX_CATEGORIES} distinct values")
     kind = "binary" if distinct == 2 else "categorical"
+    if numeric:
+        text = cells()[present].astype(str).str.strip()
     return Column(name, "categorical", kind, values=_spelled(text), can_be_missing=can_be_missing)
 
 
@@ -204,13 +226,16 @@ def _natural(text: str) -> tuple[float, str]:
 
 def _cells(
     sites: Sequence[SiteFile], name: str
-) -> tuple[pd.Series, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A column's cells over every site holding it, parsed with each site's own number format:
-    (cells, numbers, missing, bad, the site index of each cell)."""
-    parts = [(s.frame[name].astype(str), *parse_numbers(s.frame[name], s.number_format),
-              np.full(len(s.frame), k)) for k, s in enumerate(sites) if name in s.frame.columns]
-    cells = pd.concat([p[0] for p in parts], ignore_index=True)
-    return cells, *(np.concatenate([p[k] for p in parts]) for k in (1, 2, 3, 4))
+) -> tuple[Callable[[], pd.Series], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A column over every site holding it, each site's cells read in its own number format:
+    (the cells as text, built on demand; numbers; missing; not numbers; the site index of each cell)."""
+    holding = [(k, s) for k, s in enumerate(sites) if name in s.frame.columns]
+    parts = [(*s.column(name), np.full(len(s.frame), k)) for k, s in holding]
+
+    def cells() -> pd.Series:
+        return pd.concat([s.frame[name].astype(str) for _, s in holding], ignore_index=True)
+
+    return cells, *(np.concatenate([p[k] for p in parts]) for k in range(4))
 
 
 def _group_key(name: str) -> str | None:
@@ -267,7 +292,7 @@ def _target_lines(sites: Sequence[SiteFile], target: str | None, time: str | Non
         _require(sites, time, "--time")
         _require(sites, event, "--event")
         cells, _, emissing, _, _ = _cells(sites, event)
-        codes = _spelled(cells[~emissing])
+        codes = _spelled(cells()[~emissing])
         positive = [c for c in codes if c.casefold() in POSITIVE_WORDS] or codes[-1:]
         censored = [c for c in codes if c not in positive]
         return "survival", [
@@ -281,7 +306,7 @@ def _target_lines(sites: Sequence[SiteFile], target: str | None, time: str | Non
     _require(sites, target, "--target")
     cells, numbers, missing, bad, _ = _cells(sites, target)
     present = ~missing
-    text = cells[present].astype(str).str.strip()
+    text = cells()[present].astype(str).str.strip()
     keys = _spelled(text)
     numeric = not bad[present].any()
     if task is None:
@@ -406,9 +431,7 @@ def draft_study(
         raise DraftError(str(exc).splitlines()[-1].strip()) from None
     task, target_lines = _target_lines(sites, target, time, event, task)
     outcome = {c for c in (target, time, event) if c}
-    order: list[str] = []
-    for site in sites:
-        order += [c for c in site.frame.columns if c not in order]
+    order = list(dict.fromkeys(c for site in sites for c in site.frame.columns))
     columns = [_column(c, *_cells(sites, c)) if c not in ignore else Column(c, "ignore", "--ignore")
                for c in order if c not in outcome]
     everywhere = set.intersection(*(set(s.frame.columns) for s in sites))

@@ -188,7 +188,6 @@ def parse_numbers(cells: pd.Series, number_format: NumberFormat) -> tuple[np.nda
         missing-value token, and cells that are not numbers in the site's format.
     """
     text = cells.astype(str).str.strip()
-    missing = _missing_mask(text)
     thousands, decimal = number_format.thousands, number_format.decimal
     bad = np.zeros(len(text), dtype=bool)
     if thousands:
@@ -199,8 +198,11 @@ def parse_numbers(cells: pd.Series, number_format: NumberFormat) -> tuple[np.nda
     if decimal != ".":
         bad |= text.str.contains(".", regex=False).to_numpy()
         text = text.str.replace(decimal, ".", regex=False)
-    values = pd.to_numeric(text.where(~missing, "nan"), errors="coerce").to_numpy(dtype=np.float64, copy=True)
-    bad |= ~missing & ~np.isfinite(values)
+    values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, copy=True)
+    unread = ~np.isfinite(values)  # only these few cells can be a missing-value token: test only them
+    missing = np.zeros(len(text), dtype=bool)
+    missing[unread] = _missing_mask(text[unread])
+    bad |= unread & ~missing
     values[bad | missing] = np.nan
     return values, missing, bad
 
