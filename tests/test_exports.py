@@ -137,3 +137,21 @@ def test_validation_checks_every_file_and_every_column_before_stopping(
     assert "b.csv, column 'sex': 1 row with an unknown category; allowed: ['Male', 'Female'] (data row 1;" \
         in text
     assert "999" not in text
+
+
+def test_a_deployed_sites_number_format_is_its_own_setting(tmp_path: Path) -> None:
+    """site.toml's [site] takes thousands/decimal beside delimiter/encoding (the site's settings)."""
+    from client.site import load_site_config
+
+    site_toml = tmp_path / "site.toml"
+    head = '[site]\nname = "b"\ndata = "b.csv"\n'
+    site_toml.write_text(head + 'delimiter = ";"\nthousands = "."\ndecimal = ","\n', encoding="utf-8")
+    spec = load_site_config(tmp_path)
+    assert (spec.delimiter, spec.thousands, spec.decimal) == (";", ".", ",")
+    site_toml.write_text(head + 'decimal = ","\nthousands = ","\n', encoding="utf-8")
+    with pytest.raises(StudyConfigError, match=r"\[site\].thousands: ',' is also the decimal mark"):
+        load_site_config(tmp_path)
+    site_toml.write_text(head + 'decimal = ";"\n', encoding="utf-8")
+    refusal = r'\[site\].decimal: got ";" \(text\); expected one of ".", ","'
+    with pytest.raises(StudyConfigError, match=refusal):
+        load_site_config(tmp_path)
