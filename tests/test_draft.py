@@ -98,3 +98,6 @@ def test_omics_columns_become_one_feature_group_and_targets_pick_their_task(tmp_
             'time_unit = "days" }') in survival
     with pytest.raises(DraftError, match=r"--target 'nope': no such column in the file\(s\) of \['site'\]"):
         draft_study([path], target="nope")
+    frame.assign(outcome="1").to_csv(path, index=False)
+    with pytest.raises(DraftError, match=r"--target 'outcome': 1 distinct value\(s\) in the files"):
+        draft_study([path], target="outcome")

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from client.training import LocalTraining, train_round
 from pm_common.data.contract import ContractError, contract_from_dict
 from pm_common.data.tabular import DataValidationError, load_site_table
 from pm_common.models.tabular import build_tabular_model
+from pm_common.privacy.accountant import plan_study
 
 TARGET = {"name": "y", "positive": [1], "negative": [0]}
 
@@ -99,3 +102,11 @@ def test_five_thousand_gene_columns_validate_and_encode_quickly(tmp_path: Path) 
     assert elapsed < 10, elapsed  # measured ~0.3 s here; the bound only catches a per-cell Python loop
     model = build_tabular_model("logreg", contract.num_inputs, (32,), 0)
     assert sum(p.numel() for p in model.parameters()) == genes + 1
+    plan = plan_study(epsilon_budget=3.0, delta=1e-5, num_examples=len(data), batch_size=5, local_epochs=1,
+                      planned_rounds=1, max_grad_norm=1.0)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    outcome = train_round(model, torch.from_numpy(data.x), torch.from_numpy(data.y),
+                          torch.nn.BCEWithLogitsLoss(), LocalTraining(0.5, 5, 1), plan=plan,
+                          accountant_state={}, seed=0)
+    assert outcome.accountant["history"] and outcome.epsilon is not None  # DP-SGD ran and was accounted
+    assert any(not torch.equal(outcome.state_dict[k].cpu(), v) for k, v in before.items())

@@ -309,6 +309,9 @@ def _target_lines(sites: Sequence[SiteFile], target: str | None, time: str | Non
     text = cells()[present].astype(str).str.strip()
     keys = _spelled(text)
     numeric = not bad[present].any()
+    if len(keys) < 2:
+        raise DraftError(f"--target {target!r}: {len(keys)} distinct value(s) in the files; an outcome needs "
+                         "at least 2")
     if task is None:
         if len(keys) == 2:
             task = "binary-classification"
