@@ -96,6 +96,13 @@ def test_omics_columns_become_one_feature_group_and_targets_pick_their_task(tmp_
     survival = draft_study([path], time="months", event="dead")
     assert ('target = { time = "months", event = "dead", event_values = [1], censored_values = [0], '
             'time_unit = "days" }') in survival
+    labs = pd.DataFrame({f"lab_{i}": rng.uniform(0, 10 ** (i % 5), 40) for i in range(25)})
+    symbols = pd.DataFrame({f"expr.{g}{i}": rng.uniform(0, 50, 40)
+                            for i, g in enumerate(["TP", "EGFR"] * 12)})
+    pd.concat([labs, symbols, frame[["outcome"]]], axis=1).to_csv(tmp_path / "mixed.csv", index=False)
+    mixed = tomllib.loads(draft_study([tmp_path / "mixed.csv"], target="outcome"))["contract"]
+    assert [g["name"] for g in mixed["feature_groups"]] == ["expr"]  # lab_ ranges differ 10,000-fold
+    assert len(mixed["feature_groups"][0]["columns"]) == 24 and len(mixed["features"]) == 25
     with pytest.raises(DraftError, match=r"--target 'nope': no such column in the file\(s\) of \['site'\]"):
         draft_study([path], target="nope")
     frame.assign(outcome="1").to_csv(path, index=False)

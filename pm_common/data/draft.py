@@ -34,7 +34,8 @@ FORMATS = (NumberFormat(), NumberFormat("", ","), NumberFormat(","), NumberForma
 ENCODINGS = ("utf-8", "cp1252")
 DATE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}([ T].*)?|\d{1,2}[./-]\d{1,2}[./-]\d{2,4}|\d{4}/\d{1,2}/\d{1,2}")
 ID_NAME = re.compile(r"(^|_)(id|mrn|patient|record|key|uuid|no|number|nr)($|_)", re.IGNORECASE)
-PREFIX = re.compile(r"^(?P<prefix>.*?[_.-]?)(?P<number>\d+)$|^(?P<word>[A-Za-z]+[_.-])")
+PREFIX = re.compile(r"^(?P<prefix>.+[_.-])[^_.-]+$|^(?P<stem>.*?[A-Za-z])\d+$")
+SAME_SHAPE = 100.0  # a group's columns have maxima within this factor of each other (one shared range)
 REVIEW = "read from this site's data: review before the study is shared with other sites"
 
 
@@ -239,11 +240,19 @@ def _cells(
 
 
 def _group_key(name: str) -> str | None:
-    """The shared prefix of a run of same-shaped columns: `GENE_` of `GENE_17`, `expr.` of `expr.TP53`."""
+    """The shared prefix of a run of columns: `GENE_` of `GENE_17`, `expr.` of `expr.TP53`, `G` of `G17`."""
     match = PREFIX.match(name)
     if match is None:
         return None
-    return match["prefix"] if match["prefix"] is not None else match["word"]
+    return match["prefix"] if match["prefix"] is not None else match["stem"]
+
+
+def _same_shaped(columns: list[Column]) -> bool:
+    """True when one shared range fits every column: all non-negative (or all not), maxima within
+    SAME_SHAPE of each other. Twenty lab values sharing `lab_` in different units are not a group."""
+    highs = [abs(c.high) for c in columns]
+    signs = {c.low >= 0 for c in columns}
+    return len(signs) == 1 and max(highs) <= SAME_SHAPE * max(min(highs), 1e-12)
 
 
 def _toml(value: object) -> str:
@@ -446,7 +455,7 @@ def draft_study(
         key = _group_key(column.name) if column.kind == "numeric" else None
         if key:
             groups.setdefault(key, []).append(column)
-    grouped = {p: cs for p, cs in groups.items() if len(cs) >= GROUP_MIN_COLUMNS}
+    grouped = {p: cs for p, cs in groups.items() if len(cs) >= GROUP_MIN_COLUMNS and _same_shaped(cs)}
     in_group = {c.name for cs in grouped.values() for c in cs}
     study_name = name or (re.sub(r"[^A-Za-z0-9._-]+", "-", out.stem).strip("-._") if out else "") or "draft"
     lines = [
