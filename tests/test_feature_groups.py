@@ -51,6 +51,14 @@ def test_a_glob_alone_is_refused_with_the_reason() -> None:
                                                 "min": -2, "max": 5, "transform": "log1p"}]})
 
 
+def test_groups_cannot_expand_without_bound() -> None:
+    huge = {"type": "numeric", "min": 0, "max": 1, "prefix": "G", "range": [1, 40_000]}
+    with pytest.raises(ContractError, match=r"more than 50000 columns in all"):
+        contract_from_dict({"target": TARGET, "feature_groups": [huge] * 1000})
+    with pytest.raises(ContractError, match=r"'expr'.range: got \[1, 1000000000\]; expected"):
+        contract_from_dict(_contract(prefix="G", range=[1, 10**9]))
+
+
 def test_log1p_maps_the_declared_range_onto_minus_one_to_one(tmp_path: Path) -> None:
     contract = contract_from_dict(_contract(columns=["A", "B"], transform="log1p", missing="impute"))
     path = tmp_path / "site.csv"

@@ -429,10 +429,14 @@ def check_contract(data: Any, problems: list[str], place: str = "[contract]") ->
     if not isinstance(groups, list) or (grouped and not groups):
         problems.append(f"{groups_place}: got {show(groups)}; expected an array of tables")
         groups = []
+    grouped_columns = 0
     for i, spec in enumerate(groups):
-        features.extend(_feature_group(spec, i, values.get("missing", "impute"), problems))
-    if sum(1 for f in features if isinstance(f, NumericFeature)) > MAX_GROUP_COLUMNS + MAX_FEATURES:
-        problems.append(f"{groups_place}: more than {MAX_GROUP_COLUMNS} columns in all")
+        members = _feature_group(spec, i, values.get("missing", "impute"), problems)
+        grouped_columns += len(members)
+        if grouped_columns > MAX_GROUP_COLUMNS:  # stop before a hostile study expands without bound
+            problems.append(f"{groups_place}: more than {MAX_GROUP_COLUMNS} columns in all")
+            break
+        features.extend(members)
     names = [f.name for f in features]
     counts = Counter(names)
     duplicates = sorted(n for n, k in counts.items() if k > 1)
