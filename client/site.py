@@ -28,6 +28,7 @@ from pm_common.study.config import (
     StudyConfig,
     StudyConfigError,
     load_study,
+    number_format_problem,
     study_from_dict,
     text_encoding,
 )
@@ -40,8 +41,9 @@ log = logging.getLogger("pmfl.client")
 
 
 SITE_TABLES = ("site", "privacy", "approval", "connection")
-SITE_TABLE_RULES: dict[str, Rule] = {k: SITE_RULES[k] for k in ("name", "data", "test_data", "delimiter",
-                                                                  "encoding")}
+SITE_TABLE_RULES: dict[str, Rule] = {
+    k: SITE_RULES[k] for k in ("name", "data", "test_data", "delimiter", "encoding", "thousands", "decimal")
+}
 
 
 def read_site_toml(path: Path) -> dict[str, Any]:
@@ -76,6 +78,9 @@ def load_site_config(site_dir: Path) -> SiteSpec:
     if site is not None and "encoding" in site and not text_encoding(site["encoding"]):
         found = show(site["encoding"])
         problems.append(f"[site].encoding: got {found}; expected the name of a text encoding")
+    number_problem = number_format_problem(site, "[site]") if site is not None else None
+    if number_problem:
+        problems.append(number_problem)
     if problems or site is None or privacy is None:
         raise StudyConfigError(problems, source=path)
     return SiteSpec(
@@ -85,6 +90,8 @@ def load_site_config(site_dir: Path) -> SiteSpec:
         delimiter=site.get("delimiter", ","),
         encoding=site.get("encoding", "utf-8"),
         test_data=(path.parent / site["test_data"]).resolve() if "test_data" in site else None,
+        thousands=site.get("thousands", ""),
+        decimal=site.get("decimal", "."),
     )
 
 

@@ -35,8 +35,11 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+contract_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown",
+                           help="Draft a study's data contract from the sites' export files.")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(site_app, name="site")
+app.add_typer(contract_app, name="contract")
 
 
 def _errors(lines: Iterable[str]) -> None:
@@ -365,6 +368,42 @@ def audit(
         console.print(escape(f"run {result.run}, roster digest {result.roster_digest}"))
     console.print(escape(f"report: {path / 'audit' / 'report.html'}  json: {path / 'audit' / 'audit.json'}"))
     raise typer.Exit(result.exit_code)
+
+
+@contract_app.command("draft")
+def contract_draft(
+    files: Annotated[list[Path], typer.Argument(help="one export file per site (CSV or Parquet)")],
+    target: Annotated[str | None, typer.Option(
+        help="the outcome column (binary, multiclass, regression)")] = None,
+    time: Annotated[str | None, typer.Option(help="survival: the follow-up time column")] = None,
+    event: Annotated[str | None, typer.Option(help="survival: the event column")] = None,
+    task: Annotated[str | None, typer.Option(help="override the task inferred from the target")] = None,
+    ignore: Annotated[list[str] | None, typer.Option(help="a column to leave out (repeat)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the study here (default: print it)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out file")] = False,
+) -> None:
+    """Write a complete, runnable study from the sites' files: one [[sites]] per file, a typed
+    contract, and comments on every line read from the data (review them before sharing the study)."""
+    from pm_common.data.draft import draft_study
+    from pm_common.study.schema import InputError
+
+    if out is not None and out.exists() and not overwrite:
+        _errors([f"{out}: exists; pass --overwrite to replace it"])
+        raise typer.Exit(BAD_INPUT)
+    try:
+        text = draft_study(files, target=target, time=time, event=event, task=task,
+                           ignore=tuple(ignore or ()), out=out)
+    except InputError as exc:
+        _errors(exc.problems)
+        raise typer.Exit(BAD_INPUT) from exc
+    if out is None:
+        print(text, end="")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    console.print(escape(f"wrote {out}: review the lines marked \"read from this site's data\" before "
+                         "sharing it; then `pmfl simulate --config` runs it"),
+                  soft_wrap=True, highlight=False)
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ from torch import nn
 from pm_common.audit.one_run import EmpiricalAuditResult, best_audit_from_scores
 from pm_common.data.contract import CategoricalFeature, DataContract, NumericFeature
 from pm_common.data.tabular import (
+    NumberFormat,
     TabularData,
     load_site_table,
     read_table,
@@ -78,20 +79,19 @@ class _Setting:
 
 def _feature_settings(contract: DataContract) -> list[list[_Setting]]:
     """Every way a canary may fill each feature, with the encoded inputs each one switches on."""
-    indicators = contract.missing_indicators and contract.missing == "impute"
-    base = sum(f.width for f in contract.features)
+    indicators = contract.indicator_positions()
     settings: list[list[_Setting]] = []
     offset = 0
     for index, feature in enumerate(contract.features):
         options: list[_Setting] = []
         if isinstance(feature, NumericFeature):
-            mid = (feature.min + feature.max) / 2.0  # encodes to exactly 0: switches nothing on
+            mid = feature.neutral  # encodes to exactly 0: switches nothing on
             if mid not in feature.missing_values:
                 options.append(_Setting(format(mid, ".10g"), ()))
         elif isinstance(feature, CategoricalFeature):
             options += [_Setting(v, (offset + i,)) for i, v in enumerate(feature.values)]
-        if contract.missing == "impute":
-            options.append(_Setting("", (base + index,) if indicators else ()))
+        if feature.missing == "impute":
+            options.append(_Setting("", (indicators[index],) if index in indicators else ()))
         settings.append(options)
         offset += feature.width
     return settings
@@ -336,7 +336,8 @@ def _read_site(study: StudyConfig, site: str) -> tuple[pd.DataFrame, TabularData
     spec = study.site(site)
     frame = read_table(spec.data, delimiter=spec.delimiter, encoding=spec.encoding)
     frame.columns = [str(c).strip() for c in frame.columns]
-    real = validate_and_encode(frame.copy(), study.contract, spec.data)
+    number_format = NumberFormat(spec.thousands, spec.decimal)
+    real = validate_and_encode(frame.copy(), study.contract, spec.data, number_format)
     if real.rows_dropped:
         raise EmpiricalAuditError(
             f"{spec.data}: the contract drops rows with missing values; the audit needs every row kept"

@@ -24,7 +24,7 @@ from simulations.attacks import study_attacks
 
 class SiteDataError(ValueError):
     """The simulated sites' data or DP plans cannot run the study; `problems`: one line each, each
-    naming the site (`[[sites]] 'cleveland'`). Lines may quote the researcher's own data cells."""
+    naming the site (`[[sites]] 'cleveland'`). Data problems name columns and data rows, never cells."""
 
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)

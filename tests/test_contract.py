@@ -47,27 +47,31 @@ def test_missing_and_unexpected_columns_are_listed(tmp_path: Path) -> None:
     header = HEADER.replace("chol,", "").replace(",num", ",num,mrn")
     row = GOOD_ROW.replace("233,", "") + ",12345"
     message = problems_of(write(tmp_path, f"{header}\n{row}\n"))
-    assert "missing columns ['chol']" in message
-    assert "unexpected columns ['mrn']" in message
+    assert "1 missing column(s) ['chol']" in message
+    assert "1 unexpected column(s) ['mrn']" in message
 
 
 def test_out_of_range_value_names_row_column_and_range(tmp_path: Path) -> None:
     rows = [GOOD_ROW, GOOD_ROW.replace(",145,", ",400,")]
     message = problems_of(write(tmp_path, HEADER + "\n" + "\n".join(rows) + "\n"))
-    assert "row 2, column 'trestbps'" in message
-    assert "[60, 250] mm Hg" in message
+    assert ("site.csv, column 'trestbps': 1 row outside the plausible range [60, 250] mm Hg (data row 2; "
+            "data row N is line N+1 of the file)") in message
+    assert "400" not in message
 
 
 def test_unknown_category_and_non_number(tmp_path: Path) -> None:
     rows = [GOOD_ROW.replace("Male", "M"), GOOD_ROW.replace(",63,", ",sixty,")]
     message = problems_of(write(tmp_path, HEADER + "\n" + "\n".join(rows) + "\n"))
-    assert "row 1, column 'sex': unknown category 'M'" in message
-    assert "row 2, column 'age': 'sixty' is not a number" in message
+    assert "column 'sex': 1 row with an unknown category; allowed: ['Male', 'Female'] (data row 1;" in message
+    assert "column 'age': 1 row not a number (data row 2;" in message
+    assert "'M'" not in message and "sixty" not in message
 
 
 def test_label_with_other_values(tmp_path: Path) -> None:
     message = problems_of(write(tmp_path, f"{HEADER}\n{GOOD_ROW[:-1]}7\n"))
-    assert "row 1, column 'num': label '7' is not an allowed value" in message
+    assert ("column 'num': 1 row with a label that is not allowed; allowed: positive ['1', '2', '3', '4'], "
+            "negative ['0'] (data row 1;") in message
+    assert "7" not in message.split("column 'num'")[1].split("(data")[0]
 
 
 def test_empty_file_and_header_only(tmp_path: Path) -> None:
@@ -102,7 +106,8 @@ def test_missing_value_policies(tmp_path: Path) -> None:
     assert imputed.x[1, names.index("chol:missing")] == 1.0 and imputed.x[0, names.index("chol:missing")] == 0
     dropped = load_site_table(path, contract_from_dict({**_contract_table(), "missing": "drop"}))
     assert len(dropped) == 1 and dropped.rows_dropped == 1
-    with pytest.raises(DataValidationError, match="row 2, column 'chol': missing value"):
+    refusal = r"column 'chol': 1 row missing \(the column's missing policy is 'error'\) \(data row 2;"
+    with pytest.raises(DataValidationError, match=refusal):
         load_site_table(path, contract_from_dict({**_contract_table(), "missing": "error"}))
 
 

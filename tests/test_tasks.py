@@ -73,15 +73,16 @@ def test_study_task_is_inferred_from_the_target_and_a_contradiction_refused(tmp_
 
 
 @pytest.mark.parametrize(("target", "rows", "expected"), [
-    (SURVIVAL, "age,T,E\n50,5,1\n50,-77,0\n", "data row 2 (file line 3), column 'T': not above 0; allowed: "
-     "a survival time > 0 days"),
-    (SURVIVAL, "age,T,E\n50,,1\n", "data row 1 (file line 2), column 'T': missing"),
-    (SURVIVAL, "age,T,E\n50,5,1\n50,6,9177\n", "data row 2 (file line 3), column 'E': not a declared event "
-     "code; allowed: event_values ['1'], censored_values ['0']"),
-    ({"name": "stage", "classes": ["I", "II"]}, "age,stage\n50,I\n50,X9177\n",
-     "data row 2 (file line 3), column 'stage': not a declared class; allowed: ['I', 'II']"),
+    (SURVIVAL, "age,T,E\n50,5,1\n50,-77,0\n", "column 'T': 1 row not above 0; allowed: a survival time > 0 "
+     "days (data row 2; data row N is line N+1 of the file)"),
+    (SURVIVAL, "age,T,E\n50,,1\n", "column 'T': 1 row missing; allowed: a survival time > 0 days "
+     "(data row 1;"),
+    (SURVIVAL, "age,T,E\n50,5,1\n50,6,9177\n", "column 'E': 1 row not a declared event code; allowed: "
+     "event_values ['1'], censored_values ['0'] (data row 2;"),
+    ({"name": "stage", "classes": ["I", "II"]}, "age,stage\n50,I\n50,X9177\n50,X9177\n",
+     "column 'stage': 2 rows not a declared class; allowed: ['I', 'II'] (data rows 2, 3;"),
     ({"name": "dose", "type": "numeric", "min": 0, "max": 100, "unit": "mg"}, "age,dose\n50,9177\n",
-     "data row 1 (file line 2), column 'dose': outside the declared range; allowed: a number in [0, 100] mg"),
+     "column 'dose': 1 row outside the declared range; allowed: a number in [0, 100] mg (data row 1;"),
 ])
 def test_bad_target_cells_are_refused_without_their_value(tmp_path: Path, target: dict, rows: str,
                                                           expected: str) -> None:

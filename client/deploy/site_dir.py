@@ -42,6 +42,8 @@ name = "{name}"
 data = "{data}"  # relative to this directory, or absolute; never leaves the site
 # delimiter = ","
 # encoding = "utf-8"
+# thousands = ""  # "," when the export writes 265,000; "." for 265.000 (then decimal = ",")
+# decimal = "."
 
 [privacy]  # this site's own budget: the coordinator cannot change it
 dp = true

@@ -6,9 +6,14 @@ declared ranges and categories, so preprocessing is identical everywhere without
 
 from __future__ import annotations
 
+import fnmatch
+import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import numpy as np
 
 from pm_common.data.targets import (
     BINARY,
@@ -36,6 +41,8 @@ from pm_common.study.schema import (
 
 MissingPolicy = Literal["impute", "drop", "error"]
 MISSING_POLICIES: tuple[str, ...] = ("impute", "drop", "error")
+Transform = Literal["none", "log1p"]
+TRANSFORMS: tuple[str, ...] = ("none", "log1p")
 
 
 class ContractError(InputError):
@@ -49,16 +56,33 @@ class NumericFeature:
     max: float
     unit: str = ""
     missing_values: tuple[float, ...] = ()  # sentinel codes meaning "not recorded" (e.g. chol = 0)
+    transform: Transform = "none"  # "log1p": counts and expression levels spanning orders of magnitude
+    missing: MissingPolicy = "impute"  # what a missing cell means for this column (the contract's by default)
 
     @property
     def width(self) -> int:
         return 1
 
-    def normalise(self, value: float) -> float:
-        """Map the declared clinical range onto [-1, 1]: the same at every site."""
-        mid = (self.max + self.min) / 2.0
-        half = (self.max - self.min) / 2.0
-        return (value - mid) / half
+    def _scaled(self, value: Any) -> Any:
+        return np.log1p(value) if self.transform == "log1p" else value
+
+    def normalise(self, value: Any) -> Any:
+        """Map the declared clinical range (after the transform) onto [-1, 1]: the same at every site.
+
+        Args:
+            value: a value in the declared range, or an array of them.
+
+        Returns:
+            The encoded value(s).
+        """
+        low, high = self._scaled(self.min), self._scaled(self.max)
+        return (self._scaled(value) - (high + low) / 2.0) / ((high - low) / 2.0)
+
+    @property
+    def neutral(self) -> float:
+        """The raw value that encodes to exactly 0 (the middle of the range after the transform)."""
+        middle = (self._scaled(self.min) + self._scaled(self.max)) / 2.0
+        return math.expm1(middle) if self.transform == "log1p" else middle
 
 
 @dataclass(frozen=True)
@@ -66,18 +90,57 @@ class CategoricalFeature:
     name: str
     values: tuple[str, ...]
     missing_values: tuple[str, ...] = ()
+    missing: MissingPolicy = "impute"
 
     @property
     def width(self) -> int:
         return len(self.values)
 
-    def index_of(self, raw: str) -> int | None:
-        """Case-insensitive lookup: exports differ in 'TRUE' vs 'True' but mean the same."""
-        folded = raw.strip().casefold()
+    def index_of(self, raw: str, decimal: str = ".") -> int | None:
+        """The category a cell names, whatever its spelling.
+
+        Exports differ in 'TRUE' vs 'True' and in how they write numeric codes ('1', '1.0', '1.00',
+        '1,0' with a decimal comma): all mean the same category, so both sides are compared in the
+        canonical spelling of `category_key`.
+
+        Args:
+            raw: the cell as read.
+            decimal: the site's decimal mark.
+
+        Returns:
+            The category's position in `values`, or None when the cell names none of them.
+        """
+        key = category_key(raw, decimal)
         for i, value in enumerate(self.values):
-            if value.casefold() == folded:
+            if category_key(value) == key:
                 return i
         return None
+
+    def is_missing_code(self, raw: str, decimal: str = ".") -> bool:
+        """True when the cell is one of the declared missing codes, in any spelling."""
+        key = category_key(raw, decimal)
+        return any(category_key(code) == key for code in self.missing_values)
+
+
+def category_key(raw: str, decimal: str = ".") -> str:
+    """A category code's canonical spelling: case folded, and numbers written one way.
+
+    Args:
+        raw: a cell or a declared category.
+        decimal: the decimal mark the cell was written with ("," in many European exports).
+
+    Returns:
+        e.g. '1' for '1', '1.0', '1.00' and (decimal ",") '1,0'; '0.5' for '0.50'; 'male' for 'Male'.
+    """
+    text = str(raw).strip()
+    number_text = text.replace(decimal, ".") if decimal != "." and text.count(decimal) == 1 else text
+    try:
+        number = float(number_text)
+    except ValueError:
+        return text.casefold()
+    if not math.isfinite(number) or "_" in number_text:
+        return text.casefold()
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 Feature = NumericFeature | CategoricalFeature
@@ -123,6 +186,22 @@ class DataContract:
     def expected_columns(self) -> list[str]:
         return [*self.feature_names, *self.target.columns]
 
+    def indicator_positions(self) -> dict[int, int]:
+        """Which features get a missing-value indicator input, and where it sits.
+
+        Only a feature whose missing cells are imputed can be missing in an encoded row (`error`
+        refuses the file, `drop` drops the row), so only those get an indicator: 5,000 always
+        measured genes (`missing = "error"`) add no 5,000 inputs that are always 0.
+
+        Returns:
+            feature index -> the indicator's model-input index; empty without indicators.
+        """
+        if not self.missing_indicators:
+            return {}
+        base = sum(f.width for f in self.features)
+        imputed = [i for i, f in enumerate(self.features) if f.missing == "impute"]
+        return {index: base + k for k, index in enumerate(imputed)}
+
     def encoded_names(self) -> list[str]:
         """Names of the encoded columns, in model-input order."""
         names: list[str] = []
@@ -131,8 +210,7 @@ class DataContract:
                 names.append(f.name)
             else:
                 names.extend(f"{f.name}={v}" for v in f.values)
-        if self.missing_indicators and self.missing == "impute":
-            names.extend(f"{f.name}:missing" for f in self.features)
+        names.extend(f"{self.features[i].name}:missing" for i in self.indicator_positions())
         return names
 
     @property
@@ -163,6 +241,7 @@ CONTRACT_RULES: dict[str, Rule] = {
     "min_rows": Integer(1, MAX_MIN_ROWS),
     "target": Nested("a table { name, positive, negative } or another task's target form"),
     "features": Nested("an array of feature tables"),
+    "feature_groups": Nested("an array of feature-group tables"),
 }
 TARGET_RULES: dict[str, Rule] = {"name": _NAME, "positive": _LABELS, "negative": _LABELS}
 NUMERIC_RULES: dict[str, Rule] = {
@@ -172,13 +251,34 @@ NUMERIC_RULES: dict[str, Rule] = {
     "max": _BOUND,
     "unit": Text(max_length=40, min_length=0),
     "missing_values": Items(_BOUND, 0, MAX_SENTINELS),
+    "transform": Choice(TRANSFORMS),
+    "missing": Choice(MISSING_POLICIES),
 }
 CATEGORICAL_RULES: dict[str, Rule] = {
     "name": _NAME,
     "type": Choice(("numeric", "categorical")),
     "values": Items(_CATEGORY, 2, MAX_CATEGORIES, unique=True),
     "missing_values": Items(_CATEGORY, 0, MAX_SENTINELS),
+    "missing": Choice(MISSING_POLICIES),
 }
+MAX_GROUP_COLUMNS = 50_000  # columns all feature groups of a contract declare (omics panels: thousands)
+MAX_RANGE_END = 10**9
+GROUP_RULES: dict[str, Rule] = {
+    "name": Text(max_length=64, what="a group label"),
+    "columns": Items(_NAME, 1, MAX_GROUP_COLUMNS, unique=True),
+    "prefix": _NAME,
+    "range": Items(Integer(0, MAX_RANGE_END), 2, 2),
+    "digits": Integer(1, 12),
+    "glob": Text(max_length=200, what="a glob pattern"),
+    "count": Integer(1, MAX_GROUP_COLUMNS),
+    **{k: v for k, v in NUMERIC_RULES.items() if k not in ("name", "type")},
+    "type": Choice(("numeric",)),
+}
+GLOB_REFUSAL = ("a glob alone cannot name the model's inputs: the coordinator builds the model from the "
+                "study before any site's data is read, and two sites whose headers match the glob with "
+                "different columns would feed different genes into the same input. List the columns "
+                "(`columns = [...]`, which `pmfl contract draft` writes from a file) or name them by "
+                "`prefix` and `range`; beside either, `glob` checks that every listed column matches it")
 
 
 def _labels(value: Any) -> tuple[str, ...]:
@@ -187,7 +287,73 @@ def _labels(value: Any) -> tuple[str, ...]:
     return tuple(_canonical_number_text(v) for v in items)
 
 
-def _feature(spec: Any, index: int, problems: list[str]) -> Feature | None:
+def _group_columns(values: Mapping[str, Any], place: str, problems: list[str]) -> list[str]:
+    """The column names a feature group declares: its `columns`, or `prefix` + `range` (+ `digits`)."""
+    listed, ranged = "columns" in values, "prefix" in values or "range" in values
+    if listed == ranged:
+        problems.append(f"{place}: name the columns either by `columns = [...]` or by `prefix` and `range` "
+                        "(e.g. prefix = \"GENE_\", range = [1, 5000]), not both"
+                        + ("" if listed else f"; {GLOB_REFUSAL}" if "glob" in values else ""))
+        return []
+    if listed:
+        names = list(values["columns"])
+    elif not {"prefix", "range"} <= set(values):
+        problems.append(f"{place}: `prefix` and `range` go together "
+                        "(e.g. prefix = \"GENE_\", range = [1, 5000])")
+        return []
+    else:
+        first, last = values["range"]
+        if not first <= last or last - first + 1 > MAX_GROUP_COLUMNS:
+            problems.append(f"{place}.range: got [{first}, {last}]; expected [first, last] with first <= "
+                            f"last and at most {MAX_GROUP_COLUMNS} columns")
+            return []
+        digits = values.get("digits", 1)
+        names = [f"{values['prefix']}{number:0{digits}d}" for number in range(first, last + 1)]
+    if "digits" in values and listed:
+        problems.append(f"{place}.digits: applies to `prefix` and `range` only")
+    if "glob" in values:
+        unmatched = [name for name in names if not fnmatch.fnmatchcase(name, values["glob"])]
+        if unmatched:
+            problems.append(f"{place}.glob: {len(unmatched)} listed column(s) do not match "
+                            f"{values['glob']!r}, e.g. {unmatched[:3]}")
+    if "count" in values and values["count"] != len(names):
+        problems.append(f"{place}.count: {values['count']} declared, {len(names)} columns named")
+    return names
+
+
+def _feature_group(spec: Any, index: int, default_missing: str, problems: list[str]) -> list[Feature]:
+    """One `[[contract.feature_groups]]` entry as the numeric features it stands for, in its order.
+
+    Why names and not only a glob: see GLOB_REFUSAL.
+    """
+    label = spec.get("name") if isinstance(spec, Mapping) else None
+    named = isinstance(label, str) and label.isprintable() and 0 < len(label) <= 64
+    place = f"[[contract.feature_groups]] {quote_name(label) if named else f'#{index + 1}'}"
+    before = len(problems)
+    values = check_table(spec, GROUP_RULES, place, problems, required=("type", "min", "max"))
+    if values is None:
+        return []
+    if {"min", "max"} <= set(values) and not values["min"] < values["max"]:
+        problems.append(f"{place}.min: min must be below max, got {values['min']:g} >= {values['max']:g}")
+    _check_transform(values, place, problems)
+    if "glob" in values and "columns" not in values and "prefix" not in values and "range" not in values:
+        problems.append(f"{place}.glob: {GLOB_REFUSAL}")
+        return []
+    names = _group_columns(values, place, problems)
+    if len(problems) > before:
+        return []
+    return [NumericFeature(name, values["min"], values["max"], values.get("unit", ""),
+                           values.get("missing_values", ()), values.get("transform", "none"),
+                           values.get("missing", default_missing)) for name in names]
+
+
+def _check_transform(values: Mapping[str, Any], place: str, problems: list[str]) -> None:
+    """log1p needs every value of the declared range above -1."""
+    if values.get("transform") == "log1p" and "min" in values and values["min"] <= -1:
+        problems.append(f"{place}.min: got {values['min']:g}; transform = \"log1p\" needs min > -1")
+
+
+def _feature(spec: Any, index: int, problems: list[str], default_missing: str = "impute") -> Feature | None:
     name = spec.get("name") if isinstance(spec, Mapping) else None
     named = isinstance(name, str) and name.isprintable() and 0 < len(name) <= 200
     place = f"[[contract.features]] {quote_name(name) if named else f'#{index + 1}'}"
@@ -200,13 +366,26 @@ def _feature(spec: Any, index: int, problems: list[str]) -> Feature | None:
         return None
     if kind == "numeric" and {"min", "max"} <= set(values) and not values["min"] < values["max"]:
         problems.append(f"{place}.min: min must be below max, got {values['min']:g} >= {values['max']:g}")
+    if kind == "numeric":
+        _check_transform(values, place, problems)
+    if kind == "categorical":
+        keys = [category_key(str(v)) for v in values.get("values", ())]
+        same = sorted({str(v) for v, k in zip(values.get("values", ()), keys, strict=True)
+                       if keys.count(k) > 1})
+        if same:
+            problems.append(f"{place}.values: {same} are spellings of the same category (codes match "
+                            "whatever their spelling: 1 = 1.0, 'Male' = 'male')")
     if len(problems) > before:
         return None
+    missing = values.get("missing", default_missing)
     if kind == "numeric":
         return NumericFeature(name, values["min"], values["max"], values.get("unit", ""),
-                              values.get("missing_values", ()))
+                              values.get("missing_values", ()), values.get("transform", "none"), missing)
     return CategoricalFeature(
-        name, tuple(str(v) for v in values["values"]), tuple(str(v) for v in values.get("missing_values", ()))
+        name,
+        tuple(str(v) for v in values["values"]),
+        tuple(str(v) for v in values.get("missing_values", ())),
+        missing,
     )
 
 
@@ -222,7 +401,9 @@ def check_contract(data: Any, problems: list[str], place: str = "[contract]") ->
         The contract, or None when it has any problem.
     """
     before = len(problems)
-    values = check_table(data, CONTRACT_RULES, place, problems, required=("target", "features"))
+    grouped = isinstance(data, Mapping) and "feature_groups" in data  # groups alone declare features too
+    values = check_table(data, CONTRACT_RULES, place, problems,
+                         required=("target",) if grouped else ("target", "features"))
     if values is None:
         return None
     target_place = f"{place.rstrip(']')}.target]"
@@ -246,21 +427,37 @@ def check_contract(data: Any, problems: list[str], place: str = "[contract]") ->
     raw_features = data.get("features")
     features: list[Feature] = []
     features_place = f"[{place.strip('[]')}.features]"
-    if "features" in data and (not isinstance(raw_features, list) or not raw_features):
+    if "features" in data and (not isinstance(raw_features, list) or not (raw_features or grouped)):
         problems.append(f"[{features_place}]: declare at least one feature (an array of tables), got "
                         f"{show(raw_features)}")
     elif isinstance(raw_features, list):
         if len(raw_features) > MAX_FEATURES:
             problems.append(f"[{features_place}]: {len(raw_features)} features; at most {MAX_FEATURES}")
         for i, spec in enumerate(raw_features[:MAX_FEATURES]):
-            feature = _feature(spec, i, problems)
+            feature = _feature(spec, i, problems, values.get("missing", "impute"))
             if feature is not None:
                 features.append(feature)
+    groups = data.get("feature_groups", [])
+    groups_place = f"[[{place.strip('[]')}.feature_groups]]"
+    if not isinstance(groups, list) or (grouped and not groups):
+        problems.append(f"{groups_place}: got {show(groups)}; expected an array of tables")
+        groups = []
+    grouped_columns = 0
+    for i, spec in enumerate(groups):
+        members = _feature_group(spec, i, values.get("missing", "impute"), problems)
+        grouped_columns += len(members)
+        if grouped_columns > MAX_GROUP_COLUMNS:  # stop before a hostile study expands without bound
+            problems.append(f"{groups_place}: more than {MAX_GROUP_COLUMNS} columns in all")
+            break
+        features.extend(members)
     names = [f.name for f in features]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    counts = Counter(names)
+    duplicates = sorted(n for n, k in counts.items() if k > 1)
     if duplicates:
-        problems.append(f"[{features_place}]: duplicate names {duplicates}")
-    if target is not None and target.get("name") in names:
+        problems.append(f"[{features_place}]: duplicate names {duplicates[:10]}"
+                        + (f" and {len(duplicates) - 10} more" if len(duplicates) > 10 else "")
+                        + " (across features and feature groups)")
+    if target is not None and target.get("name") in counts:
         problems.append(f"{target_place}.name: the target {target['name']!r} is also declared as a feature")
     for column in other.columns if other is not None else ():
         if column in names:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,25 +22,65 @@ from pm_common.data.contract import CategoricalFeature, DataContract, NumericFea
 
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 MAX_LISTED_PROBLEMS = 25
+ROWS_SHOWN = 5  # data row numbers a problem line names; the count says how many more
+ROW_DEFINITION = "data row N is line N+1 of the file"
+NUMBER_HINT = ("some look like numbers written with thousands separators or a decimal comma: set the site's "
+               "'thousands' and 'decimal'")
+
+
+@dataclass(frozen=True)
+class NumberFormat:
+    """How a site's export writes numbers: `265,000.5` (thousands ",") or `265.000,5` (decimal ",").
+
+    A site setting (`[[sites]]` of a simulated study, `[site]` of a deployed site's site.toml): the same
+    contract reads every hospital's export as that hospital wrote it."""
+
+    thousands: str = ""  # "" when numbers carry no grouping
+    decimal: str = "."
 
 
 @dataclass(frozen=True)
 class Problem:
-    row: int | None  # 1-based data row; None for file-level problems
+    """One kind of problem in one column (or of the whole file), with how many data rows have it.
+
+    Never a cell's value: the message names the rule the cells break (a range, the allowed
+    categories), `rows` the first few data rows (1-based, below the header) and `count` all of them."""
+
+    rows: tuple[int, ...]  # the first ROWS_SHOWN data rows with the problem; () for file-level problems
     column: str | None
     message: str
+    count: int = 0
 
     def describe(self, path: Path) -> str:
-        where = str(path)
-        if self.row is not None:
-            where += f", row {self.row}"
-        if self.column is not None:
-            where += f", column {self.column!r}"
-        return f"{where}: {self.message}"
+        """One line: file, column, how many rows, which kind of problem, the first data rows."""
+        where = str(path) if self.column is None else f"{path}, column {self.column!r}"
+        if not self.rows:
+            return f"{where}: {self.message}"
+        noun = "row" if self.count == 1 else "rows"
+        more = f" and {self.count - len(self.rows)} more" if self.count > len(self.rows) else ""
+        shown = ", ".join(str(r) for r in self.rows)
+        return f"{where}: {self.count} {noun} {self.message} (data {noun} {shown}{more}; {ROW_DEFINITION})"
+
+
+def _rows_problem(mask: np.ndarray, column: str, message: str) -> Problem | None:
+    """The problem of the rows `mask` marks in `column`, or None when it marks none."""
+    count = int(mask.sum())
+    if not count:
+        return None
+    return Problem(tuple(int(r) + 1 for r in np.flatnonzero(mask)[:ROWS_SHOWN]), column, message, count)
+
+
+def _grouped(cells: Sequence[tuple[int, str, str]], rows: int) -> list[Problem]:
+    """Refused cells (data row, column, what is wrong) as one Problem per column and kind."""
+    masks: dict[tuple[str, str], np.ndarray] = {}
+    for row, column, message in cells:
+        masks.setdefault((column, message), np.zeros(rows, dtype=bool))[row - 1] = True
+    found = (_rows_problem(mask, column, message) for (column, message), mask in masks.items())
+    return [problem for problem in found if problem is not None]
 
 
 class DataValidationError(ValueError):
-    """A site's table does not satisfy the study's contract; lists every problem found."""
+    """A site's table does not satisfy the study's contract; lists every problem found, grouped."""
 
     def __init__(self, path: Path, problems: Sequence[Problem]):
         self.path = path
@@ -64,7 +105,7 @@ class TabularData:
 
 
 def _file_error(path: Path, message: str) -> DataValidationError:
-    return DataValidationError(path, [Problem(None, None, message)])
+    return DataValidationError(path, [Problem((), None, message)])
 
 
 def _decode(path: Path, raw: bytes, encoding: str) -> str:
@@ -132,112 +173,169 @@ def _is_missing(raw: str) -> bool:
     return raw.strip().casefold() in MISSING_TOKENS
 
 
-def validate_and_encode(frame: pd.DataFrame, contract: DataContract, path: Path) -> TabularData:
-    """Check every cell against the contract and encode the rows in one pass."""
+def _missing_mask(cells: pd.Series) -> np.ndarray:
+    """Which stripped cells are a missing-value token (only short cells can be one)."""
+    mask = np.zeros(len(cells), dtype=bool)
+    short = (cells.str.len() <= max(len(t) for t in MISSING_TOKENS)).to_numpy()
+    mask[short] = cells[short].str.casefold().isin(MISSING_TOKENS).to_numpy()
+    return mask
+
+
+def parse_numbers(cells: pd.Series, number_format: NumberFormat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read cells as numbers the way the site's export writes them, all at once.
+
+    Why strict: a thousands separator is accepted only in well-formed groups (`265,000`, not `2,65`),
+    and with a decimal comma a `.` that is not the thousands separator is refused, so a column
+    exported in another format than the site declared is reported, not misread by a factor of 1,000.
+
+    Args:
+        cells: the cells as read (text).
+        number_format: the site's thousands separator and decimal mark.
+
+    Returns:
+        (values, missing, bad): float64 values (NaN where missing or bad), cells that are a
+        missing-value token, and cells that are not numbers in the site's format.
+    """
+    text = cells.astype(str).str.strip()
+    thousands, decimal = number_format.thousands, number_format.decimal
+    bad = np.zeros(len(text), dtype=bool)
+    if thousands:
+        grouped = text.str.contains(thousands, regex=False).to_numpy()
+        pattern = rf"[+-]?\d{{1,3}}(?:{re.escape(thousands)}\d{{3}})+(?:{re.escape(decimal)}\d*)?"
+        bad |= grouped & ~text.str.fullmatch(pattern).to_numpy(dtype=bool)
+        text = text.str.replace(thousands, "", regex=False)
+    if decimal != ".":
+        bad |= text.str.contains(".", regex=False).to_numpy()
+        text = text.str.replace(decimal, ".", regex=False)
+    values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, copy=True)
+    unread = ~np.isfinite(values)  # only these few cells can be a missing-value token: test only them
+    missing = np.zeros(len(text), dtype=bool)
+    missing[unread] = _missing_mask(text[unread])
+    bad |= unread & ~missing
+    values[bad | missing] = np.nan
+    return values, missing, bad
+
+
+def _looks_formatted(cells: pd.Series) -> bool:
+    """True when a cell looks like `265,000`, `1.234,5` or `3,5`: a format the site may have to declare."""
+    return bool(cells.astype(str).str.strip().str.fullmatch(r"[+-]?\d[\d.,' ]*[.,' ]\d+").any())
+
+
+def validate_and_encode(
+    frame: pd.DataFrame, contract: DataContract, path: Path, number_format: NumberFormat = NumberFormat()
+) -> TabularData:
+    """Check every cell of every column against the contract, then encode the rows.
+
+    Every column of the file is checked before anything stops, and problems are reported grouped
+    per column and kind, with counts and the first data rows, never with a cell's value.
+
+    Args:
+        frame: the site's table as text (read_table).
+        contract: the study's data contract.
+        path: the file, as messages name it.
+        number_format: how the site writes numbers.
+
+    Returns:
+        The encoded rows (rows with a missing cell dropped for columns whose policy is "drop").
+
+    Raises:
+        DataValidationError: one Problem per file-level problem and per (column, kind of problem).
+    """
     path = Path(path)
     problems: list[Problem] = []
     columns = [str(c).strip() for c in frame.columns]
     frame.columns = columns
-    missing_cols = [c for c in contract.expected_columns if c not in columns]
+    present = set(columns)
+    missing_cols = [c for c in contract.expected_columns if c not in present]
     if missing_cols:
-        problems.append(Problem(None, None, f"missing columns {missing_cols}"))
+        problems.append(Problem((), None, f"{len(missing_cols)} missing column(s) {_some(missing_cols)}"))
     allowed = set(contract.expected_columns) | set(contract.ignore_columns)
     unknown = [c for c in columns if c not in allowed]
     if unknown:
-        problems.append(
-            Problem(
-                None,
-                None,
-                f"unexpected columns {unknown}: not in the study contract "
-                "(list them under contract.ignore_columns if they should be ignored)",
-            )
-        )
-    if problems:
-        raise DataValidationError(path, problems)
+        problems.append(Problem((), None, f"{len(unknown)} unexpected column(s) {_some(unknown)}: not in the "
+                                "study contract (list them under contract.ignore_columns if they should be "
+                                "ignored)"))
     if len(frame) == 0:
-        raise _file_error(path, "no data rows (only a header)")
+        problems.append(Problem((), None, "no data rows (only a header)"))
+        raise DataValidationError(path, problems)
 
     n = len(frame)
     x = np.zeros((n, contract.num_inputs), dtype=np.float32)
     y = np.zeros(n, dtype=np.float32)
-    if not isinstance(contract.target, Target):  # the other tasks' targets (pm_common.data.targets)
-        y, target_problems = contract.target.encode(frame)
-        problems.extend(Problem(None, None, line) for line in target_problems)
+    if not isinstance(contract.target, Target) and present.issuperset(contract.target.columns):
+        y, bad_cells = contract.target.encode(frame)  # the other tasks' targets (pm_common.data.targets)
+        problems.extend(_grouped(bad_cells, n))
     row_missing = np.zeros(n, dtype=bool)
-    indicator_base = sum(f.width for f in contract.features)
-    use_indicators = contract.missing_indicators and contract.missing == "impute"
+    indicators = contract.indicator_positions()
 
-    binary_labels = frame[contract.target.name].tolist() if isinstance(contract.target, Target) else []
-    for row, raw_label in enumerate(binary_labels):
-        label = None if _is_missing(raw_label) else contract.target.label_of(raw_label)
-        if label is None:
-            problems.append(
-                Problem(
-                    row + 1,
-                    contract.target.name,
-                    f"label {raw_label!r} is not an allowed value: "
-                    f"positive {list(contract.target.positive)}, negative {list(contract.target.negative)}",
-                )
-            )
-        else:
-            y[row] = label
+    target = contract.target
+    if isinstance(target, Target) and target.name in present:
+        bad_label = np.zeros(n, dtype=bool)
+        for row, raw_label in enumerate(frame[target.name].tolist()):
+            label = None if _is_missing(raw_label) else target.label_of(raw_label)
+            if label is None:
+                bad_label[row] = True
+            else:
+                y[row] = label
+        found = _rows_problem(bad_label, target.name, f"with a label that is not allowed; allowed: positive "
+                              f"{list(target.positive)}, negative {list(target.negative)}")
+        problems.extend([found] if found else [])
 
-    offset = 0
+    offsets = np.cumsum([0] + [f.width for f in contract.features])
+    numeric = [i for i, f in enumerate(contract.features)
+               if isinstance(f, NumericFeature) and f.name in present]
+    if numeric:
+        block = frame[[contract.features[i].name for i in numeric]].to_numpy(dtype=object)
+        values, missing, bad = parse_numbers(pd.Series(block.ravel(order="F")), number_format)
+        shape = (n, len(numeric))
+        values, missing, bad = (a.reshape(shape, order="F") for a in (values, missing, bad))
+        for j, index in enumerate(numeric):
+            feature = contract.features[index]
+            assert isinstance(feature, NumericFeature)
+            column = values[:, j]
+            if feature.missing_values:
+                sentinel = np.isin(column, feature.missing_values)
+                missing[:, j] |= sentinel
+                column = np.where(sentinel, np.nan, column)
+            hint = f"; {NUMBER_HINT}" if bad[:, j].any() and _looks_formatted(
+                pd.Series(block[bad[:, j], j])) else ""
+            unit = f" {feature.unit}" if feature.unit else ""
+            outside = ~np.isnan(column) & ((column < feature.min) | (column > feature.max))
+            for found in (_rows_problem(bad[:, j], feature.name, f"not a number{hint}"),
+                          _rows_problem(outside, feature.name, "outside the plausible range "
+                                        f"[{feature.min:g}, {feature.max:g}]{unit}")):
+                problems.extend([found] if found else [])
+            usable = ~np.isnan(column) & ~outside
+            with np.errstate(invalid="ignore"):
+                x[usable, offsets[index]] = feature.normalise(column[usable])
+            problems.extend(_missing_cells(missing[:, j], index, contract, x, row_missing, indicators))
+
     for index, feature in enumerate(contract.features):
-        values = frame[feature.name].tolist()
-        for row, raw in enumerate(values):
-            missing = _is_missing(raw)
-            if isinstance(feature, NumericFeature):
-                if not missing:
-                    try:
-                        number = float(raw)
-                    except ValueError:
-                        problems.append(Problem(row + 1, feature.name, f"{raw!r} is not a number"))
-                        continue
-                    if number in feature.missing_values:
-                        missing = True
-                    elif not feature.min <= number <= feature.max:
-                        unit = f" {feature.unit}" if feature.unit else ""
-                        problems.append(
-                            Problem(
-                                row + 1,
-                                feature.name,
-                                f"{raw} is outside the plausible range "
-                                f"[{feature.min:g}, {feature.max:g}]{unit}",
-                            )
-                        )
-                        continue
-                    else:
-                        x[row, offset] = feature.normalise(number)
-            elif isinstance(feature, CategoricalFeature):
-                if not missing and raw.strip() in feature.missing_values:
-                    missing = True
-                if not missing:
-                    category = feature.index_of(raw)
-                    if category is None:
-                        problems.append(
-                            Problem(
-                                row + 1,
-                                feature.name,
-                                f"unknown category {raw!r}; allowed: {list(feature.values)}",
-                            )
-                        )
-                        continue
-                    x[row, offset + category] = 1.0
-            if missing:
-                if contract.missing == "error":
-                    problems.append(
-                        Problem(row + 1, feature.name, "missing value (contract.missing = 'error')")
-                    )
-                row_missing[row] = True
-                if use_indicators:
-                    x[row, indicator_base + index] = 1.0
-        offset += feature.width
+        if not isinstance(feature, CategoricalFeature) or feature.name not in present:
+            continue
+        cells = frame[feature.name].astype(str).str.strip().to_numpy(dtype=object)
+        uniques, inverse = np.unique(cells, return_inverse=True)
+        category = np.full(len(uniques), -1)
+        missing_kind = np.zeros(len(uniques), dtype=bool)
+        for u, raw in enumerate(uniques):
+            if _is_missing(raw) or feature.is_missing_code(raw, number_format.decimal):
+                missing_kind[u] = True
+            else:
+                found_index = feature.index_of(raw, number_format.decimal)
+                category[u] = -1 if found_index is None else found_index
+        codes, missing = category[inverse], missing_kind[inverse]
+        unknown_mask = ~missing & (codes < 0)
+        found = _rows_problem(unknown_mask, feature.name,
+                              f"with an unknown category; allowed: {list(feature.values)}")
+        problems.extend([found] if found else [])
+        known = np.flatnonzero(codes >= 0)
+        x[known, offsets[index] + codes[known]] = 1.0
+        problems.extend(_missing_cells(missing, index, contract, x, row_missing, indicators))
 
     if problems:
         raise DataValidationError(path, problems)
     dropped = 0
-    if contract.missing == "drop":
+    if row_missing.any():
         dropped = int(row_missing.sum())
         x, y = x[~row_missing], y[~row_missing]
     if len(y) < contract.min_rows:
@@ -247,13 +345,55 @@ def validate_and_encode(frame: pd.DataFrame, contract: DataContract, path: Path)
     return TabularData(x, y, dropped)
 
 
+def _missing_cells(
+    missing: np.ndarray,
+    index: int,
+    contract: DataContract,
+    x: np.ndarray,
+    row_missing: np.ndarray,
+    indicators: dict[int, int],
+) -> list[Problem]:
+    """Apply a feature's missing policy to its missing cells: refuse them, drop their rows, or impute
+    (0, the middle of the range or no category) and switch on the feature's indicator input."""
+    feature = contract.features[index]
+    if feature.missing == "error":
+        found = _rows_problem(missing, feature.name, "missing (the column's missing policy is 'error')")
+        return [found] if found else []
+    if feature.missing == "drop":
+        row_missing |= missing
+    elif index in indicators:
+        x[missing, indicators[index]] = 1.0
+    return []
+
+
+def _some(names: Sequence[str], shown: int = 10) -> str:
+    """A list of column names, the first `shown` of them, and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{list(names[:shown])}{more}"
+
+
 def load_site_table(
-    path: Path, contract: DataContract, *, delimiter: str = ",", encoding: str = "utf-8"
+    path: Path,
+    contract: DataContract,
+    *,
+    delimiter: str = ",",
+    encoding: str = "utf-8",
+    number_format: NumberFormat = NumberFormat(),
 ) -> TabularData:
-    """Read, validate and encode one site's table."""
-    return validate_and_encode(
-        read_table(path, delimiter=delimiter, encoding=encoding), contract, path
-    )
+    """Read, validate and encode one site's table.
+
+    Args:
+        path: the site's CSV or Parquet file.
+        contract: the study's data contract.
+        delimiter: the site's CSV delimiter.
+        encoding: the site's text encoding.
+        number_format: how the site writes numbers.
+
+    Returns:
+        The encoded rows.
+    """
+    frame = read_table(path, delimiter=delimiter, encoding=encoding)
+    return validate_and_encode(frame, contract, path, number_format)
 
 
 def split_train_test(
@@ -279,7 +419,7 @@ def split_train_test(
 
 def load_site_split(
     data: Path, test_data: Path | None, contract: DataContract, *, delimiter: str, encoding: str,
-    test_fraction: float, seed: int,
+    test_fraction: float, seed: int, number_format: NumberFormat = NumberFormat(),
 ) -> tuple[TabularData, TabularData]:
     """A site's train and test rows: its declared test file when it has one, else a seeded split.
 
@@ -294,11 +434,14 @@ def load_site_split(
         encoding: the site's text encoding.
         test_fraction: share of rows held out when splitting.
         seed: the split's seed.
+        number_format: how the site writes numbers (both files).
 
     Returns:
         (train, test).
     """
-    table = load_site_table(data, contract, delimiter=delimiter, encoding=encoding)
+    table = load_site_table(data, contract, delimiter=delimiter, encoding=encoding,
+                            number_format=number_format)
     if test_data is None:
         return split_train_test(table, test_fraction=test_fraction, seed=seed)
-    return table, load_site_table(test_data, contract, delimiter=delimiter, encoding=encoding)
+    return table, load_site_table(test_data, contract, delimiter=delimiter, encoding=encoding,
+                                  number_format=number_format)

@@ -73,9 +73,9 @@ def is_missing(raw: str) -> bool:
     return str(raw).strip().casefold() in MISSING_TOKENS
 
 
-def where(row: int, column: str) -> str:
-    """How a refusal names a data cell: 'data row N' counts rows below the header (file line N+1)."""
-    return f"data row {row} (file line {row + 1}), column {column!r}"
+BadCell = tuple[int, str, str]
+"""A refused target cell: (data row, 1-based below the header; column; what is wrong and what is
+allowed). Never the cell's value: the tabular reader groups these per column and kind."""
 
 
 def task_of_target(table: Any) -> str | None:
@@ -105,16 +105,16 @@ class ClassTarget:
     def columns(self) -> tuple[str, ...]:
         return (self.name,)
 
-    def encode(self, frame: Any) -> tuple[np.ndarray, list[str]]:
-        """Class index per row (float32) and one problem line per bad cell."""
+    def encode(self, frame: Any) -> tuple[np.ndarray, list[BadCell]]:
+        """Class index per row (float32) and the refused cells."""
         index = {c: i for i, c in enumerate(self.classes)}
         y = np.zeros(len(frame), dtype=np.float32)
-        problems = []
+        problems: list[BadCell] = []
         for row, raw in enumerate(frame[self.name].tolist(), start=1):
             label = None if is_missing(raw) else index.get(canonical_label(raw))
             if label is None:
                 what = "missing" if is_missing(raw) else "not a declared class"
-                problems.append(f"{where(row, self.name)}: {what}; allowed: {list(self.classes)}")
+                problems.append((row, self.name, f"{what}; allowed: {list(self.classes)}"))
             else:
                 y[row - 1] = label
         return y, problems
@@ -142,17 +142,17 @@ class NumericTarget:
         """`scale`'s inverse: back to the target's unit."""
         return value * ((self.max - self.min) / 2.0) + (self.max + self.min) / 2.0
 
-    def encode(self, frame: Any) -> tuple[np.ndarray, list[str]]:
-        """Scaled value per row (float32) and one problem line per bad cell."""
+    def encode(self, frame: Any) -> tuple[np.ndarray, list[BadCell]]:
+        """Scaled value per row (float32) and the refused cells."""
         y = np.zeros(len(frame), dtype=np.float32)
-        problems = []
+        problems: list[BadCell] = []
         allowed = f"a number in [{self.min:g}, {self.max:g}]" + (f" {self.unit}" if self.unit else "")
         for row, raw in enumerate(frame[self.name].tolist(), start=1):
             number = _number(raw)
             if number is None or not self.min <= number <= self.max:
                 what = ("missing" if is_missing(raw) else "not a number" if number is None
                         else "outside the declared range")
-                problems.append(f"{where(row, self.name)}: {what}; allowed: {allowed}")
+                problems.append((row, self.name, f"{what}; allowed: {allowed}"))
             else:
                 y[row - 1] = self.scale(np.float32(number))
         return y, problems
@@ -179,10 +179,10 @@ class SurvivalTarget:
     def columns(self) -> tuple[str, ...]:
         return (self.time, self.event)
 
-    def encode(self, frame: Any) -> tuple[np.ndarray, list[str]]:
-        """(time, event 0/1) per row, shape (n, 2) float32, and one problem line per bad cell."""
+    def encode(self, frame: Any) -> tuple[np.ndarray, list[BadCell]]:
+        """(time, event 0/1) per row, shape (n, 2) float32, and the refused cells."""
         y = np.zeros((len(frame), 2), dtype=np.float32)
-        problems = []
+        problems: list[BadCell] = []
         codes = {**{c: 1.0 for c in self.event_values}, **{c: 0.0 for c in self.censored_values}}
         unit = f" {self.time_unit}" if self.time_unit else ""
         for row, (raw_t, raw_e) in enumerate(zip(frame[self.time].tolist(), frame[self.event].tolist(),
@@ -191,14 +191,14 @@ class SurvivalTarget:
             if number is None or number <= 0:
                 what = ("missing" if is_missing(raw_t) else "not a number" if number is None
                         else "not above 0")
-                problems.append(f"{where(row, self.time)}: {what}; allowed: a survival time > 0{unit}")
+                problems.append((row, self.time, f"{what}; allowed: a survival time > 0{unit}"))
             else:
                 y[row - 1, 0] = number
             event = None if is_missing(raw_e) else codes.get(canonical_label(raw_e))
             if event is None:
                 what = "missing" if is_missing(raw_e) else "not a declared event code"
-                problems.append(f"{where(row, self.event)}: {what}; allowed: event_values "
-                                f"{list(self.event_values)}, censored_values {list(self.censored_values)}")
+                problems.append((row, self.event, f"{what}; allowed: event_values {list(self.event_values)}, "
+                                 f"censored_values {list(self.censored_values)}"))
             else:
                 y[row - 1, 1] = event
         return y, problems

@@ -110,6 +110,8 @@ class SiteSpec:
     privacy: PrivacySettings
     delimiter: str = ","
     encoding: str = "utf-8"
+    thousands: str = ""  # how the site's export writes numbers: "265,000" (thousands ",")
+    decimal: str = "."  # "3,5" (decimal ",")
     image_source: tuple[tuple[str, Any], ...] = ()  # imaging: format, manifest, windowing, on_bad_file
     test_data: Path | None = None  # the site's own test rows (a fixed split); None: split `data`
 
@@ -195,6 +197,8 @@ MAX_SECAGG_WEIGHT = 1e9
 MAX_SECAGG_CLIP = 1e6
 MAX_PATH_LENGTH = 4096
 DELIMITERS = (",", ";", "\t", "|")  # what a CSV export uses (and what the reader can sniff)
+THOUSANDS_SEPARATORS = ("", ",", ".", " ", "'", "\u00a0", "\u202f")  # none, or what exports group digits with
+DECIMAL_MARKS = (".", ",")
 ACCOUNTANTS = ("rdp", "prv")  # Opacus accountants the audit can recompute (pm_common.audit.rules)
 TOP_LEVEL = ("study", "model", "training", "strategy", "privacy", "split", "contract", "images",
              "hospital_dp", "secure_aggregation", "simulation", "sites")
@@ -271,6 +275,8 @@ SITE_RULES: dict[str, Rule] = {
     "test_data": PATH,
     "delimiter": Choice(DELIMITERS),
     "encoding": Text(max_length=40, what="a text encoding name"),
+    "thousands": Choice(THOUSANDS_SEPARATORS),
+    "decimal": Choice(DECIMAL_MARKS),
     **PRIVACY_RULES,
 }
 IMAGE_SOURCE_RULES: dict[str, Rule] = {
@@ -302,6 +308,24 @@ def site_place(name: Any, index: int | None = None) -> str:
     if isinstance(name, str) and NAME_PATTERN.match(name) and len(name) <= 64:
         return f"[[sites]] {quote_name(name)}"
     return f"[[sites]] #{(index or 0) + 1}"
+
+
+def number_format_problem(values: Mapping[str, Any], place: str) -> str | None:
+    """The refusal of a site's `thousands` and `decimal` that cannot both hold, or None.
+
+    Args:
+        values: the site's accepted settings.
+        place: how the refusal names the site's table.
+
+    Returns:
+        e.g. `[[sites]] 'a'.thousands: "," is also the decimal mark; ...`, or None.
+    """
+    thousands, decimal = values.get("thousands", ""), values.get("decimal", ".")
+    if thousands == decimal:
+        return (f"{place}.thousands: {thousands!r} is also the decimal mark; a site writes either "
+                "265,000.5 (thousands = \",\", decimal = \".\") or 265.000,5 "
+                "(thousands = \".\", decimal = \",\")")
+    return None
 
 
 def text_encoding(name: str) -> bool:
@@ -341,8 +365,10 @@ def _top_level(study: _Study) -> None:
 
 
 def _inferred_task(raw: Mapping[str, Any]) -> str:
-    """The task a study asks when `[study] task` is omitted: images, or the contract target's form."""
-    if "images" in raw:
+    """The task a study asks when `[study] task` is omitted: the contract target's form, or images
+    when the study has an `[images]` table and no `[contract]` (with both, the contract decides and
+    the stray table is refused by name)."""
+    if "images" in raw and "contract" not in raw:
         return IMAGE_TASK
     contract = raw.get("contract")
     target = contract.get("target") if isinstance(contract, Mapping) else None
@@ -495,6 +521,9 @@ def _sites(study: _Study, privacy: PrivacySettings | None, task: str) -> tuple[S
         if "encoding" in values and not text_encoding(values["encoding"]):
             study.refuse(f"{place}.encoding", f"got {show(values['encoding'])}; expected the name of a text "
                          "encoding Python knows (e.g. \"utf-8\", \"latin-1\", \"cp1252\")")
+        number_problem = number_format_problem(values, place)
+        if number_problem:
+            study.problems.append(number_problem)
         if ("window_center" in values) != ("window_width" in values):
             study.refuse(f"{place}.window_center", "window_center and window_width must be given together")
         if "name" in values:
@@ -508,6 +537,8 @@ def _sites(study: _Study, privacy: PrivacySettings | None, task: str) -> tuple[S
                 privacy=_privacy(values, privacy),
                 delimiter=values.get("delimiter", ","),
                 encoding=values.get("encoding", "utf-8"),
+                thousands=values.get("thousands", ""),
+                decimal=values.get("decimal", "."),
                 image_source=tuple(sorted((k, entry[k]) for k in IMAGE_SOURCE_KEYS if k in entry)),
                 test_data=Path(values["test_data"]) if "test_data" in values else None,
             )

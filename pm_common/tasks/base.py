@@ -135,11 +135,12 @@ def tabular_site(spec: SiteSpec, study: StudyConfig, label_dtype: torch.dtype = 
     Returns:
         The site's tensors.
     """
-    from pm_common.data.tabular import load_site_split
+    from pm_common.data.tabular import NumberFormat, load_site_split
 
     assert study.contract is not None
     train, test = load_site_split(spec.data, spec.test_data, study.contract, delimiter=spec.delimiter,
                                   encoding=spec.encoding, test_fraction=study.split.test_fraction,
-                                  seed=study.split.seed)
+                                  seed=study.split.seed,
+                                  number_format=NumberFormat(spec.thousands, spec.decimal))
     return SiteTensors(torch.from_numpy(train.x), torch.from_numpy(train.y).to(label_dtype),
                        torch.from_numpy(test.x), torch.from_numpy(test.y).to(label_dtype))
