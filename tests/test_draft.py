@@ -87,15 +87,22 @@ def test_omics_columns_become_one_feature_group_and_targets_pick_their_task(tmp_
     multiclass = draft_study([path], target="stage")
     assert 'target = { name = "stage", classes = ["I", "II", "III"] }' in multiclass
     assert 'task = "multiclass-classification"' in multiclass
-    regression = tomllib.loads(draft_study([path], target="dose"))
+    regression_text = draft_study([path], target="dose")
+    regression = tomllib.loads(regression_text)
     dose = regression["contract"]["target"]
     assert set(dose) == {"name", "type", "min", "max"} and dose["type"] == "numeric"
     assert dose["min"] <= frame["dose"].min() < dose["min"] + 5  # rounded outward, in steps of 5
     assert dose["max"] - 5 < frame["dose"].max() <= dose["max"]
     assert regression["study"]["task"] == "regression"
     survival = draft_study([path], time="months", event="dead")
-    assert ('target = { time = "months", event = "dead", event_values = [1], censored_values = [0], '
-            'time_unit = "days" }') in survival
+    target = tomllib.loads(survival)["contract"]["target"]
+    assert {k: v for k, v in target.items() if k != "intervals"} == {
+        "time": "months", "event": "dead", "event_values": [1], "censored_values": [0], "time_unit": "days"}
+    assert len(target["intervals"]) == 10 and target["intervals"][-1] >= frame["months"].max()
+    for drafted, task in ((multiclass, "multiclass-classification"), (regression_text, "regression"),
+                          (survival, "survival")):  # each draft is a study pmfl accepts as it is
+        (tmp_path / "drafted.toml").write_text(drafted)
+        assert load_study(tmp_path / "drafted.toml").task == task
     labs = pd.DataFrame({f"lab_{i}": rng.uniform(0, 10 ** (i % 5), 40) for i in range(25)})
     symbols = pd.DataFrame({f"expr.{g}{i}": rng.uniform(0, 50, 40)
                             for i, g in enumerate(["TP", "EGFR"] * 12)})

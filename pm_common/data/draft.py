@@ -283,6 +283,26 @@ def _labels(values: list[str]) -> list[int | float | str]:
     return out
 
 
+SURVIVAL_INTERVALS = 10
+
+
+def _time_grid(sites: Sequence[SiteFile], time: str) -> list[float]:
+    """A survival study's discrete-time grid: equal intervals up to the longest follow-up in the
+    files, rounded outward (so the draft does not publish a site's exact longest follow-up).
+
+    Raises:
+        DraftError: the time column holds no positive number.
+    """
+    _, numbers, missing, bad, _ = _cells(sites, time)
+    usable = numbers[~missing & ~bad]
+    usable = usable[np.isfinite(usable) & (usable > 0)]
+    if usable.size == 0:
+        raise DraftError(f"--time {time!r}: no positive follow-up time in the files")
+    _, top = _outward(0.0, float(usable.max()), integer=True)
+    step = top / SURVIVAL_INTERVALS
+    return [float(round(step * (k + 1), 6)) for k in range(SURVIVAL_INTERVALS)]
+
+
 def _category_values(values: list[str]) -> list[int | str]:
     """Categories as the contract takes them: integers for integer codes, text otherwise."""
     return [v if isinstance(v, int) else str(v) for v in (_labels(values) if all(
@@ -306,9 +326,11 @@ def _target_lines(sites: Sequence[SiteFile], target: str | None, time: str | Non
         censored = [c for c in codes if c not in positive]
         return "survival", [
             f"# survival: {event!r} codes {codes} were {REVIEW}; which mean the event is a guess",
+            f"# the time grid ({SURVIVAL_INTERVALS} equal intervals up to the longest follow-up rounded "
+            f"outward) was {REVIEW}",
             f"target = {{ time = {_toml(time)}, event = {_toml(event)}, "
             f"event_values = {_toml(_labels(positive))}, censored_values = {_toml(_labels(censored))}, "
-            "time_unit = \"days\" }  # check time_unit",
+            f"intervals = {_toml(_time_grid(sites, time))}, time_unit = \"days\" }}  # check time_unit",
         ]
     if target is None:
         raise DraftError("give the outcome: --target COL, or --time COL --event COL for survival")
