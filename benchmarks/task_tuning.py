@@ -8,12 +8,14 @@ survival; 25 % validation, fixed `--val-seed`); a candidate federation trains un
 study's epsilon 3 and delta 1e-5 per site, the sites' real Opacus training step `train_round`,
 the privacy plan a site fixes, `plan_study`, for its inner training rows) and is scored on all sites'
 validation rows together; the candidate with the best median over seeds wins. The test rows are never
-loaded here. The federation is simulated in this process (FedAvg weighted by rows, or FedAdam as
-Flower 1.42's `FedAdam.aggregate_train` computes it) because Flower's engine costs seconds per round;
+used here (each site's loader returns them; they are dropped unread). The federation is simulated in
+this process (FedAvg weighted by rows, or FedAdam as Flower 1.42's `FedAdam.aggregate_train` computes
+it) because Flower's engine costs seconds per round;
 the chosen settings are then measured through `pmfl simulate --seeds` (benchmarks/tasks.py).
 
-Also `pooled_validation`: the pooled non-private baseline's optimiser settings (Adam learning rate,
-epochs, weight decay) chosen the same way, on a validation split of the pooled training rows.
+The pooled non-private baseline's optimiser settings (Adam learning rate, weight decay, epochs) are
+chosen the same way, on a validation split of the pooled training rows (benchmarks/tasks.py,
+`choose_pooled_settings`, with `split_rows` from here).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def split_rows(x: torch.Tensor, y: torch.Tensor, seed: int, fraction: float = VA
 
 
 def training_splits(study: StudyConfig, seed: int) -> list[tuple[str, torch.Tensor, ...]]:
-    """Each site's training rows split into inner-train and validation. Test rows are dropped unread."""
+    """Each site's training rows split into inner-train and validation; its test rows are dropped unread."""
     task = task_of(study)
     splits = []
     for spec in study.sites:
