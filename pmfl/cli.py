@@ -153,7 +153,9 @@ def simulate(
     strategy: Annotated[
         str | None, typer.Option(help="fedavg, fedprox, fedadam, fedyogi, ... (replaces [strategy] name)")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="logreg or mlp (replaces [model] name)")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="logreg, mlp or discrete-cox (replaces [model] name)")
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(help="study seed: the initial model (replaces [study] seed)")
     ] = None,

@@ -183,3 +183,22 @@ def test_survival_study_simulates_and_audits_clean(tmp_path: Path) -> None:
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["metrics_shown"] == ["c_index", "integrated_brier"]
     assert audit_directory(tmp_path / "run").exit_code == 0
+
+
+def test_discrete_cox_shares_one_slope_and_keeps_gradients_per_patient() -> None:
+    model = build_tabular_model("discrete-cox", 4, seed=0, num_outputs=3)
+    assert sum(p.numel() for p in model.parameters()) == 4 + 3  # one slope, one baseline per interval
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    logits = model(x)
+    # proportional hazards: the logits of two patients differ by the same amount in every interval
+    gaps = logits[0] - logits[1]
+    assert torch.allclose(gaps, gaps[0].expand(3), atol=1e-6)
+    hazard = DiscreteHazardLoss((10.0, 20.0, 30.0))
+    y_a = torch.tensor([[12.0, 1], [5, 1], [15, 0], [22, 1], [28, 1], [40, 0]])
+    y_b = torch.tensor([[12.0, 1], [3, 0], [13, 1], [18, 1], [35, 1], [8, 1]])
+    grads = []
+    for y in (y_a, y_b):
+        wrapped = GradSampleModule(build_tabular_model("discrete-cox", 4, seed=0, num_outputs=3))
+        hazard(wrapped(x), y).backward()
+        grads.append(torch.cat([p.grad_sample[0].flatten() for p in wrapped.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
