@@ -6,7 +6,7 @@ baseline, and for tcga-brca against each region alone under the same budget.
 Federated: `pmfl simulate NAME --seeds 0-4 --out DIR` as shipped (DP-SGD, epsilon 3, delta 1e-5 at
 every site; one engine start for all seeds), each seed's final model (DIR/seed-<s>/model.pt) scored
 on all sites' test rows together (for tcga-brca: FLamby's pooled test set). The run's own
-metrics.json reports `pooled` as the per-site metric weighted by test rows (sites never share
+metrics.json reports `weighted_site_mean`: the per-site metric weighted by test rows (sites never share
 per-patient predictions); for R², balanced accuracy and the C-index that is not the metric on the
 pooled rows, so it is recorded beside it (`sweep_weighted_site_mean`) but the headline is recomputed
 here from the model.
@@ -200,7 +200,7 @@ def main() -> None:
             "settings": {k: study.raw.get(k) for k in ("study", "model", "training", "strategy", "privacy")},
             "intervals": list(getattr(study.contract.target, "intervals", ()) or ()),
             "federated_dp_eps3": {"per_seed": fed, metric: stats([m[metric] for m in fed]),
-                                  "sweep_weighted_site_mean": summary["final"].get("pooled")},
+                                  "sweep_weighted_site_mean": summary["final"].get("weighted_site_mean")},
             "pooled_non_private": {"settings": settings, "per_seed": pooled,
                                    metric: stats([m[metric] for m in pooled])},
         }

@@ -71,7 +71,7 @@ def _progress_printer(num_rounds: int):  # type: ignore[no-untyped-def]
             *([f"model r{progress.round - 1}: mean site acc {_fmt(progress.mean_site_accuracy)}",
                f"pooled {_fmt(progress.pooled_accuracy)}"] if progress.metric == "accuracy" else
               [f"model r{progress.round - 1}: mean site {progress.metric} {_fmt(progress.mean_site)}",
-               f"pooled {_fmt(progress.pooled)}"]),
+               f"weighted by test rows {_fmt(progress.weighted_site_mean)}"]),
             f"max ε {_fmt(progress.max_epsilon, 2)}",
         ]
         for site, reason in progress.declined.items():
@@ -121,7 +121,7 @@ def _print_results(out: Path, metrics: dict[str, Any]) -> None:
         )
     if final.get("metric", "accuracy") != "accuracy":
         console.print(escape(f"{final['metric']}: mean over sites {_fmt(final.get('mean_site'))}, "
-                             f"weighted by test rows {_fmt(final.get('pooled'))}"))
+                             f"weighted by test rows {_fmt(final.get('weighted_site_mean'))}"))
     for site, m in final["sites"].items():
         if m.get("no_better_than_baseline"):
             console.print(escape(

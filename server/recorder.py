@@ -64,7 +64,7 @@ class RoundProgress:
     max_epsilon: float | None
     metric: str = "accuracy"  # the task's headline metric
     mean_site: float | None = None  # of `metric`, mean over sites
-    pooled: float | None = None  # of `metric`, weighted by each site's test rows
+    weighted_site_mean: float | None = None  # of `metric`, weighted by each site's test rows (not pooled)
 
 
 ProgressCallback = Callable[[RoundProgress], None]
@@ -267,7 +267,7 @@ class RunRecorder:
                 max_epsilon=max(epsilons) if epsilons else None,
                 metric=summary["metric"],
                 mean_site=summary["mean_site"],
-                pooled=summary["pooled"],
+                weighted_site_mean=summary["weighted_site_mean"],
             )
         )
 
@@ -296,7 +296,9 @@ class RunRecorder:
             "pooled_accuracy": pooled,
             "metric": metric,
             "mean_site": mean_over_sites([m[metric] for m in scored]),
-            "pooled": sum(m[metric] * m["n"] for m in scored) / scored_n if scored_n else None,
+            # not the metric on all sites' rows together (AUC, C-index, R² are not means over rows,
+            # and sites share no per-patient predictions): named for what it is
+            "weighted_site_mean": sum(m[metric] * m["n"] for m in scored) / scored_n if scored_n else None,
         }
 
     def write_metrics(self) -> dict[str, Any]:
@@ -335,9 +337,10 @@ class RunRecorder:
             "note": "round r holds the evaluation of the global model after round r on each site's "
             "own test rows (round 0: the initial model). mean_site_accuracy is FLamby's metric; "
             "pooled_accuracy is the accuracy on all sites' test rows together. metric is the task's "
-            "headline metric; mean_site its mean over sites, pooled its mean weighted by each site's "
-            "test rows. A site's baseline is its trivial predictor's value of that metric on the same "
-            "test rows (majority class, training mean, constant risk); no_better_than_baseline says the "
+            "headline metric; mean_site its mean over sites, weighted_site_mean its mean weighted by each "
+            "site's test rows (not the metric on the pooled rows). A site's baseline is its trivial "
+            "predictor's value of that metric on the same test rows (majority class, training mean, "
+            "constant risk); no_better_than_baseline says the "
             "model did not beat it there.",
             "rounds": rounds,
         }

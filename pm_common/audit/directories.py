@@ -83,7 +83,7 @@ def accuracy_series(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     Returns:
         One dict per round with `round`, `mean_site_accuracy`, `pooled_accuracy`, `metric`,
-        `mean_site` and `pooled` (None when absent) and the sorted names of the sites reported.
+        `mean_site` and `weighted_site_mean` (None when absent) and the sorted names of the sites reported.
     """
     rows = []
     for item in metrics.get("rounds", []):
@@ -95,7 +95,7 @@ def accuracy_series(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
             "pooled_accuracy": item.get("pooled_accuracy"),
             "metric": item.get("metric", "accuracy"),
             "mean_site": item.get("mean_site", item.get("mean_site_accuracy")),
-            "pooled": item.get("pooled", item.get("pooled_accuracy")),
+            "weighted_site_mean": item.get("weighted_site_mean", item.get("pooled_accuracy")),
             "sites": sorted((item.get("sites") or {}).keys()),
         })
     return rows

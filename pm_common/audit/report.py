@@ -113,13 +113,13 @@ def _plotted(value: Any) -> float:
 
 def accuracy_plot(accuracy: Sequence[dict[str, Any]]) -> str | None:
     """Base64 PNG: the task's headline metric per round (accuracy for yes/no studies), mean over sites
-    and pooled.
+    and pooled (accuracy) or weighted by test rows (other metrics).
 
     Shown so a reader can weigh the privacy spent against what the model gained.
 
     Args:
         accuracy: One dict per round with `round`, the headline `metric`'s name and, when known, its
-            mean over sites and pooled value.
+            mean over sites and pooled or row-weighted value.
 
     Returns:
         The PNG as base64, or None when there is nothing to plot.
@@ -129,7 +129,7 @@ def accuracy_plot(accuracy: Sequence[dict[str, Any]]) -> str | None:
     rounds = [a["round"] for a in accuracy]
     metric = str(accuracy[-1].get("metric", "accuracy"))
     keys = ((("mean_site_accuracy", "mean over sites"), ("pooled_accuracy", "pooled")) if metric == "accuracy"
-            else (("mean_site", "mean over sites"), ("pooled", "weighted by test rows")))
+            else (("mean_site", "mean over sites"), ("weighted_site_mean", "mean weighted by test rows")))
     fig = Figure(figsize=(8.0, 3.4))
     ax = fig.subplots()
     for key, label in keys:
