@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pm_common.models.tabular import plain_state_dict
 from pm_common.privacy.accountant import PrivacyPlan, cumulative_epsilon
+from pm_common.study.config import StudyConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,22 @@ class LocalTraining:
     proximal_mu: float = 0.0
     grad_sample_mode: str = "hooks"
     max_physical_batch_size: int = 0  # > 0: split Poisson batches to fit device memory
+
+
+def local_training(study: StudyConfig, *, proximal_mu: float = 0.0, local_epochs: int | None = None
+                   ) -> LocalTraining:
+    """The study's training settings for one stretch of local training (a federated round, or the
+    personal epochs when `local_epochs` is given)."""
+    training = study.training
+    return LocalTraining(
+        learning_rate=training.learning_rate,
+        batch_size=training.batch_size,
+        local_epochs=training.local_epochs if local_epochs is None else local_epochs,
+        momentum=training.momentum,
+        proximal_mu=proximal_mu,
+        grad_sample_mode=training.grad_sample_mode,
+        max_physical_batch_size=training.max_physical_batch_size,
+    )
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,9 @@ def simulate(
     canaries: Annotated[int, typer.Option(help="canaries for --empirical-audit")] = 200,
     secure_aggregation: Annotated[bool, typer.Option(
         "--secure-aggregation", help="SecAgg+: the coordinator learns only the sum of the updates")] = False,
+    personalization: Annotated[str | None, typer.Option(
+        "--personalization", help="none or finetune: a personal model per site, under its one budget "
+        "(replaces [personalization] method)")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="check the study, every site's data and each site's DP plan, print the plans, "
         "and start nothing (exit 0: it would run; 2: refused, one line per problem)")] = False,
@@ -179,6 +182,7 @@ def simulate(
             seed=seed,
             dp=False if no_dp else None,
             secure_aggregation=True if secure_aggregation else None,
+            personalization=personalization,
         )
         if empirical_audit and study.secure_aggregation.enabled:
             raise StudyConfigError(

@@ -156,7 +156,9 @@ def _final_evaluation(
     run: str,
     attempt: int,
 ) -> None:
-    """Every site evaluates the final model on its own test rows (training rounds carried the rest)
+    """Every site evaluates the final model on its own test rows (training rounds carried the rest),
+    trains its personal model when the study asks for one (client/personalization.py: the site
+    spends its own reserved steps, reports the metrics and where the model lies, sends no model),
     and closes its ledger for the run; the run's copies are completed from the sites' ledgers."""
     config = ConfigRecord({
         p.SERVER_ROUND: study.rounds,
@@ -184,6 +186,16 @@ def _final_evaluation(
         evaluation = wire.split_metrics(metrics)[1] if metrics is not None else None
         if evaluation is not None:
             recorder.record_evaluation(study.rounds, site, evaluation)
+        if study.personalization.enabled:
+            personal = reply.content.metric_records.get(p.PERSONAL_METRICS)
+            record = reply.content[p.SITE]
+            recorder.record_personal(
+                site,
+                evaluation,
+                wire.split_metrics(personal)[1] if personal is not None else None,
+                str(record.get(p.PERSONAL_MODEL, "")),
+                str(record.get(p.PERSONAL_REASON, "")),
+            )
 
 
 def coordinator_grid(grid: Grid) -> Grid:

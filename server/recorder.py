@@ -96,6 +96,7 @@ class RunRecorder:
     record_updates_of: str = ""  # empirical audit only: the one site whose per-round updates are kept
     roster: SignedRoster | None = None
     noise_seeded: bool = False  # a site seeded its noise for a test's replay (client/replay.py)
+    personal: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> its personal model's report
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -109,6 +110,18 @@ class RunRecorder:
     # -- what the strategy feeds in -------------------------------------------------------
     def record_evaluation(self, model_round: int, site: str, metrics: dict[str, float]) -> None:
         self.evaluations.setdefault(model_round, {})[site] = dict(metrics)
+
+    def record_personal(self, site: str, global_metrics: dict[str, float] | None,
+                        personal_metrics: dict[str, float] | None, model_path: str, reason: str) -> None:
+        """A site's personal model, as it reported it at the final evaluation: the final global
+        model's and its personal model's metrics on its test rows, where the model lies at the site
+        (never sent), or why it has none."""
+        report: dict[str, Any] = {"global": global_metrics, "personal": personal_metrics}
+        if model_path:
+            report["model"] = model_path
+        if reason:
+            report["reason"] = reason
+        self.personal[site] = report
 
     def record_site_round(self, server_round: int, report: SiteRound, ledger_line: str) -> None:
         if ledger_line:
@@ -314,6 +327,13 @@ class RunRecorder:
             "pooled_accuracy is the accuracy on all sites' test rows together.",
             "rounds": rounds,
         }
+        if self.study.personalization.enabled:
+            metrics["personalization"] = {
+                "method": self.study.personalization.method,
+                "note": "each site's final global model and its personal model (kept at the site, never "
+                "sent) on the site's own test rows; the personal steps are in the site's ledger and epsilon",
+                "sites": dict(sorted(self.personal.items())),
+            }
         _write_json(self.run_dir / "metrics.json", metrics)
         return metrics
 

@@ -137,6 +137,28 @@ class SecureAggregationConfig:
     max_weight: float = 10000.0  # a site's weight is min(n, max_weight) / max_weight
 
 
+PERSONALIZATION_METHODS = ("none", "finetune", "fedper", "ditto")
+IMPLEMENTED_PERSONALIZATION = ("none", "finetune")
+"""Methods a site can run today; the others are refused by name before anything starts."""
+
+
+@dataclass(frozen=True)
+class PersonalizationConfig:
+    """[personalization]: a model of its own for each site, trained under the site's one budget.
+
+    `finetune`: after the final round each site continues DP-SGD on the final global model for
+    `epochs` local epochs at the federation's sampling rate and noise; its plan reserves those steps
+    up front (pm_common/privacy/accountant.py `plan_study`).
+    """
+
+    method: str = "none"
+    epochs: int = 1  # finetune: local epochs of DP-SGD after the federation
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 @dataclass(frozen=True)
 class SplitConfig:
     test_fraction: float = 1 / 3
@@ -163,6 +185,7 @@ class StudyConfig:
     raw: Mapping[
         str, Any
     ]  # the TOML as loaded, paths resolved: written back as the effective config
+    personalization: PersonalizationConfig = PersonalizationConfig()
 
     def site(self, name: str) -> SiteSpec:
         for spec in self.sites:
@@ -194,7 +217,7 @@ MAX_PATH_LENGTH = 4096
 DELIMITERS = (",", ";", "\t", "|")  # what a CSV export uses (and what the reader can sniff)
 ACCOUNTANTS = ("rdp", "prv")  # Opacus accountants the audit can recompute (pm_common.audit.rules)
 TOP_LEVEL = ("study", "model", "training", "strategy", "privacy", "split", "contract", "images",
-             "hospital_dp", "secure_aggregation", "simulation", "sites")
+             "hospital_dp", "secure_aggregation", "personalization", "simulation", "sites")
 SITE_NAME = Text(max_length=64, pattern=NAME_PATTERN)
 STUDY_NAME = Text(max_length=100, pattern=NAME_PATTERN)
 PATH = Text(max_length=MAX_PATH_LENGTH, what="a file path")
@@ -276,6 +299,10 @@ IMAGE_SOURCE_RULES: dict[str, Rule] = {
     "window_width": Number(0, 1e6, low_open=True),
     "on_bad_file": Choice(("stop", "skip")),
     "npz_val": Choice(("train", "ignore")),
+}
+PERSONALIZATION_RULES: dict[str, Rule] = {
+    "method": Choice(PERSONALIZATION_METHODS),
+    "epochs": Integer(1, MAX_LOCAL_EPOCHS),
 }
 SIMULATION_RULES: dict[str, Rule] = {
     "attacks": Nested("a table { site = \"attack\" }"),
@@ -452,6 +479,20 @@ def _secure_aggregation(study: _Study, strategy: StrategyConfig | None) -> Secur
     return config
 
 
+def _personalization(study: _Study) -> PersonalizationConfig | None:
+    """[personalization]: a method this version runs, or a refusal naming the ones it does."""
+    values = study.table("personalization", PERSONALIZATION_RULES)
+    if values is None:
+        return None
+    config = PersonalizationConfig(**values)
+    if config.method not in IMPLEMENTED_PERSONALIZATION:
+        allowed = ", ".join(f'"{m}"' for m in IMPLEMENTED_PERSONALIZATION)
+        study.refuse("[personalization].method", f"{config.method!r} is not implemented in this version "
+                     f"of pmfl; expected one of {allowed}")
+        return None
+    return config
+
+
 def _privacy(values: Mapping[str, Any], defaults: PrivacySettings) -> PrivacySettings:
     return replace(defaults, **{k: v for k, v in values.items() if k in PrivacySettings.__dataclass_fields__})
 
@@ -570,12 +611,13 @@ def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
     split = study.table("split", SPLIT_RULES)
     hospital_dp = _hospital_dp(study, strategy)
     secure_aggregation = _secure_aggregation(study, strategy)
+    personalization = _personalization(study)
     _simulation(study, sites)
     if study.problems:
         raise StudyConfigError(study.problems)
     assert values is not None and model is not None and training is not None and strategy is not None
     assert privacy is not None and split is not None and hospital_dp is not None
-    assert secure_aggregation is not None
+    assert secure_aggregation is not None and personalization is not None
     return StudyConfig(
         name=values.get("name", "study"),
         rounds=values.get("rounds", 20),
@@ -593,6 +635,7 @@ def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
         sites=sites,
         min_report_count=values.get("min_report_count", 10),
         raw=raw,
+        personalization=personalization,
     )
 
 
@@ -627,7 +670,8 @@ def load_study(path: Path) -> StudyConfig:
 def with_overrides(study: StudyConfig, **overrides: Any) -> StudyConfig:
     """A copy of the study with command-line overrides (None means: keep the file's value).
 
-    Keys: rounds, seed, strategy, model, epsilon, delta, dp, secure_aggregation. Privacy overrides
+    Keys: rounds, seed, strategy, model, epsilon, delta, dp, secure_aggregation, personalization
+    (the method). Privacy overrides
     apply to every simulated site: in a simulation the researcher plays every hospital.
     """
     raw = copy.deepcopy(dict(study.raw))
@@ -637,6 +681,7 @@ def with_overrides(study: StudyConfig, **overrides: Any) -> StudyConfig:
         "strategy": ("strategy", "name"),
         "model": ("model", "name"),
         "secure_aggregation": ("secure_aggregation", "enabled"),
+        "personalization": ("personalization", "method"),
     }
     for key, value in overrides.items():
         if value is None:

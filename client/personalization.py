@@ -1,0 +1,153 @@
+"""A site's personal model: the final global model fine-tuned on the site's own rows, with DP-SGD
+under the site's one budget, kept in the site's directory and never sent.
+
+Why it is honest: the steps run at the plan's own sigma and sampling rate, were reserved when the
+plan fixed sigma (pm_common/privacy/planner.py `site_plan`), are checked against the budget before
+they run, and are signed into the site's ledger as a `trained` line of phase "personal" before the
+model is saved: the auditor composes them with the federation's rounds unchanged. How many steps
+run is the site's plan's figure, never the coordinator's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from client.enrollment import append_signed_line
+from client.state import SiteState, StateStore
+from client.training import local_training, pick_device, predict, train_round
+from pm_common.privacy.accountant import PrivacyPlan, check_next_round
+from pm_common.records.ledger import PERSONAL, TRAINED, LedgerEntry
+from pm_common.study.config import SiteSpec, StudyConfig
+from pm_common.tasks import SiteTensors, task_of
+from pm_common.tasks.metrics import reportable
+
+log = logging.getLogger("pmfl.client")
+
+FINETUNE = "finetune"
+
+
+@dataclass(frozen=True)
+class PersonalOutcome:
+    """What the site reports of its personal model: where it lies and its test metrics, or why
+    there is none."""
+
+    path: Path | None
+    evaluation: dict[str, float] | None
+    reason: str = ""
+
+
+def reserved_steps(plan: PrivacyPlan | None, state: SiteState, run: str) -> int:
+    """Personal steps the site still owes `run`: a federated round may not spend them.
+
+    Args:
+        plan: the site's plan (None: no DP, nothing to reserve).
+        state: the site's state.
+        run: the run.
+
+    Returns:
+        The plan's personal steps until the site's personal line for `run` is signed, then 0.
+    """
+    if plan is None or not plan.personal_steps:
+        return 0
+    return 0 if _trained_personal(state, run) else plan.personal_steps
+
+
+def _trained_personal(state: SiteState, run: str) -> bool:
+    return any(e.run == run and e.phase == PERSONAL for e in state.entries())
+
+
+def test_evaluation(model: nn.Module, data: SiteTensors, study: StudyConfig) -> dict[str, float] | None:
+    """Aggregate test metrics of `model` on the site's test rows, or None when too few rows to be
+    safe to send."""
+    metrics = task_of(study).metrics(predict(model, data.test_x), data.test_y)
+    return metrics if reportable(metrics, study.min_report_count) else None
+
+
+def finetune(
+    *,
+    study: StudyConfig,
+    site: SiteSpec,
+    store: StateStore,
+    state: SiteState,
+    data: SiteTensors,
+    received: Mapping[str, torch.Tensor],
+    run: str,
+    attempt: int,
+    server_round: int,
+    seed: int | None,
+) -> PersonalOutcome:
+    """Fine-tune the final global model `received` on the site's training rows (call with the
+    site's state locked); once per run: a repeated request reuses the saved model.
+
+    Args:
+        study: the study (its [personalization] epochs; the training settings).
+        site: the site, with its privacy settings.
+        store: the site's state store (the ledger, the personal model's place).
+        state: the site's state, loaded under the lock.
+        data: the site's rows.
+        received: the final global model.
+        run: the run.
+        attempt: the coordinator's attempt.
+        server_round: the final round (the personal line is numbered one after it).
+        seed: tests only (client/replay.py); None: noise from OS entropy.
+
+    Returns:
+        The personal model's place and metrics, or the reason the site trained none.
+    """
+    path = store.personal_model_path(run)
+    task = task_of(study)
+    model = task.build_model(study)
+    if _trained_personal(state, run):  # a repeated request: report the saved model, never train twice
+        if not path.exists():
+            return PersonalOutcome(None, None, "this run's personal model was trained but is not on disk")
+        model.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+        return PersonalOutcome(path, test_evaluation(model, data, study))
+    if state.closed(run):  # nothing trains after the site closed the run
+        return PersonalOutcome(None, None, f"run {run[:12]} is closed at this site")
+    privacy, plan = site.privacy, state.plan
+    if privacy.dp and plan is None:
+        return PersonalOutcome(None, None, "no DP-SGD plan: the site declined the study")
+    if reason := task.unlearnable(data.train_y):
+        return PersonalOutcome(None, None, reason)
+    settings = local_training(study, local_epochs=study.personalization.epochs)
+    if plan is not None:
+        decision = check_next_round(plan, state.history, steps=plan.personal_steps)
+        if not decision.allowed:
+            log.warning("site %s trains no personal model: %s", site.name, decision.reason)
+            return PersonalOutcome(None, None, decision.reason)
+    model.load_state_dict(received)
+    outcome = train_round(model, data.train_x, data.train_y, task.criterion(), settings, plan=plan,
+                          accountant_state=state.accountant, seed=seed, device=pick_device())
+    entry = LedgerEntry(
+        site=site.name,
+        round=server_round + 1,
+        status=TRAINED,
+        noise_multiplier=plan.noise_multiplier if plan else 0.0,
+        sample_rate=plan.sample_rate if plan else 0.0,
+        steps=outcome.steps,
+        max_grad_norm=plan.max_grad_norm if plan else 0.0,
+        delta=privacy.delta,
+        epsilon=outcome.epsilon,  # cumulative: the federation's rounds and these steps, composed
+        epsilon_budget=privacy.epsilon if privacy.dp else None,
+        accountant=privacy.accountant if privacy.dp else "none",
+        dp=privacy.dp,
+        reason=f"personalisation: {FINETUNE}, {settings.local_epochs} epoch(s) on the final global model",
+        run=run,
+        attempt=attempt,
+        phase=PERSONAL,
+    )
+    state.accountant = outcome.accountant
+    append_signed_line(state, store.signing_key(), entry)  # the spend first, then the model
+    store.save(state)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"study": study.name, "task": task.name, "method": FINETUNE, "run": run,
+                "state_dict": outcome.state_dict}, tmp)
+    tmp.replace(path)
+    return PersonalOutcome(path, test_evaluation(model, data, study))
