@@ -269,6 +269,76 @@ def simulate(
 
 
 @app.command()
+def plan(
+    study_file: Annotated[str, typer.Argument(
+        help="a study TOML, or a built-in scenario (e.g. heart-disease)", metavar="STUDY")],
+    rows: Annotated[int | None, typer.Option(
+        help="plan one site with this many training rows and the study's [privacy] budget (a hospital "
+        "planning on its own count, without the study's [[sites]] files)")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="every site's epsilon budget")] = None,
+    rounds: Annotated[int | None, typer.Option(help="number of rounds (replaces [study] rounds)")] = None,
+    personalization: Annotated[str | None, typer.Option(
+        "--personalization", help="none or finetune (replaces [personalization] method)")] = None,
+) -> None:
+    """Privacy-utility planner: per site, the DP-SGD plan its ClientApp will fix and whether noise will
+    drown the signal, with the change that helps most. Starts nothing, sends nothing."""
+    from pm_common.privacy.planner import drowning_threshold, model_parameters, site_report
+    from pm_common.study.config import SiteSpec, load_study, with_overrides
+    from pm_common.study.schema import InputError
+    from simulations.preflight import SiteDataError, preflight
+    from simulations.scenarios import scenario_study
+
+    try:
+        path = Path(study_file)
+        study = load_study(path) if path.suffix == ".toml" or path.exists() else scenario_study(
+            study_file, Path("runs/plan"))
+        study = with_overrides(study, epsilon=epsilon, rounds=rounds, personalization=personalization)
+        if rows is not None:
+            if rows < 1:
+                raise typer.BadParameter("--rows must be at least 1")
+            counted = [(SiteSpec("this-site", Path("."), study.privacy), rows)]
+        else:
+            counted = [(s.site, s.train_rows) for s in preflight(study, plans=False)]
+    except InputError as exc:
+        _errors(exc.problems if exc.source is None else [f"{exc.source}: {p}" for p in exc.problems])
+        raise typer.Exit(BAD_INPUT) from exc
+    except SiteDataError as exc:
+        _errors(exc.problems)
+        raise typer.Exit(BAD_INPUT) from exc
+    except ValueError as exc:  # an unknown scenario name
+        _errors(str(exc).splitlines())
+        raise typer.Exit(BAD_INPUT) from exc
+    parameters = model_parameters(study)
+    reports = [site_report(study, site, n, parameters) for site, n in counted]
+    table = Table(title=f"{study.name}: {study.rounds} rounds, batch {study.training.batch_size}, "
+                  f"{study.training.local_epochs} local epoch(s), personalisation "
+                  f"{study.personalization.method}")
+    for column in ("site", "rows", "ε", "σ", "q", "E[batch]", "steps", "σ/E[batch]"):
+        table.add_column(escape(column), justify="left" if column == "site" else "right", no_wrap=True)
+    for r in reports:
+        u = r.utility
+        figures = ("-",) * 5 if u is None else (
+            f"{u.noise_multiplier:.3g}", f"{u.sample_rate:.3g}", f"{u.expected_batch:.1f}", str(u.steps),
+            f"[red]{u.noise_to_signal:.3g}[/]" if u.drowned else f"{u.noise_to_signal:.3g}")
+        budget = "no DP" if r.epsilon_budget is None else f"{r.epsilon_budget:g}"
+        table.add_row(escape(r.site), str(r.train_rows), budget, *figures)
+    console.print(table)
+    console.print(escape(
+        f"σ/E[batch]: noise per coordinate relative to the largest averaged clipped gradient a step carries. "
+        f"Flagged at ≥ {drowning_threshold(parameters):.3g} = 1/√{parameters} (the model's parameters): "
+        "there the noise vector is as long as the largest possible signal (Ponomareva et al. 2023, "
+        "\"How to DP-fy ML\"; De et al. 2022)."), soft_wrap=True, highlight=False)
+    for r in reports:
+        if r.declines:
+            console.print(escape(f"{r.site}: DECLINES: {r.declines}"), soft_wrap=True, highlight=False)
+        elif r.utility is not None and r.utility.drowned:
+            console.print(escape(f"{r.site}: noise will drown the signal; what would help most:"),
+                          soft_wrap=True, highlight=False)
+        for line in r.advice:
+            console.print(escape(f"  - {line}"), soft_wrap=True, highlight=False)
+
+
+@app.command()
 def audit(
     path: Annotated[Path, typer.Argument(help="a run directory (or a hospital's site directory)")],
     roster: Annotated[str | None, typer.Option(

@@ -25,11 +25,17 @@ from pm_common.privacy.accountant import BudgetTooLow, PrivacyPlan, plan_study
 from pm_common.study.config import PrivacySettings, SiteSpec, StudyConfig, TrainingConfig
 
 DROWNING_RATIO = 1.0
-"""Flag a plan whose per-step noise-to-signal sigma / B is at least this. At 1 the noise's std in
-every single coordinate equals the norm of the largest averaged clipped gradient a step can carry:
-even a batch whose examples all agree moves the model less than the noise does, in each coordinate,
-and the model has many coordinates. Below it a step's signal can show through; above it only
-averaging over many steps can recover it, which the budget also pays for."""
+"""Flag a plan whose noise, as a whole vector, is at least as large as the largest signal a step can
+carry: sigma * sqrt(d) / B >= 1 for a model of d parameters, i.e. noise-to-signal sigma / B at or above
+1 / sqrt(d). The averaged clipped gradient has norm at most C (less whenever the batch's examples
+disagree); the noise on it has norm about sigma * C * sqrt(d) / B. Past the threshold even a batch whose
+examples all agree moves the model less than the noise does; below it a step's signal can show through,
+and averaging over steps does the rest."""
+
+
+def drowning_threshold(parameters: int) -> float:
+    """The noise-to-signal sigma / B at which a model of `parameters` parameters is flagged."""
+    return DROWNING_RATIO / math.sqrt(max(parameters, 1))
 
 
 def planned_rounds(study: StudyConfig, privacy: PrivacySettings, rounds: int | None = None) -> int:
@@ -91,17 +97,26 @@ class Utility:
     expected_batch: float  # q * n
     steps: int  # every step planned, personal ones included
     noise_to_signal: float  # sigma / expected batch, per step
+    threshold: float  # drowning_threshold of the study's model
 
     @property
     def drowned(self) -> bool:
-        return self.noise_to_signal >= DROWNING_RATIO
+        return self.noise_to_signal >= self.threshold
 
 
-def utility(plan: PrivacyPlan, train_rows: int) -> Utility:
-    """The learning-relevant figures of `plan` for a site with `train_rows` training rows."""
+def model_parameters(study: StudyConfig) -> int:
+    """Trainable parameters of the study's model: the dimension the noise is spread over."""
+    from pm_common.tasks import task_of  # the model's shape needs the task's contract
+
+    return sum(p.numel() for p in task_of(study).build_model(study).parameters() if p.requires_grad)
+
+
+def utility(plan: PrivacyPlan, train_rows: int, parameters: int) -> Utility:
+    """The learning-relevant figures of `plan` for a site with `train_rows` training rows, training
+    a model of `parameters` parameters."""
     batch = plan.sample_rate * train_rows
     return Utility(train_rows, plan.noise_multiplier, plan.sample_rate, batch, plan.planned_steps,
-                   plan.noise_multiplier / batch)
+                   plan.noise_multiplier / batch, drowning_threshold(parameters))
 
 
 @dataclass(frozen=True)
@@ -116,7 +131,7 @@ def _with(study: StudyConfig, **training: int) -> StudyConfig:
     return replace(study, training=replace(study.training, **training))
 
 
-def alternatives(study: StudyConfig, site: SiteSpec, train_rows: int) -> list[Advice]:
+def alternatives(study: StudyConfig, site: SiteSpec, train_rows: int, parameters: int) -> list[Advice]:
     """The changes that lower noise-to-signal, each re-planned by `site_plan`, best first.
 
     Tried: a 4x larger expected batch (capped at the site's rows), half the rounds, one local epoch
@@ -127,6 +142,7 @@ def alternatives(study: StudyConfig, site: SiteSpec, train_rows: int) -> list[Ad
         study: the study as it stands.
         site: the site, with its budget.
         train_rows: its training rows.
+        parameters: the model's parameters.
 
     Returns:
         The changes that apply, sorted by the noise-to-signal they give (lowest first).
@@ -155,17 +171,20 @@ def alternatives(study: StudyConfig, site: SiteSpec, train_rows: int) -> list[Ad
             advice.append(Advice(change, None))
             continue
         if plan is not None:
-            advice.append(Advice(change, utility(plan, train_rows).noise_to_signal))
+            advice.append(Advice(change, utility(plan, train_rows, parameters).noise_to_signal))
     return sorted(advice, key=lambda a: math.inf if a.noise_to_signal is None else a.noise_to_signal)
 
 
-def advise(study: StudyConfig, site: SiteSpec, train_rows: int, current: Utility | None) -> list[str]:
+def advise(
+    study: StudyConfig, site: SiteSpec, train_rows: int, parameters: int, current: Utility | None
+) -> list[str]:
     """What would help a site most, in words: empty when its plan does not drown the signal.
 
     Args:
         study: the study.
         site: the site.
         train_rows: its training rows.
+        parameters: the model's parameters.
         current: its plan's figures (None: no plan fits its budget at all).
 
     Returns:
@@ -174,10 +193,49 @@ def advise(study: StudyConfig, site: SiteSpec, train_rows: int, current: Utility
     if current is not None and not current.drowned:
         return []
     lines = []
-    for option in alternatives(study, site, train_rows)[:2]:
+    for option in alternatives(study, site, train_rows, parameters)[:2]:
         if option.noise_to_signal is not None:
             lines.append(f"{option.change}: noise-to-signal {option.noise_to_signal:.3g}")
     if not study.personalization.enabled:
         lines.append("[personalization] method = \"finetune\": a model adapted to the site's own rows "
                      "(its steps are planned within the same budget)")
     return lines
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """`pmfl plan`'s line for one site: its plan, what it means for learning, and advice."""
+
+    site: str
+    train_rows: int
+    epsilon_budget: float | None  # None: the site trains without DP
+    planned_rounds: int
+    plan: PrivacyPlan | None
+    utility: Utility | None
+    advice: list[str]
+    declines: str = ""  # why no plan fits the budget at all
+
+
+def site_report(study: StudyConfig, site: SiteSpec, train_rows: int, parameters: int | None = None
+                ) -> SiteReport:
+    """Plan one site by `site_plan` and judge the plan (the whole of `pmfl plan` for one site).
+
+    Args:
+        study: the study.
+        site: the site with its budget.
+        train_rows: its training rows (as the site discloses them, or counted from its file).
+        parameters: the model's parameters (None: `model_parameters(study)`).
+
+    Returns:
+        The site's report; `declines` says why when no noise multiplier fits its budget.
+    """
+    budget = site.privacy.epsilon if site.privacy.dp else None
+    parameters = model_parameters(study) if parameters is None else parameters
+    try:
+        planned, plan = site_plan(study, site, train_rows)
+    except BudgetTooLow as exc:
+        return SiteReport(site.name, train_rows, budget, planned_rounds(study, site.privacy), None, None,
+                          advise(study, site, train_rows, parameters, None), declines=str(exc))
+    judged = utility(plan, train_rows, parameters) if plan is not None else None
+    advice = advise(study, site, train_rows, parameters, judged) if judged is not None else []
+    return SiteReport(site.name, train_rows, budget, planned, plan, judged, advice)
