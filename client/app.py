@@ -26,11 +26,22 @@ from client import enrollment
 from client import secagg_masking as secagg
 from client.enrollment import SiteRefusal, append_signed_line
 from client.errors import error_reply_mod
-from client.personalization import FINETUNE, PersonalOutcome, finetune, reserved_steps, test_evaluation
+from client.personalization import (
+    FINETUNE,
+    PersonalOutcome,
+    fedper_final,
+    finetune,
+    local_layers,
+    reserved_steps,
+    save_personal,
+    site_model,
+    test_evaluation,
+)
 from client.replay import replay_seed
 from client.site import load_site_data, parse_study_text, resolve_site
 from client.state import SiteState, StateStore
 from client.training import local_training, pick_device, train_round
+from pm_common.models.layers import shared_part
 from pm_common.privacy.accountant import (
     BudgetTooLow,
     PrivacyPlan,
@@ -77,12 +88,6 @@ class RunRequest:
 def _received(msg: Message) -> dict[str, torch.Tensor]:
     """The global model the coordinator sent (packed: pm_common/wire/packing.py)."""
     return {k: torch.from_numpy(v) for k, v in wire.unpacked(msg.content[p.MODEL]).items()}
-
-
-def _model_from(received: Mapping[str, torch.Tensor], study: StudyConfig) -> nn.Module:
-    model = task_of(study).build_model(study)
-    model.load_state_dict(received)
-    return model
 
 
 def _record(store: StateStore, state: SiteState, entry: LedgerEntry) -> str:
@@ -182,8 +187,8 @@ def train(msg: Message, context: Context) -> Message:
     study = request.study
     site, store = resolve_site(context, study.name)
     data = load_site_data(site, request.study_text)
-    received = _received(msg)
-    model = _model_from(received, study)
+    received = shared_part(_received(msg), local_layers(study))  # fedper: local layers never come in
+    model = site_model(study, received, store, request.run)
     evaluation = test_evaluation(model, data, study)
     warning = few_rows_warning(len(data.train_y))
     if warning:
@@ -270,7 +275,9 @@ def _answer_round(
     line = _record(store, state, entry)  # the spend first: building the update may still fail
     reserve = reserved_steps(plan, state, request.run)
     fits = check_next_round(plan, state.history, reserve).allowed if plan else None
-    weights, weight = outcome.state_dict, n_train
+    if layers := local_layers(study):  # fedper: the whole model stays here, only shared layers go out
+        save_personal(store, request.run, study, outcome.state_dict)
+    weights, weight = shared_part(outcome.state_dict, layers), n_train
     if study.hospital_dp.enabled:
         hospital_seed = replay_seed(context, site.name, request.server_round, request.attempt, "hospital-dp")
         weights = _hospital_dp(msg, received, weights, study, hospital_seed)
@@ -381,13 +388,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     if state is not None and (problem := _study_problem(state, request)):
         raise SiteRefusal(problem)
     data = load_site_data(site, request.study_text)
-    received = _received(msg)
-    evaluation = test_evaluation(_model_from(received, request.study), data, request.study)
+    received = shared_part(_received(msg), local_layers(request.study))
+    model = site_model(request.study, received, store, request.run)
+    evaluation = test_evaluation(model, data, request.study)
     site_record = ConfigRecord({p.SITE_NAME: site.name})
     content = RecordDict()
     if bool(msg.content[p.CONFIG].get(p.CLOSE, False)):
-        if request.study.personalization.method == FINETUNE:
-            personal = _personalize(context, request, site, store, data, received)
+        if request.study.personalization.enabled:
+            personal = (_personalize(context, request, site, store, data, received)
+                        if request.study.personalization.method == FINETUNE
+                        else fedper_final(request.study, store, request.run, model, data))
             if personal.path is not None:
                 site_record[p.PERSONAL_MODEL] = str(personal.path)
                 content[p.PERSONAL_METRICS] = wire.metrics_record({p.NUM_EXAMPLES: len(data.test_y)},

@@ -1,5 +1,9 @@
-"""A site's personal model: the final global model fine-tuned on the site's own rows, with DP-SGD
-under the site's one budget, kept in the site's directory and never sent.
+"""A site's personal model, kept in the site's directory and never sent.
+
+`finetune`: the final global model fine-tuned on the site's own rows, with DP-SGD under the site's
+one budget. `fedper`: the study's local layers never leave the site; the site trains the whole
+model in the federation's DP-SGD steps (no extra spend), sends only the shared layers, and keeps
+its model (shared layers as last received, its own local layers) between rounds.
 
 Why it is honest: the steps run at the plan's own sigma and sampling rate, were reserved when the
 plan fixed sigma (pm_common/privacy/planner.py `site_plan`), are checked against the budget before
@@ -18,9 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from client.enrollment import append_signed_line
+from client.enrollment import SiteRefusal, append_signed_line
 from client.state import SiteState, StateStore
 from client.training import local_training, pick_device, predict, train_round
+from pm_common.models.layers import is_local, local_layer_problems, local_part, shared_part
 from pm_common.privacy.accountant import PrivacyPlan, check_next_round
 from pm_common.records.ledger import PERSONAL, TRAINED, LedgerEntry
 from pm_common.study.config import SiteSpec, StudyConfig
@@ -30,6 +35,62 @@ from pm_common.tasks.metrics import reportable
 log = logging.getLogger("pmfl.client")
 
 FINETUNE = "finetune"
+FEDPER = "fedper"
+
+
+def local_layers(study: StudyConfig) -> tuple[str, ...]:
+    """The layers that stay at the site (fedper's), () for every other method."""
+    personal = study.personalization
+    return personal.local_layers if personal.method == FEDPER else ()
+
+
+def site_model(study: StudyConfig, received: Mapping[str, torch.Tensor], store: StateStore, run: str
+               ) -> nn.Module:
+    """The model the site trains and evaluates: the arrays received; under fedper only their shared
+    part, with the site's own local layers (from its saved personal model, or the initial ones
+    before its first round). A coordinator cannot set a site's local layers.
+
+    Raises:
+        SiteRefusal: the local layers do not fit the model, or shared arrays are missing.
+    """
+    model = task_of(study).build_model(study)
+    layers = local_layers(study)
+    if not layers:
+        model.load_state_dict(received)
+        return model
+    if problems := local_layer_problems(model.state_dict(), layers, study.model.name):
+        raise SiteRefusal(problems[0])
+    arrays = shared_part(received, layers)
+    path = store.personal_model_path(run)
+    if path.exists():
+        arrays.update(local_part(torch.load(path, weights_only=True)["state_dict"], layers))
+    loaded = model.load_state_dict(arrays, strict=False)
+    missing = [k for k in loaded.missing_keys if not is_local(k, layers)]
+    if missing or loaded.unexpected_keys:
+        raise SiteRefusal(f"the model received does not match the study's model ({len(missing)} shared "
+                          f"arrays missing, {len(loaded.unexpected_keys)} unexpected)")
+    return model
+
+
+def save_personal(store: StateStore, run: str, study: StudyConfig, state: Mapping[str, torch.Tensor]) -> Path:
+    """Write the site's personal model of `run` into its directory (atomically); returns where."""
+    path = store.personal_model_path(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"study": study.name, "task": task_of(study).name, "method": study.personalization.method,
+                "run": run, "state_dict": {k: v.detach().cpu() for k, v in state.items()}}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def fedper_final(study: StudyConfig, store: StateStore, run: str, model: nn.Module, data: SiteTensors
+                 ) -> PersonalOutcome:
+    """Fedper at the final evaluation: the site's model is the final shared layers with its own local
+    ones (`model`, from `site_model`); saved and reported, with nothing trained."""
+    if not store.personal_model_path(run).exists():
+        return PersonalOutcome(None, None, "the site trained no round of this run: it has no local layers")
+    return PersonalOutcome(save_personal(store, run, study, model.state_dict()),
+                           test_evaluation(model, data, study))
 
 
 @dataclass(frozen=True)
@@ -145,9 +206,5 @@ def finetune(
     state.accountant = outcome.accountant
     append_signed_line(state, store.signing_key(), entry)  # the spend first, then the model
     store.save(state)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"study": study.name, "task": task.name, "method": FINETUNE, "run": run,
-                "state_dict": outcome.state_dict}, tmp)
-    tmp.replace(path)
-    return PersonalOutcome(path, test_evaluation(model, data, study))
+    return PersonalOutcome(save_personal(store, run, study, outcome.state_dict),
+                           test_evaluation(model, data, study))

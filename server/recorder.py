@@ -331,7 +331,9 @@ class RunRecorder:
             metrics["personalization"] = {
                 "method": self.study.personalization.method,
                 "note": "each site's final global model and its personal model (kept at the site, never "
-                "sent) on the site's own test rows; the personal steps are in the site's ledger and epsilon",
+                "sent) on the site's own test rows; the personal steps are in the site's ledger and epsilon. "
+                "fedper: no whole global model exists (each site's local layers stay at the site), so "
+                "`global` is null and model.pt holds the shared layers only",
                 "sites": dict(sorted(self.personal.items())),
             }
         _write_json(self.run_dir / "metrics.json", metrics)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from pm_common.data.imaging import ImageDataError
 from pm_common.data.tabular import MAX_LISTED_PROBLEMS, DataValidationError
+from pm_common.models.layers import local_layer_problems
 from pm_common.privacy.accountant import BudgetTooLow, PrivacyPlan
 from pm_common.privacy.planner import site_plan
 from pm_common.redaction import one_line
@@ -96,12 +97,17 @@ def preflight(study: StudyConfig, *, plans: bool = True) -> list[SitePreflight]:
 
     Raises:
         StudyConfigError: `[simulation]` names an unknown site or a malformed attack.
-        SiteDataError: every data or planning problem of every site, one line each.
+        SiteDataError: fedper's local layers do not split the model; or every data or planning
+            problem of every site, one line each.
     """
     study_attacks(study)
     if not study.sites:
         raise SiteDataError(["[[sites]]: the study declares no sites to simulate"])
     task = task_of(study)
+    layers = study.personalization.local_layers  # fedper: the layers must exist, and not be all
+    if layers and (wrong := local_layer_problems(task.build_model(study).state_dict(), layers,
+                                                 study.model.name)):
+        raise SiteDataError(wrong)
     problems: list[str] = []
     sites: list[SitePreflight] = []
     for site in study.sites:

@@ -34,13 +34,61 @@ def _ledger_rows(reply) -> list[dict]:  # type: ignore[no-untyped-def]
     return [json.loads(str(line)) for line in reply.content[p.SITE][p.LEDGER_LINES]]
 
 
-@pytest.mark.parametrize("method", ["fedper", "ditto"])
-def test_methods_not_implemented_are_refused_by_name(tmp_path: Path, heart_sites: list, method: str) -> None:
+def test_a_method_not_implemented_is_refused_by_name(tmp_path: Path, heart_sites: list) -> None:
     with pytest.raises(StudyConfigError) as refused:
-        heart_study(tmp_path, heart_sites, personalization={"method": method})
+        heart_study(tmp_path, heart_sites, personalization={"method": "ditto"})
     assert len(refused.value.problems) == 1
     line = refused.value.problems[0]
-    assert line.startswith("[personalization].method") and method in line and '"finetune"' in line
+    assert line.startswith("[personalization].method") and "ditto" in line and '"fedper"' in line
+
+
+@pytest.mark.parametrize(("model", "settings", "place", "words"), [
+    ("mlp", {"method": "fedper"}, "[personalization].local_layers", "missing"),
+    ("mlp", {"method": "finetune", "local_layers": ["net.2"]}, "[personalization].local_layers",
+     '"fedper" only'),
+    ("mlp", {"method": "fedper", "local_layers": ["head"]}, "[personalization].local_layers", '"net.2"'),
+    ("logreg", {"method": "fedper", "local_layers": ["linear"]}, "[personalization].local_layers",
+     "nothing would be federated"),
+])
+def test_fedper_layers_are_checked_before_anything_starts(
+    tmp_path: Path, heart_sites: list, model: str, settings: dict, place: str, words: str
+) -> None:
+    from simulations.preflight import SiteDataError, preflight
+
+    with pytest.raises((StudyConfigError, SiteDataError)) as refused:
+        _, study = heart_study(tmp_path, heart_sites, model={"name": model}, personalization=settings)
+        preflight(study, plans=False)
+    lines = refused.value.problems
+    assert len(lines) == 1 and lines[0].startswith(place) and words in lines[0], lines
+
+
+def test_fedper_never_sends_nor_takes_the_local_layers(tmp_path: Path, heart_sites: list) -> None:
+    import torch
+    from flwr.app import ArrayRecord
+
+    from pm_common.models.tabular import build_tabular_model
+
+    path, study = heart_study(tmp_path, heart_sites, study={"rounds": 3},
+                              model={"name": "mlp", "hidden": [8]},
+                              personalization={"method": "fedper", "local_layers": ["net.2"]})
+    context, run = _enrolled(path, study, partition=1)
+    full = build_tabular_model("mlp", study.contract.num_inputs, (8,))
+    state = full.state_dict()
+    state["net.2.weight"] = torch.full_like(state["net.2.weight"], 99.0)  # a coordinator sets the head
+    arrays = ArrayRecord(state)
+    sent_keys = []
+    for r in (1, 2):
+        reply = client_app(train_message(study, r, arrays, run=run), context)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        sent_keys.append(set(wire.unpacked(reply.content[p.MODEL])))
+        assert json.loads(str(reply.content[p.SITE][p.LEDGER_LINE]))["status"] == "trained"
+    assert sent_keys == [{"net.0.weight", "net.0.bias"}] * 2  # only the shared layers ever leave
+    kept = Path(context.run_config["sites-dir"]) / "hungary" / "state" / study.name / "personal" / f"{run}.pt"
+    head = torch.load(kept, weights_only=True)["state_dict"]["net.2.weight"]
+    assert head.abs().max() < 50  # the site's own head, trained from its own start, not the coordinator's
+    final = _close(study, context, run, 3)
+    assert Path(str(final.content[p.SITE][p.PERSONAL_MODEL])) == kept
+    assert not [e for e in _ledger_rows(final) if e.get("phase") == PERSONAL]  # fedper spends nothing extra
 
 
 def test_unknown_method_and_bad_epochs_are_refused(tmp_path: Path, heart_sites: list) -> None:

@@ -138,7 +138,7 @@ class SecureAggregationConfig:
 
 
 PERSONALIZATION_METHODS = ("none", "finetune", "fedper", "ditto")
-IMPLEMENTED_PERSONALIZATION = ("none", "finetune")
+IMPLEMENTED_PERSONALIZATION = ("none", "finetune", "fedper")
 """Methods a site can run today; the others are refused by name before anything starts."""
 
 
@@ -149,10 +149,14 @@ class PersonalizationConfig:
     `finetune`: after the final round each site continues DP-SGD on the final global model for
     `epochs` local epochs at the federation's sampling rate and noise; its plan reserves those steps
     up front (pm_common/privacy/accountant.py `plan_study`).
+    `fedper`: the `local_layers` (module paths of the model, pm_common/models/layers.py) stay at each
+    site; only the other layers are sent and aggregated. No extra steps: the whole model trains in
+    the federation's DP-SGD steps.
     """
 
     method: str = "none"
     epochs: int = 1  # finetune: local epochs of DP-SGD after the federation
+    local_layers: tuple[str, ...] = ()  # fedper: the layers that never leave the site
 
     @property
     def enabled(self) -> bool:
@@ -303,6 +307,7 @@ IMAGE_SOURCE_RULES: dict[str, Rule] = {
 PERSONALIZATION_RULES: dict[str, Rule] = {
     "method": Choice(PERSONALIZATION_METHODS),
     "epochs": Integer(1, MAX_LOCAL_EPOCHS),
+    "local_layers": Items(Text(max_length=200, what="a layer's module path"), 1, 64, unique=True),
 }
 SIMULATION_RULES: dict[str, Rule] = {
     "attacks": Nested("a table { site = \"attack\" }"),
@@ -489,6 +494,18 @@ def _personalization(study: _Study) -> PersonalizationConfig | None:
         allowed = ", ".join(f'"{m}"' for m in IMPLEMENTED_PERSONALIZATION)
         study.refuse("[personalization].method", f"{config.method!r} is not implemented in this version "
                      f"of pmfl; expected one of {allowed}")
+        return None
+    if config.method == "fedper" and not config.local_layers:
+        study.refuse("[personalization].local_layers", "missing: fedper needs the layers that stay at the "
+                     "sites, e.g. local_layers = [\"net.2\"] (the output layer of the default mlp)")
+        return None
+    if config.local_layers and config.method != "fedper":
+        study.refuse("[personalization].local_layers", f"applies to method \"fedper\" only; method is "
+                     f"{config.method!r}")
+        return None
+    if "epochs" in values and config.method != "finetune":
+        study.refuse("[personalization].epochs", f"applies to method \"finetune\" only; method is "
+                     f"{config.method!r}")
         return None
     return config
 
