@@ -27,12 +27,16 @@ from client import secagg_masking as secagg
 from client.enrollment import SiteRefusal, append_signed_line
 from client.errors import error_reply_mod
 from client.personalization import (
+    DITTO,
+    FEDPER,
     FINETUNE,
     PersonalOutcome,
-    fedper_final,
+    ditto_round,
     finetune,
+    kept_personal,
     local_layers,
     reserved_steps,
+    round_steps,
     save_personal,
     site_model,
     test_evaluation,
@@ -223,7 +227,8 @@ def _answer_round(
     reply = functools.partial(_reply, msg, site, evaluation, len(data.skipped), warning)
     reason = plan_problem or _round_limit_reason(site, state) or _unlearnable_reason(data, study)
     if not reason and plan is not None:
-        decision = check_next_round(plan, state.history, reserved_steps(plan, state, request.run))
+        decision = check_next_round(plan, state.history, reserved_steps(study, plan, state, request.run),
+                                    steps=round_steps(study, plan))
         reason = "" if decision.allowed else decision.reason
 
     base = LedgerEntry(
@@ -270,11 +275,22 @@ def _answer_round(
         seed=seed,
         device=pick_device(),
     )
-    entry = replace(base, steps=outcome.steps, epsilon=outcome.epsilon)
-    state.accountant = outcome.accountant
+    personal = None
+    if study.personalization.method == DITTO:  # nothing of either model leaves the site before the line
+        personal_seed = replay_seed(context, site.name, request.server_round, request.attempt, "personal")
+        personal = ditto_round(study, store, request.run, data, received, plan, outcome.accountant,
+                               personal_seed)
+    spent = personal or outcome  # its accountant and epsilon compose both stretches
+    entry = replace(base, steps=outcome.steps + (personal.steps if personal else 0), epsilon=spent.epsilon,
+                    reason=f"ditto: {outcome.steps} federated + {personal.steps} personal steps" if personal
+                    else "")
+    state.accountant = spent.accountant
     line = _record(store, state, entry)  # the spend first: building the update may still fail
-    reserve = reserved_steps(plan, state, request.run)
-    fits = check_next_round(plan, state.history, reserve).allowed if plan else None
+    if personal is not None:
+        save_personal(store, request.run, study, personal.state_dict)
+    reserve = reserved_steps(study, plan, state, request.run)
+    fits = check_next_round(plan, state.history, reserve, steps=round_steps(study, plan)).allowed \
+        if plan else None
     if layers := local_layers(study):  # fedper: the whole model stays here, only shared layers go out
         save_personal(store, request.run, study, outcome.state_dict)
     weights, weight = shared_part(outcome.state_dict, layers), n_train
@@ -395,9 +411,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     content = RecordDict()
     if bool(msg.content[p.CONFIG].get(p.CLOSE, False)):
         if request.study.personalization.enabled:
-            personal = (_personalize(context, request, site, store, data, received)
-                        if request.study.personalization.method == FINETUNE
-                        else fedper_final(request.study, store, request.run, model, data))
+            method = request.study.personalization.method
+            personal = (_personalize(context, request, site, store, data, received) if method == FINETUNE
+                        else kept_personal(request.study, store, request.run, data,
+                                           model if method == FEDPER else None))
             if personal.path is not None:
                 site_record[p.PERSONAL_MODEL] = str(personal.path)
                 content[p.PERSONAL_METRICS] = wire.metrics_record({p.NUM_EXAMPLES: len(data.test_y)},

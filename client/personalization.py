@@ -3,7 +3,10 @@
 `finetune`: the final global model fine-tuned on the site's own rows, with DP-SGD under the site's
 one budget. `fedper`: the study's local layers never leave the site; the site trains the whole
 model in the federation's DP-SGD steps (no extra spend), sends only the shared layers, and keeps
-its model (shared layers as last received, its own local layers) between rounds.
+its model (shared layers as last received, its own local layers) between rounds. `ditto`: each
+round, after training the global model, the site trains its own personal model, pulled towards the
+global model it received, with DP-SGD at the same sigma and q; both stretches are one mechanism and
+go into the round's one ledger line (steps = both), and its plan paid for both.
 
 Why it is honest: the steps run at the plan's own sigma and sampling rate, were reserved when the
 plan fixed sigma (pm_common/privacy/planner.py `site_plan`), are checked against the budget before
@@ -24,7 +27,7 @@ from torch import nn
 
 from client.enrollment import SiteRefusal, append_signed_line
 from client.state import SiteState, StateStore
-from client.training import local_training, pick_device, predict, train_round
+from client.training import RoundOutcome, local_training, pick_device, predict, train_round
 from pm_common.models.layers import is_local, local_layer_problems, local_part, shared_part
 from pm_common.privacy.accountant import PrivacyPlan, check_next_round
 from pm_common.records.ledger import PERSONAL, TRAINED, LedgerEntry
@@ -36,6 +39,7 @@ log = logging.getLogger("pmfl.client")
 
 FINETUNE = "finetune"
 FEDPER = "fedper"
+DITTO = "ditto"
 
 
 def local_layers(study: StudyConfig) -> tuple[str, ...]:
@@ -83,16 +87,6 @@ def save_personal(store: StateStore, run: str, study: StudyConfig, state: Mappin
     return path
 
 
-def fedper_final(study: StudyConfig, store: StateStore, run: str, model: nn.Module, data: SiteTensors
-                 ) -> PersonalOutcome:
-    """Fedper at the final evaluation: the site's model is the final shared layers with its own local
-    ones (`model`, from `site_model`); saved and reported, with nothing trained."""
-    if not store.personal_model_path(run).exists():
-        return PersonalOutcome(None, None, "the site trained no round of this run: it has no local layers")
-    return PersonalOutcome(save_personal(store, run, study, model.state_dict()),
-                           test_evaluation(model, data, study))
-
-
 @dataclass(frozen=True)
 class PersonalOutcome:
     """What the site reports of its personal model: where it lies and its test metrics, or why
@@ -103,10 +97,18 @@ class PersonalOutcome:
     reason: str = ""
 
 
-def reserved_steps(plan: PrivacyPlan | None, state: SiteState, run: str) -> int:
-    """Personal steps the site still owes `run`: a federated round may not spend them.
+def round_steps(study: StudyConfig, plan: PrivacyPlan) -> int | None:
+    """The DP-SGD steps one federated round spends when personalisation adds to them (Ditto's
+    personal epochs double them); None: the plan's own steps per round."""
+    return plan.steps_per_round * 2 if study.personalization.method == DITTO else None
+
+
+def reserved_steps(study: StudyConfig, plan: PrivacyPlan | None, state: SiteState, run: str) -> int:
+    """Personal steps the site still owes `run` after the federation (finetune's): a federated round
+    may not spend them.
 
     Args:
+        study: the study (only finetune reserves steps for after the rounds).
         plan: the site's plan (None: no DP, nothing to reserve).
         state: the site's state.
         run: the run.
@@ -114,7 +116,7 @@ def reserved_steps(plan: PrivacyPlan | None, state: SiteState, run: str) -> int:
     Returns:
         The plan's personal steps until the site's personal line for `run` is signed, then 0.
     """
-    if plan is None or not plan.personal_steps:
+    if plan is None or not plan.personal_steps or study.personalization.method != FINETUNE:
         return 0
     return 0 if _trained_personal(state, run) else plan.personal_steps
 
@@ -128,6 +130,51 @@ def test_evaluation(model: nn.Module, data: SiteTensors, study: StudyConfig) -> 
     safe to send."""
     metrics = task_of(study).metrics(predict(model, data.test_x), data.test_y)
     return metrics if reportable(metrics, study.min_report_count) else None
+
+
+def kept_personal(study: StudyConfig, store: StateStore, run: str, data: SiteTensors,
+                  model: nn.Module | None = None) -> PersonalOutcome:
+    """At the final evaluation, the personal model the site kept through the rounds (fedper, ditto):
+    nothing is trained. Fedper's is `model` (the final shared layers with the site's own local ones,
+    from `site_model`), saved again; Ditto's is the one saved after its last round."""
+    path = store.personal_model_path(run)
+    if not path.exists():
+        return PersonalOutcome(None, None, "the site trained no round of this run: it has no personal model")
+    if model is not None:
+        return PersonalOutcome(save_personal(store, run, study, model.state_dict()),
+                               test_evaluation(model, data, study))
+    kept = task_of(study).build_model(study)
+    kept.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+    return PersonalOutcome(path, test_evaluation(kept, data, study))
+
+
+def ditto_round(study: StudyConfig, store: StateStore, run: str, data: SiteTensors,
+                received: Mapping[str, torch.Tensor], plan: PrivacyPlan | None,
+                accountant_state: Mapping, seed: int | None) -> RoundOutcome:
+    """One round of Ditto's personal training, after the global model's: the site's personal model
+    (the received global model in its first round) trained with DP-SGD at the plan's sigma and q,
+    pulled towards `received` by lambda (a post-processing step, pm_common: client/training.py).
+
+    Args:
+        study: the study (its [personalization] lambda, its training settings).
+        store: the site's store (where its personal model lies).
+        run: the run.
+        data: the site's rows.
+        received: the global model received this round.
+        plan: the site's plan (None: no DP).
+        accountant_state: the accountant after this round's global training.
+        seed: tests only; None: OS entropy.
+
+    Returns:
+        The personal model's outcome: its steps and the cumulative accountant and epsilon.
+    """
+    task = task_of(study)
+    model = task.build_model(study)
+    path = store.personal_model_path(run)
+    model.load_state_dict(torch.load(path, weights_only=True)["state_dict"] if path.exists() else received)
+    settings = local_training(study, proximal_mu=study.personalization.ditto_lambda)
+    return train_round(model, data.train_x, data.train_y, task.criterion(), settings, plan=plan,
+                       accountant_state=accountant_state, seed=seed, device=pick_device(), anchor=received)
 
 
 def finetune(

@@ -98,8 +98,12 @@ def train_round(
     accountant_state: Mapping[str, Any],
     seed: int | None = None,
     device: torch.device | None = None,
+    anchor: Mapping[str, torch.Tensor] | None = None,
 ) -> RoundOutcome:
     """Train `model` in place for one round; with a `plan`, as DP-SGD accounted by Opacus.
+
+    The proximal term (`settings.proximal_mu`) pulls towards `anchor` (None: the model's own
+    starting point, FedProx's global model; Ditto passes the global model to its personal one).
 
     `plan=None` is non-private training: only reachable when the site allowed `--no-dp`.
     Leave `seed` None outside tests: Poisson sampling and noise then draw from OS entropy. A seed
@@ -110,7 +114,10 @@ def train_round(
     device = device or pick_device()
     model = model.to(device).train()
     x, y = x.to(device), y.to(device)
-    anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+    if anchor is None:
+        anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+    else:
+        anchor = {k: anchor[k].detach().to(device).clone() for k, _ in model.named_parameters()}
     optimizer = torch.optim.SGD(
         model.parameters(), lr=settings.learning_rate, momentum=settings.momentum
     )

@@ -152,8 +152,8 @@ def simulate(
     secure_aggregation: Annotated[bool, typer.Option(
         "--secure-aggregation", help="SecAgg+: the coordinator learns only the sum of the updates")] = False,
     personalization: Annotated[str | None, typer.Option(
-        "--personalization", help="none or finetune: a personal model per site, under its one budget "
-        "(replaces [personalization] method)")] = None,
+        "--personalization", help="none, finetune, fedper or ditto: a personal model per site, under "
+        "its one budget (replaces [personalization] method)")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="check the study, every site's data and each site's DP plan, print the plans, "
         "and start nothing (exit 0: it would run; 2: refused, one line per problem)")] = False,
@@ -278,7 +278,7 @@ def plan(
     epsilon: Annotated[float | None, typer.Option(help="every site's epsilon budget")] = None,
     rounds: Annotated[int | None, typer.Option(help="number of rounds (replaces [study] rounds)")] = None,
     personalization: Annotated[str | None, typer.Option(
-        "--personalization", help="none or finetune (replaces [personalization] method)")] = None,
+        "--personalization", help="none, finetune, fedper or ditto (replaces [personalization] method)")] = None,
 ) -> None:
     """Privacy-utility planner: per site, the DP-SGD plan its ClientApp will fix and whether noise will
     drown the signal, with the change that helps most. Starts nothing, sends nothing."""

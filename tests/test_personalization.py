@@ -34,19 +34,12 @@ def _ledger_rows(reply) -> list[dict]:  # type: ignore[no-untyped-def]
     return [json.loads(str(line)) for line in reply.content[p.SITE][p.LEDGER_LINES]]
 
 
-def test_a_method_not_implemented_is_refused_by_name(tmp_path: Path, heart_sites: list) -> None:
-    with pytest.raises(StudyConfigError) as refused:
-        heart_study(tmp_path, heart_sites, personalization={"method": "ditto"})
-    assert len(refused.value.problems) == 1
-    line = refused.value.problems[0]
-    assert line.startswith("[personalization].method") and "ditto" in line and '"fedper"' in line
-
-
 @pytest.mark.parametrize(("model", "settings", "place", "words"), [
     ("mlp", {"method": "fedper"}, "[personalization].local_layers", "missing"),
     ("mlp", {"method": "finetune", "local_layers": ["net.2"]}, "[personalization].local_layers",
      '"fedper" only'),
     ("mlp", {"method": "fedper", "local_layers": ["head"]}, "[personalization].local_layers", '"net.2"'),
+    ("logreg", {"method": "finetune", "lambda": 0.5}, "[personalization].lambda", '"ditto" only'),
     ("logreg", {"method": "fedper", "local_layers": ["linear"]}, "[personalization].local_layers",
      "nothing would be federated"),
 ])
@@ -193,3 +186,28 @@ def test_simulation_with_finetune_reports_global_and_personal(tmp_path: Path, he
     assert all(s["personal_steps"] > 0 and s["rounds_trained"] == 2 for s in summary.values())
     assert audit_directory(out).exit_code == EXIT_OK
     assert load_study(out / "config.toml").personalization.method == "finetune"
+
+
+def test_ditto_pays_for_its_personal_steps_in_each_rounds_line(tmp_path: Path, heart_sites: list) -> None:
+    import torch
+
+    path, study = heart_study(tmp_path, heart_sites, study={"rounds": 2},
+                              personalization={"method": "ditto", "lambda": 0.5})
+    context, run = _enrolled(path, study, partition=1)
+    sent = []
+    for r in (1, 2):
+        reply, _, line = _run_round(study, context, r, run)
+        sent.append(wire.unpacked(reply.content[p.MODEL]))
+    state = Path(context.run_config["sites-dir"]) / "hungary" / "state" / study.name
+    plan = json.loads((state / "state.json").read_text())["plan"]
+    assert plan["personal_steps"] == 2 * plan["steps_per_round"]  # planned up front: both stretches
+    assert line["steps"] == 2 * plan["steps_per_round"] and "personal" in line["reason"]
+    rows = _ledger_rows(_close(study, context, run, 2))
+    history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in rows]
+    assert rows[-1]["epsilon"] == pytest.approx(cumulative_epsilon(history, 1e-5))
+    assert rows[-1]["epsilon"] <= 3.0
+    key = load_public_key(Path(context.run_config["sites-dir"]) / "hungary" / "keys" / "ledger_ed25519.pub")
+    audit = audit_site("hungary", rows, key)
+    assert verdict(audit.findings, [audit], ["the site key"])[0] == EXIT_OK, audit.findings
+    personal = torch.load(state / "personal" / f"{run}.pt", weights_only=True)["state_dict"]
+    assert all(not torch.equal(personal[k], torch.from_numpy(sent[-1][k])) for k in personal)  # never sent

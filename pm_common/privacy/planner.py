@@ -50,8 +50,9 @@ def site_plan(
 ) -> tuple[int, PrivacyPlan | None]:
     """The rounds a site plans for and its DP-SGD plan, exactly as its ClientApp fixes them.
 
-    Personalisation's steps are part of the plan (`personal_steps`), so the sigma fixed here pays for
-    every step the site will take.
+    Personalisation's steps are part of the plan (`personal_steps`: finetune's epochs after the
+    federation, or Ditto's personal epochs of every round), so the sigma fixed here pays for every
+    step the site will take.
 
     Args:
         study: the study the coordinator sends.
@@ -71,6 +72,7 @@ def site_plan(
     if not privacy.dp:
         return planned, None
     personal = study.personalization
+    personal_epochs = {"finetune": personal.epochs, "ditto": planned * study.training.local_epochs}
     with warnings.catch_warnings():  # Opacus: "optimal order is the largest alpha", a looser bound only
         warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
         plan = plan_study(
@@ -82,7 +84,7 @@ def site_plan(
             planned_rounds=planned,
             max_grad_norm=study.training.max_grad_norm,
             accountant=privacy.accountant,
-            personal_epochs=personal.epochs if personal.method == "finetune" else 0,
+            personal_epochs=personal_epochs.get(personal.method, 0),
         )
     return planned, plan
 

@@ -138,8 +138,6 @@ class SecureAggregationConfig:
 
 
 PERSONALIZATION_METHODS = ("none", "finetune", "fedper", "ditto")
-IMPLEMENTED_PERSONALIZATION = ("none", "finetune", "fedper")
-"""Methods a site can run today; the others are refused by name before anything starts."""
 
 
 @dataclass(frozen=True)
@@ -152,11 +150,15 @@ class PersonalizationConfig:
     `fedper`: the `local_layers` (module paths of the model, pm_common/models/layers.py) stay at each
     site; only the other layers are sent and aggregated. No extra steps: the whole model trains in
     the federation's DP-SGD steps.
+    `ditto`: each round each site also trains a personal model of its own (`local_epochs` epochs of
+    DP-SGD at the plan's sigma and q) pulled towards the global model it received by `lambda`
+    (Li et al. 2021, "Ditto"); its plan pays for twice the federation's steps.
     """
 
     method: str = "none"
     epochs: int = 1  # finetune: local epochs of DP-SGD after the federation
     local_layers: tuple[str, ...] = ()  # fedper: the layers that never leave the site
+    ditto_lambda: float = 0.1  # ditto: strength of the personal model's pull to the global one
 
     @property
     def enabled(self) -> bool:
@@ -308,6 +310,7 @@ PERSONALIZATION_RULES: dict[str, Rule] = {
     "method": Choice(PERSONALIZATION_METHODS),
     "epochs": Integer(1, MAX_LOCAL_EPOCHS),
     "local_layers": Items(Text(max_length=200, what="a layer's module path"), 1, 64, unique=True),
+    "lambda": Number(0, 1000),
 }
 SIMULATION_RULES: dict[str, Rule] = {
     "attacks": Nested("a table { site = \"attack\" }"),
@@ -485,22 +488,23 @@ def _secure_aggregation(study: _Study, strategy: StrategyConfig | None) -> Secur
 
 
 def _personalization(study: _Study) -> PersonalizationConfig | None:
-    """[personalization]: a method this version runs, or a refusal naming the ones it does."""
+    """[personalization]: the method and only the settings that method uses."""
     values = study.table("personalization", PERSONALIZATION_RULES)
     if values is None:
         return None
+    if "lambda" in values:
+        values["ditto_lambda"] = values.pop("lambda")
     config = PersonalizationConfig(**values)
-    if config.method not in IMPLEMENTED_PERSONALIZATION:
-        allowed = ", ".join(f'"{m}"' for m in IMPLEMENTED_PERSONALIZATION)
-        study.refuse("[personalization].method", f"{config.method!r} is not implemented in this version "
-                     f"of pmfl; expected one of {allowed}")
-        return None
     if config.method == "fedper" and not config.local_layers:
         study.refuse("[personalization].local_layers", "missing: fedper needs the layers that stay at the "
                      "sites, e.g. local_layers = [\"net.2\"] (the output layer of the default mlp)")
         return None
     if config.local_layers and config.method != "fedper":
         study.refuse("[personalization].local_layers", f"applies to method \"fedper\" only; method is "
+                     f"{config.method!r}")
+        return None
+    if "ditto_lambda" in values and config.method != "ditto":
+        study.refuse("[personalization].lambda", f"applies to method \"ditto\" only; method is "
                      f"{config.method!r}")
         return None
     if "epochs" in values and config.method != "finetune":
