@@ -278,7 +278,8 @@ def plan(
     epsilon: Annotated[float | None, typer.Option(help="every site's epsilon budget")] = None,
     rounds: Annotated[int | None, typer.Option(help="number of rounds (replaces [study] rounds)")] = None,
     personalization: Annotated[str | None, typer.Option(
-        "--personalization", help="none, finetune, fedper or ditto (replaces [personalization] method)")] = None,
+        "--personalization", help="none, finetune, fedper or ditto (replaces [personalization] method)"
+    )] = None,
 ) -> None:
     """Privacy-utility planner: per site, the DP-SGD plan its ClientApp will fix and whether noise will
     drown the signal, with the change that helps most. Starts nothing, sends nothing."""
