@@ -108,11 +108,21 @@ def _print_results(out: Path, metrics: dict[str, Any]) -> None:
         f"mean site accuracy (FLamby metric) {_fmt(final['mean_site_accuracy'])}, "
         f"pooled test accuracy {_fmt(final['pooled_accuracy'])}"
     )
+    personal = metrics.get("personalization")
+    if personal:
+        table = Table(title=escape(f"personal models ({personal['method']}): kept at each site, never sent"))
+        for column in ("site", "global acc", "personal acc", "global AUC", "personal AUC", "note"):
+            table.add_column(column)
+        for site, report in personal["sites"].items():
+            g, mine = report.get("global") or {}, report.get("personal") or {}
+            table.add_row(escape(site), _fmt(g.get("accuracy")), _fmt(mine.get("accuracy")),
+                          _fmt(g.get("auc")), _fmt(mine.get("auc")), escape(report.get("reason", "")))
+        console.print(table)
     if not summary["dp"]:
         console.print(
             "[bold red]NO PRIVACY GUARANTEE: this study ran without differential privacy (--no-dp)."
         )
-    console.print(escape(f"results: {out}/ (metrics.json, model.pt, config.toml, privacy/)"))
+    console.print(escape(f"results: {out}/ (metrics.json, model.pt, model_card.md, config.toml, privacy/)"))
 
 
 @app.command()

@@ -33,6 +33,7 @@ from pm_common.records.signing import chain_head, public_key_pem, read_raw_ledge
 from pm_common.redaction import failure_reason
 from pm_common.study.config import StudyConfig, write_study
 from pm_common.tasks.metrics import mean_over_sites
+from server.model_card import model_card
 
 
 @dataclass
@@ -276,7 +277,8 @@ class RunRecorder:
             self.run_dir / "model.pt",
         )
         metrics = self.write_metrics()
-        self.write_privacy_summary()
+        privacy = self.write_privacy_summary()
+        _write_text(self.run_dir / "model_card.md", model_card(self.study, self.model_meta, metrics, privacy))
         return metrics
 
     # -- files ----------------------------------------------------------------------------

@@ -185,6 +185,10 @@ def test_simulation_with_finetune_reports_global_and_personal(tmp_path: Path, he
     summary = json.loads((out / "privacy" / "summary.json").read_text())["sites"]
     assert all(s["personal_steps"] > 0 and s["rounds_trained"] == 2 for s in summary.values())
     assert audit_directory(out).exit_code == EXIT_OK
+    card = (out / "model_card.md").read_text()  # beside model.pt: what it is, what it cost, what not to do
+    for name, s in summary.items():
+        assert f"| {name} | {sites[name]['global']['n']:.0f} |" in card and f"{s['epsilon']:.3f}" in card
+    assert "## Must not be used for" in card and "personalisation: finetune" in card
     assert load_study(out / "config.toml").personalization.method == "finetune"
 
 
