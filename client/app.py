@@ -262,7 +262,7 @@ def _answer_round(
                               f"training message of round {request.server_round}")
         secagg_rules = secagg.relay_rules(secagg_request, context.state, identity)  # the study's rules
     config = msg.content[p.CONFIG]
-    settings = local_training(study, proximal_mu=float(config.get(p.PROXIMAL_MU, 0.0)))
+    settings = local_training(study, plan, proximal_mu=float(config.get(p.PROXIMAL_MU, 0.0)))
     seed = replay_seed(context, site.name, request.server_round, request.attempt, "dp-sgd")
     outcome = train_round(
         model,
@@ -281,9 +281,10 @@ def _answer_round(
         personal = ditto_round(study, store, request.run, data, received, plan, outcome.accountant,
                                personal_seed)
     spent = personal or outcome  # its accountant and epsilon compose both stretches
+    notes = [f"auto plan: expected batch {plan.batch_size}" if plan and plan.batch_size else "",
+             f"ditto: {outcome.steps} federated + {personal.steps} personal steps" if personal else ""]
     entry = replace(base, steps=outcome.steps + (personal.steps if personal else 0), epsilon=spent.epsilon,
-                    reason=f"ditto: {outcome.steps} federated + {personal.steps} personal steps" if personal
-                    else "")
+                    reason="; ".join(n for n in notes if n))
     state.accountant = spent.accountant
     line = _record(store, state, entry)  # the spend first: building the update may still fail
     if personal is not None:

@@ -172,7 +172,7 @@ def ditto_round(study: StudyConfig, store: StateStore, run: str, data: SiteTenso
     model = task.build_model(study)
     path = store.personal_model_path(run)
     model.load_state_dict(torch.load(path, weights_only=True)["state_dict"] if path.exists() else received)
-    settings = local_training(study, proximal_mu=study.personalization.ditto_lambda)
+    settings = local_training(study, plan, proximal_mu=study.personalization.ditto_lambda)
     return train_round(model, data.train_x, data.train_y, task.criterion(), settings, plan=plan,
                        accountant_state=accountant_state, seed=seed, device=pick_device(), anchor=received)
 
@@ -223,7 +223,7 @@ def finetune(
         return PersonalOutcome(None, None, "no DP-SGD plan: the site declined the study")
     if reason := task.unlearnable(data.train_y):
         return PersonalOutcome(None, None, reason)
-    settings = local_training(study, local_epochs=study.personalization.epochs)
+    settings = local_training(study, plan, local_epochs=study.personalization.epochs)
     if plan is not None:
         decision = check_next_round(plan, state.history, steps=plan.personal_steps)
         if not decision.allowed:

@@ -39,14 +39,15 @@ class LocalTraining:
     max_physical_batch_size: int = 0  # > 0: split Poisson batches to fit device memory
 
 
-def local_training(study: StudyConfig, *, proximal_mu: float = 0.0, local_epochs: int | None = None
-                   ) -> LocalTraining:
+def local_training(study: StudyConfig, plan: PrivacyPlan | None, *, proximal_mu: float = 0.0,
+                   local_epochs: int | None = None) -> LocalTraining:
     """The study's training settings for one stretch of local training (a federated round, or the
-    personal epochs when `local_epochs` is given)."""
+    personal epochs when `local_epochs` is given), at the expected batch the site's `plan` chose
+    (`[training] plan = "auto"`) or else the study's."""
     training = study.training
     return LocalTraining(
         learning_rate=training.learning_rate,
-        batch_size=training.batch_size,
+        batch_size=plan.batch_size if plan is not None and plan.batch_size else training.batch_size,
         local_epochs=training.local_epochs if local_epochs is None else local_epochs,
         momentum=training.momentum,
         proximal_mu=proximal_mu,

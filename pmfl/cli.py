@@ -164,6 +164,9 @@ def simulate(
     personalization: Annotated[str | None, typer.Option(
         "--personalization", help="none, finetune, fedper or ditto: a personal model per site, under "
         "its one budget (replaces [personalization] method)")] = None,
+    training_plan: Annotated[str | None, typer.Option(
+        "--training-plan", help="fixed (the study's batch) or auto (each site picks its expected batch "
+        "within its budget; replaces [training] plan)")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="check the study, every site's data and each site's DP plan, print the plans, "
         "and start nothing (exit 0: it would run; 2: refused, one line per problem)")] = False,
@@ -193,6 +196,7 @@ def simulate(
             dp=False if no_dp else None,
             secure_aggregation=True if secure_aggregation else None,
             personalization=personalization,
+            training_plan=training_plan,
         )
         if empirical_audit and study.secure_aggregation.enabled:
             raise StudyConfigError(
@@ -290,6 +294,9 @@ def plan(
     personalization: Annotated[str | None, typer.Option(
         "--personalization", help="none, finetune, fedper or ditto (replaces [personalization] method)"
     )] = None,
+    training_plan: Annotated[str | None, typer.Option(
+        "--training-plan", help="fixed (the study's batch) or auto (each site picks its expected batch "
+        "within its budget; replaces [training] plan)")] = None,
 ) -> None:
     """Privacy-utility planner: per site, the DP-SGD plan its ClientApp will fix and whether noise will
     drown the signal, with the change that helps most. Starts nothing, sends nothing."""
@@ -303,7 +310,8 @@ def plan(
         path = Path(study_file)
         study = load_study(path) if path.suffix == ".toml" or path.exists() else scenario_study(
             study_file, Path("runs/plan"))
-        study = with_overrides(study, epsilon=epsilon, rounds=rounds, personalization=personalization)
+        study = with_overrides(study, epsilon=epsilon, rounds=rounds, personalization=personalization,
+                               training_plan=training_plan)
         if rows is not None:
             if rows < 1:
                 raise typer.BadParameter("--rows must be at least 1")
@@ -321,7 +329,8 @@ def plan(
         raise typer.Exit(BAD_INPUT) from exc
     parameters = model_parameters(study)
     reports = [site_report(study, site, n, parameters) for site, n in counted]
-    table = Table(title=f"{study.name}: {study.rounds} rounds, batch {study.training.batch_size}, "
+    batch = "auto" if study.training.plan == "auto" else study.training.batch_size
+    table = Table(title=f"{study.name}: {study.rounds} rounds, batch {batch}, "
                   f"{study.training.local_epochs} local epoch(s), personalisation "
                   f"{study.personalization.method}")
     for column in ("site", "rows", "ε", "σ", "q", "E[batch]", "steps", "σ/E[batch]"):

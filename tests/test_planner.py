@@ -76,3 +76,32 @@ def test_plan_command_prints_every_site_and_refuses_bad_input(tmp_path: Path, he
     refused = runner.invoke(app, ["plan", str(path)])
     assert refused.exit_code == BAD_INPUT and "[training].batch_size" in refused.output
     assert "Traceback" not in refused.output
+
+
+def test_auto_plan_picks_a_larger_batch_within_the_budget_and_the_site_trains_by_it(
+    tmp_path: Path, heart_sites: list
+) -> None:
+    from pm_common.privacy.accountant import cumulative_epsilon
+    from pm_common.privacy.planner import AUTO_MARGIN, batch_candidates
+
+    assert batch_candidates(16, 100) == [16, 32, 64, 100]
+    path, study = heart_study(tmp_path, heart_sites, study={"rounds": 2}, training={"plan": "auto"})
+    site = study.site("hungary")
+    _, plan = site_plan(study, site, 130)
+    assert plan is not None and plan.batch_size in batch_candidates(16, 130)
+    fixed = site_plan(replace(study, training=replace(study.training, plan="fixed")), site, 130)[1]
+    assert fixed is not None and fixed.batch_size == 0
+    d = model_parameters(study)
+    chosen, default = utility(plan, 130, d).noise_to_signal, utility(fixed, 130, d).noise_to_signal
+    assert chosen <= default
+    if plan.batch_size > 16:  # it went past the study's batch only because that one was too noisy
+        assert default > AUTO_MARGIN * drowning_threshold(d)
+    spent = [(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)]
+    assert cumulative_epsilon(spent, plan.delta) <= site.privacy.epsilon
+    # the site trains at the batch it chose, and its ledger line says so
+    context, run = _enrolled(path, study, partition=1)
+    _, _, line = _run_round(study, context, 1, run)
+    saved = json.loads((Path(context.run_config["sites-dir"]) / "hungary" / "state" / study.name
+                        / "state.json").read_text())["plan"]
+    assert saved["batch_size"] > 0 and f"expected batch {saved['batch_size']}" in line["reason"]
+    assert line["sample_rate"] == saved["sample_rate"] and line["steps"] == saved["steps_per_round"]

@@ -214,6 +214,7 @@ class PrivacyPlan:
     max_grad_norm: float
     accountant: str = DEFAULT_ACCOUNTANT
     personal_steps: int = 0  # personalisation's DP-SGD steps after the federation, reserved up front
+    batch_size: int = 0  # the expected batch the site chose ([training] plan = "auto"); 0: the study's
 
     @property
     def planned_steps(self) -> int:

@@ -71,6 +71,14 @@ def site_plan(
     planned = planned_rounds(study, privacy, rounds)
     if not privacy.dp:
         return planned, None
+    if study.training.plan == "auto":
+        return planned, _auto_plan(study, privacy, planned, train_rows)
+    return planned, _plan_at(study, privacy, planned, train_rows, study.training.batch_size)
+
+
+def _plan_at(study: StudyConfig, privacy: PrivacySettings, planned: int, train_rows: int, batch: int
+             ) -> PrivacyPlan:
+    """The site's plan at expected batch `batch` (recorded in the plan only when the site chose it)."""
     personal = study.personalization
     personal_epochs = {"finetune": personal.epochs, "ditto": planned * study.training.local_epochs}
     with warnings.catch_warnings():  # Opacus: "optimal order is the largest alpha", a looser bound only
@@ -79,14 +87,57 @@ def site_plan(
             epsilon_budget=privacy.epsilon,
             delta=privacy.delta,
             num_examples=train_rows,
-            batch_size=study.training.batch_size,
+            batch_size=batch,
             local_epochs=study.training.local_epochs,
             planned_rounds=planned,
             max_grad_norm=study.training.max_grad_norm,
             accountant=privacy.accountant,
             personal_epochs=personal_epochs.get(personal.method, 0),
         )
-    return planned, plan
+    return replace(plan, batch_size=batch) if study.training.plan == "auto" else plan
+
+
+AUTO_MARGIN = 0.5
+"""`plan = "auto"` aims at half the drowning threshold: a step's signal then clearly shows through."""
+
+
+def batch_candidates(start: int, train_rows: int) -> list[int]:
+    """Expected batches `plan = "auto"` tries: the study's, doubled until the site's rows (included)."""
+    candidates, batch = [], max(1, start)
+    while batch < train_rows:
+        candidates.append(batch)
+        batch *= 2
+    return [*candidates, train_rows]
+
+
+def _auto_plan(study: StudyConfig, privacy: PrivacySettings, planned: int, train_rows: int) -> PrivacyPlan:
+    """`[training] plan = "auto"`: the smallest expected batch, from the study's doubled up to the site's
+    rows, whose noise-to-signal is at most AUTO_MARGIN x the drowning threshold; else the one with the
+    least. Larger expected batches and so fewer steps at the same epsilon lower sigma / B (De et al.
+    2022; Ponomareva et al. 2023, section 5.3); the smallest batch that is clear of the noise keeps as
+    many optimisation steps as that allows. Local epochs stay the study's, so steps per round follow.
+
+    Raises:
+        BudgetTooLow: no candidate batch fits the budget.
+    """
+    target = AUTO_MARGIN * drowning_threshold(model_parameters(study))
+    best: tuple[float, PrivacyPlan] | None = None
+    refusal: BudgetTooLow | None = None
+    for batch in batch_candidates(study.training.batch_size, train_rows):
+        try:
+            plan = _plan_at(study, privacy, planned, train_rows, batch)
+        except BudgetTooLow as exc:
+            refusal = exc
+            continue
+        ratio = utility(plan, train_rows, 1).noise_to_signal
+        if ratio <= target:
+            return plan
+        if best is None or ratio < best[0]:
+            best = (ratio, plan)
+    if best is None:
+        assert refusal is not None
+        raise refusal
+    return best[1]
 
 
 @dataclass(frozen=True)

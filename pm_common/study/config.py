@@ -67,6 +67,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "auto"  # or an Opacus mode; "auto": the model's fastest (pm_common.models)
     max_physical_batch_size: int = 0  # > 0: Opacus' BatchMemoryManager splits larger Poisson batches
+    plan: str = "fixed"  # "auto": each site picks its own expected batch (pm_common/privacy/planner.py)
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,7 @@ TRAINING_RULES: dict[str, Rule] = {
     "max_grad_norm": Number(0, MAX_CLIP_NORM, low_open=True),
     "grad_sample_mode": Choice(GRAD_SAMPLE_MODES),
     "max_physical_batch_size": Integer(0, MAX_BATCH_SIZE),
+    "plan": Choice(("fixed", "auto")),
 }
 STRATEGY_RULES: dict[str, Rule] = {
     "name": Choice(STRATEGIES + ROBUST_STRATEGIES),
@@ -692,7 +694,7 @@ def with_overrides(study: StudyConfig, **overrides: Any) -> StudyConfig:
     """A copy of the study with command-line overrides (None means: keep the file's value).
 
     Keys: rounds, seed, strategy, model, epsilon, delta, dp, secure_aggregation, personalization
-    (the method). Privacy overrides
+    (the method), training_plan ("fixed" or "auto"). Privacy overrides
     apply to every simulated site: in a simulation the researcher plays every hospital.
     """
     raw = copy.deepcopy(dict(study.raw))
@@ -703,6 +705,7 @@ def with_overrides(study: StudyConfig, **overrides: Any) -> StudyConfig:
         "model": ("model", "name"),
         "secure_aggregation": ("secure_aggregation", "enabled"),
         "personalization": ("personalization", "method"),
+        "training_plan": ("training", "plan"),
     }
     for key, value in overrides.items():
         if value is None:
