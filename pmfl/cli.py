@@ -358,6 +358,43 @@ def plan(
             console.print(escape(f"  - {line}"), soft_wrap=True, highlight=False)
 
 
+@app.command("predict")
+def predict_command(
+    model: Annotated[Path, typer.Argument(
+        help="a run's model.pt, or a site's personal model", metavar="MODEL")],
+    data: Annotated[Path, typer.Option(
+        "--data", help="new patients' rows (CSV or Parquet); outcome optional")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="where to write the predictions")] = Path("predictions.csv"),
+    study_file: Annotated[Path | None, typer.Option(
+        "--study", help="the study file (default: config.toml beside MODEL, as in a run directory)")] = None,
+    delimiter: Annotated[str, typer.Option(help="the data file's delimiter")] = ",",
+    encoding: Annotated[str, typer.Option(help="the data file's text encoding")] = "utf-8",
+) -> None:
+    """Apply a model to new rows at this site, by the study's contract; nothing is sent anywhere.
+    Rows that fail the contract are listed by number and column (never their values)."""
+    from client.predict import load_model, predict_file, write_predictions
+    from pm_common.data.tabular import DataValidationError
+    from pm_common.study.config import load_study
+    from pm_common.study.schema import InputError
+
+    try:
+        study = load_study(study_file or model.parent / "config.toml")
+        predictions = predict_file(load_model(model, study), study, data, delimiter=delimiter,
+                                   encoding=encoding)
+    except InputError as exc:
+        _errors(exc.problems if exc.source is None else [f"{exc.source}: {p}" for p in exc.problems])
+        raise typer.Exit(BAD_INPUT) from exc
+    except DataValidationError as exc:
+        _errors(f"{exc.path}: {p.message}" if p.row is None
+                else f"{exc.path}: row {p.row}: does not meet the contract" for p in exc.problems)
+        raise typer.Exit(BAD_INPUT) from exc
+    write_predictions(predictions, out)
+    _errors(predictions.refused)
+    console.print(escape(f"{len(predictions.rows)} row(s) predicted into {out}; {len(predictions.refused)} "
+                         "refused by the contract"), soft_wrap=True, highlight=False)
+
+
 @app.command()
 def audit(
     path: Annotated[Path, typer.Argument(help="a run directory (or a hospital's site directory)")],
