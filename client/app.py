@@ -26,23 +26,38 @@ from client import enrollment
 from client import secagg_masking as secagg
 from client.enrollment import SiteRefusal, append_signed_line
 from client.errors import error_reply_mod
+from client.personalization import (
+    DITTO,
+    FEDPER,
+    FINETUNE,
+    PersonalOutcome,
+    ditto_round,
+    finetune,
+    kept_personal,
+    local_layers,
+    reserved_steps,
+    round_steps,
+    save_personal,
+    site_model,
+    test_evaluation,
+)
 from client.replay import replay_seed
 from client.site import load_site_data, parse_study_text, resolve_site
 from client.state import SiteState, StateStore
-from client.training import LocalTraining, pick_device, predict, train_round
+from client.training import local_training, pick_device, train_round
+from pm_common.models.layers import shared_part
 from pm_common.privacy.accountant import (
     BudgetTooLow,
     PrivacyPlan,
     check_next_round,
     cumulative_epsilon,
-    plan_study,
 )
 from pm_common.privacy.hospital_dp import clip_and_noise, site_noise_std
+from pm_common.privacy.planner import site_plan
 from pm_common.records.ledger import CLOSED, DECLINED, TRAINED, LedgerEntry
 from pm_common.records.roster import Roster, study_digest
 from pm_common.study.config import SiteSpec, StudyConfig
-from pm_common.tasks import SiteTensors, evaluate_with_baseline, few_rows_warning, task_of
-from pm_common.tasks.metrics import reportable
+from pm_common.tasks import SiteTensors, few_rows_warning, task_of
 from pm_common.wire import keys as p
 from pm_common.wire import packing as wire
 
@@ -77,19 +92,6 @@ class RunRequest:
 def _received(msg: Message) -> dict[str, torch.Tensor]:
     """The global model the coordinator sent (packed: pm_common/wire/packing.py)."""
     return {k: torch.from_numpy(v) for k, v in wire.unpacked(msg.content[p.MODEL]).items()}
-
-
-def _model_from(received: Mapping[str, torch.Tensor], study: StudyConfig) -> nn.Module:
-    model = task_of(study).build_model(study)
-    model.load_state_dict(received)
-    return model
-
-
-def _evaluation(model: nn.Module, data: SiteTensors, study: StudyConfig) -> dict[str, float] | None:
-    """Aggregate test metrics of the received model (with the site's trivial baseline beside them), or
-    None when too few rows to be safe to send."""
-    metrics = evaluate_with_baseline(task_of(study), predict(model, data.test_x), data.train_y, data.test_y)
-    return metrics if reportable(metrics, study.min_report_count) else None
 
 
 def _record(store: StateStore, state: SiteState, entry: LedgerEntry) -> str:
@@ -168,25 +170,11 @@ def _plan(
 ) -> tuple[PrivacyPlan | None, str]:
     """The site's DP plan for the study, fixed once before its first round (None without DP), or
     the reason why no plan can keep the study within the site's budget."""
-    privacy = site.privacy
-    if not privacy.dp:
+    if not site.privacy.dp:
         return None, ""
     if state.plan is None:
-        planned = request.num_rounds
-        if privacy.max_rounds is not None:
-            planned = min(planned, privacy.max_rounds)
-        training = request.study.training
         try:
-            state.plan = plan_study(
-                epsilon_budget=privacy.epsilon,
-                delta=privacy.delta,
-                num_examples=n_train,
-                batch_size=training.batch_size,
-                local_epochs=training.local_epochs,
-                planned_rounds=planned,
-                max_grad_norm=training.max_grad_norm,
-                accountant=privacy.accountant,
-            )
+            state.plan = site_plan(request.study, site, n_train, rounds=request.num_rounds)[1]
         except BudgetTooLow as exc:
             return None, str(exc)
     return state.plan, ""
@@ -203,9 +191,9 @@ def train(msg: Message, context: Context) -> Message:
     study = request.study
     site, store = resolve_site(context, study.name)
     data = load_site_data(site, request.study_text)
-    received = _received(msg)
-    model = _model_from(received, study)
-    evaluation = _evaluation(model, data, study)
+    received = shared_part(_received(msg), local_layers(study))  # fedper: local layers never come in
+    model = site_model(study, received, store, request.run)
+    evaluation = test_evaluation(model, data, study)
     warning = few_rows_warning(len(data.train_y))
     if warning:
         log.warning("site %s: %s", site.name, warning)
@@ -239,7 +227,8 @@ def _answer_round(
     reply = functools.partial(_reply, msg, site, evaluation, len(data.skipped), warning)
     reason = plan_problem or _round_limit_reason(site, state) or _unlearnable_reason(data, study)
     if not reason and plan is not None:
-        decision = check_next_round(plan, state.history)
+        decision = check_next_round(plan, state.history, reserved_steps(study, plan, state, request.run),
+                                    steps=round_steps(study, plan))
         reason = "" if decision.allowed else decision.reason
 
     base = LedgerEntry(
@@ -273,15 +262,7 @@ def _answer_round(
                               f"training message of round {request.server_round}")
         secagg_rules = secagg.relay_rules(secagg_request, context.state, identity)  # the study's rules
     config = msg.content[p.CONFIG]
-    settings = LocalTraining(
-        learning_rate=study.training.learning_rate,
-        batch_size=study.training.batch_size,
-        local_epochs=study.training.local_epochs,
-        momentum=study.training.momentum,
-        proximal_mu=float(config.get(p.PROXIMAL_MU, 0.0)),
-        grad_sample_mode=study.training.grad_sample_mode,
-        max_physical_batch_size=study.training.max_physical_batch_size,
-    )
+    settings = local_training(study, plan, proximal_mu=float(config.get(p.PROXIMAL_MU, 0.0)))
     seed = replay_seed(context, site.name, request.server_round, request.attempt, "dp-sgd")
     outcome = train_round(
         model,
@@ -294,11 +275,26 @@ def _answer_round(
         seed=seed,
         device=pick_device(),
     )
-    entry = replace(base, steps=outcome.steps, epsilon=outcome.epsilon)
-    state.accountant = outcome.accountant
+    personal = None
+    if study.personalization.method == DITTO:  # nothing of either model leaves the site before the line
+        personal_seed = replay_seed(context, site.name, request.server_round, request.attempt, "personal")
+        personal = ditto_round(study, store, request.run, data, received, plan, outcome.accountant,
+                               personal_seed)
+    spent = personal or outcome  # its accountant and epsilon compose both stretches
+    notes = [f"auto plan: expected batch {plan.batch_size}" if plan and plan.batch_size else "",
+             f"ditto: {outcome.steps} federated + {personal.steps} personal steps" if personal else ""]
+    entry = replace(base, steps=outcome.steps + (personal.steps if personal else 0), epsilon=spent.epsilon,
+                    reason="; ".join(n for n in notes if n))
+    state.accountant = spent.accountant
     line = _record(store, state, entry)  # the spend first: building the update may still fail
-    fits = check_next_round(plan, state.history).allowed if plan else None
-    weights, weight = outcome.state_dict, n_train
+    if personal is not None:
+        save_personal(store, request.run, study, personal.state_dict)
+    reserve = reserved_steps(study, plan, state, request.run)
+    fits = check_next_round(plan, state.history, reserve, steps=round_steps(study, plan)).allowed \
+        if plan else None
+    if layers := local_layers(study):  # fedper: the whole model stays here, only shared layers go out
+        save_personal(store, request.run, study, outcome.state_dict)
+    weights, weight = shared_part(outcome.state_dict, layers), n_train
     if study.hospital_dp.enabled:
         hospital_seed = replay_seed(context, site.name, request.server_round, request.attempt, "hospital-dp")
         weights = _hospital_dp(msg, received, weights, study, hospital_seed)
@@ -409,17 +405,47 @@ def evaluate(msg: Message, context: Context) -> Message:
     if state is not None and (problem := _study_problem(state, request)):
         raise SiteRefusal(problem)
     data = load_site_data(site, request.study_text)
-    evaluation = _evaluation(_model_from(_received(msg), request.study), data, request.study)
+    received = shared_part(_received(msg), local_layers(request.study))
+    model = site_model(request.study, received, store, request.run)
+    evaluation = test_evaluation(model, data, request.study)
     site_record = ConfigRecord({p.SITE_NAME: site.name})
+    content = RecordDict()
     if bool(msg.content[p.CONFIG].get(p.CLOSE, False)):
+        if request.study.personalization.enabled:
+            method = request.study.personalization.method
+            personal = (_personalize(context, request, site, store, data, received) if method == FINETUNE
+                        else kept_personal(request.study, store, request.run, data,
+                                           model if method == FEDPER else None))
+            if personal.path is not None:
+                site_record[p.PERSONAL_MODEL] = str(personal.path)
+                content[p.PERSONAL_METRICS] = wire.metrics_record({p.NUM_EXAMPLES: len(data.test_y)},
+                                                                  personal.evaluation)
+            if personal.reason:
+                site_record[p.PERSONAL_REASON] = personal.reason
         site_record[p.LEDGER_LINES] = _close(store, site, request)
-    content = RecordDict(
-        {
-            p.SITE: site_record,
-            p.TRAIN_METRICS: wire.metrics_record({p.NUM_EXAMPLES: len(data.test_y)}, evaluation),
-        }
-    )
+    content[p.SITE] = site_record
+    content[p.TRAIN_METRICS] = wire.metrics_record({p.NUM_EXAMPLES: len(data.test_y)}, evaluation)
     return Message(content, reply_to=msg)
+
+
+def _personalize(
+    context: Context,
+    request: RunRequest,
+    site: SiteSpec,
+    store: StateStore,
+    data: SiteTensors,
+    received: Mapping[str, torch.Tensor],
+) -> PersonalOutcome:
+    """At the final evaluation, before the site closes the run: its personal model
+    (client/personalization.py)."""
+    with store.locked():
+        state = store.load() or SiteState(study=request.study.name)
+        if request.run not in state.rosters:
+            raise SiteRefusal(f"this site is not enrolled in run {request.run[:12]}")
+        seed = replay_seed(context, site.name, request.server_round, request.attempt, "personal")
+        return finetune(study=request.study, site=site, store=store, state=state, data=data,
+                        received=received, run=request.run, attempt=request.attempt,
+                        server_round=request.server_round, seed=seed)
 
 
 def _close(store: StateStore, site: SiteSpec, request: RunRequest) -> list[str]:

@@ -110,6 +110,10 @@ class StateStore(Protocol):
         """The site's Ed25519 ledger key: created once, the same for every line it signs."""
         ...
 
+    def personal_model_path(self, run: str) -> Path:
+        """Where the site keeps its personal model of `run` (in its own directory, never sent)."""
+        ...
+
 
 class DirectoryStateStore:
     """A site directory (deployed, and simulated sites too): `state.json` (atomic replace),
@@ -159,6 +163,9 @@ class DirectoryStateStore:
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(signed, indent=2, sort_keys=True), encoding="utf-8")
+
+    def personal_model_path(self, run: str) -> Path:
+        return self.directory / "personal" / f"{run}.pt"
 
     def signing_key(self) -> Ed25519PrivateKey:
         pem, pub = self.key_dir / "ledger_ed25519.pem", self.key_dir / "ledger_ed25519.pub"

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pm_common.models.tabular import plain_state_dict
 from pm_common.privacy.accountant import PrivacyPlan, cumulative_epsilon
+from pm_common.study.config import StudyConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,23 @@ class LocalTraining:
     proximal_mu: float = 0.0
     grad_sample_mode: str = "hooks"
     max_physical_batch_size: int = 0  # > 0: split Poisson batches to fit device memory
+
+
+def local_training(study: StudyConfig, plan: PrivacyPlan | None, *, proximal_mu: float = 0.0,
+                   local_epochs: int | None = None) -> LocalTraining:
+    """The study's training settings for one stretch of local training (a federated round, or the
+    personal epochs when `local_epochs` is given), at the expected batch the site's `plan` chose
+    (`[training] plan = "auto"`) or else the study's."""
+    training = study.training
+    return LocalTraining(
+        learning_rate=training.learning_rate,
+        batch_size=plan.batch_size if plan is not None and plan.batch_size else training.batch_size,
+        local_epochs=training.local_epochs if local_epochs is None else local_epochs,
+        momentum=training.momentum,
+        proximal_mu=proximal_mu,
+        grad_sample_mode=training.grad_sample_mode,
+        max_physical_batch_size=training.max_physical_batch_size,
+    )
 
 
 @dataclass(frozen=True)
@@ -81,8 +99,12 @@ def train_round(
     accountant_state: Mapping[str, Any],
     seed: int | None = None,
     device: torch.device | None = None,
+    anchor: Mapping[str, torch.Tensor] | None = None,
 ) -> RoundOutcome:
     """Train `model` in place for one round; with a `plan`, as DP-SGD accounted by Opacus.
+
+    The proximal term (`settings.proximal_mu`) pulls towards `anchor` (None: the model's own
+    starting point, FedProx's global model; Ditto passes the global model to its personal one).
 
     `plan=None` is non-private training: only reachable when the site allowed `--no-dp`.
     Leave `seed` None outside tests: Poisson sampling and noise then draw from OS entropy. A seed
@@ -93,7 +115,10 @@ def train_round(
     device = device or pick_device()
     model = model.to(device).train()
     x, y = x.to(device), y.to(device)
-    anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+    if anchor is None:
+        anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+    else:
+        anchor = {k: anchor[k].detach().to(device).clone() for k, _ in model.named_parameters()}
     optimizer = torch.optim.SGD(
         model.parameters(), lr=settings.learning_rate, momentum=settings.momentum
     )

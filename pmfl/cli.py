@@ -128,11 +128,22 @@ def _print_results(out: Path, metrics: dict[str, Any]) -> None:
                 f"{site}: no better than the trivial baseline on its test rows "
                 f"({final.get('metric', 'accuracy')} {_fmt(m.get(final.get('metric', 'accuracy')))} vs "
                 f"baseline {_fmt(m.get('baseline'))})"), style="yellow")
+    personal = metrics.get("personalization")
+    if personal:
+        metric = final.get("metric", "accuracy")
+        table = Table(title=escape(f"personal models ({personal['method']}): kept at each site, never sent"))
+        for column in ("site", f"global {metric}", f"personal {metric}", "note"):
+            table.add_column(escape(column))
+        for site, report in personal["sites"].items():
+            g, mine = report.get("global") or {}, report.get("personal") or {}
+            table.add_row(escape(site), _fmt(g.get(metric)), _fmt(mine.get(metric)),
+                          escape(report.get("reason", "")))
+        console.print(table)
     if not summary["dp"]:
         console.print(
             "[bold red]NO PRIVACY GUARANTEE: this study ran without differential privacy (--no-dp)."
         )
-    console.print(escape(f"results: {out}/ (metrics.json, model.pt, config.toml, privacy/)"))
+    console.print(escape(f"results: {out}/ (metrics.json, model.pt, model_card.md, config.toml, privacy/)"))
 
 
 @app.command()
@@ -173,6 +184,12 @@ def simulate(
     canaries: Annotated[int, typer.Option(help="canaries for --empirical-audit")] = 200,
     secure_aggregation: Annotated[bool, typer.Option(
         "--secure-aggregation", help="SecAgg+: the coordinator learns only the sum of the updates")] = False,
+    personalization: Annotated[str | None, typer.Option(
+        "--personalization", help="none, finetune, fedper or ditto: a personal model per site, under "
+        "its one budget (replaces [personalization] method)")] = None,
+    training_plan: Annotated[str | None, typer.Option(
+        "--training-plan", help="fixed (the study's batch) or auto (each site picks its expected batch "
+        "within its budget; replaces [training] plan)")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="check the study, every site's data and each site's DP plan, print the plans, "
         "and start nothing (exit 0: it would run; 2: refused, one line per problem)")] = False,
@@ -205,6 +222,8 @@ def simulate(
             seed=seed,
             dp=False if no_dp else None,
             secure_aggregation=True if secure_aggregation else None,
+            personalization=personalization,
+            training_plan=training_plan,
         )
         seed_list = parse_seeds(seeds) if seeds is not None else ()
         if seeds is not None and (resume or empirical_audit or seed is not None):
@@ -330,6 +349,119 @@ def _sweep(study: Any, out: Path, seeds: Sequence[int], *, overwrite: bool, verb
         table.add_row(escape(key), _fmt(stats["median"]), _fmt(stats["min"]), _fmt(stats["max"]))
     console.print(table)
     console.print(escape(f"runs: {out}/seed-<s>/ (each audited like any run); summary: {out}/{SUMMARY}"))
+
+
+@app.command()
+def plan(
+    study_file: Annotated[str, typer.Argument(
+        help="a study TOML, or a built-in scenario (e.g. heart-disease)", metavar="STUDY")],
+    rows: Annotated[int | None, typer.Option(
+        help="plan one site with this many training rows and the study's [privacy] budget (a hospital "
+        "planning on its own count, without the study's [[sites]] files)")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="every site's epsilon budget")] = None,
+    rounds: Annotated[int | None, typer.Option(help="number of rounds (replaces [study] rounds)")] = None,
+    personalization: Annotated[str | None, typer.Option(
+        "--personalization", help="none, finetune, fedper or ditto (replaces [personalization] method)"
+    )] = None,
+    training_plan: Annotated[str | None, typer.Option(
+        "--training-plan", help="fixed (the study's batch) or auto (each site picks its expected batch "
+        "within its budget; replaces [training] plan)")] = None,
+) -> None:
+    """Privacy-utility planner: per site, the DP-SGD plan its ClientApp will fix and whether noise will
+    drown the signal, with the change that helps most. Starts nothing, sends nothing."""
+    from pm_common.privacy.planner import drowning_threshold, model_parameters, site_report
+    from pm_common.study.config import SiteSpec, load_study, with_overrides
+    from pm_common.study.schema import InputError
+    from simulations.preflight import SiteDataError, preflight
+    from simulations.scenarios import scenario_study
+
+    try:
+        path = Path(study_file)
+        study = load_study(path) if path.suffix == ".toml" or path.exists() else scenario_study(
+            study_file, Path("runs/plan"))
+        study = with_overrides(study, epsilon=epsilon, rounds=rounds, personalization=personalization,
+                               training_plan=training_plan)
+        if rows is not None:
+            if rows < 1:
+                raise typer.BadParameter("--rows must be at least 1")
+            counted = [(SiteSpec("this-site", Path("."), study.privacy), rows)]
+        else:
+            counted = [(s.site, s.train_rows) for s in preflight(study, plans=False)]
+    except InputError as exc:
+        _errors(exc.problems if exc.source is None else [f"{exc.source}: {p}" for p in exc.problems])
+        raise typer.Exit(BAD_INPUT) from exc
+    except SiteDataError as exc:
+        _errors(exc.problems)
+        raise typer.Exit(BAD_INPUT) from exc
+    except ValueError as exc:  # an unknown scenario name
+        _errors(str(exc).splitlines())
+        raise typer.Exit(BAD_INPUT) from exc
+    parameters = model_parameters(study)
+    reports = [site_report(study, site, n, parameters) for site, n in counted]
+    batch = "auto" if study.training.plan == "auto" else study.training.batch_size
+    table = Table(title=f"{study.name}: {study.rounds} rounds, batch {batch}, "
+                  f"{study.training.local_epochs} local epoch(s), personalisation "
+                  f"{study.personalization.method}")
+    for column in ("site", "rows", "ε", "σ", "q", "E[batch]", "steps", "σ/E[batch]"):
+        table.add_column(escape(column), justify="left" if column == "site" else "right", no_wrap=True)
+    for r in reports:
+        u = r.utility
+        figures = ("-",) * 5 if u is None else (
+            f"{u.noise_multiplier:.3g}", f"{u.sample_rate:.3g}", f"{u.expected_batch:.1f}", str(u.steps),
+            f"[red]{u.noise_to_signal:.3g}[/]" if u.drowned else f"{u.noise_to_signal:.3g}")
+        budget = "no DP" if r.epsilon_budget is None else f"{r.epsilon_budget:g}"
+        table.add_row(escape(r.site), str(r.train_rows), budget, *figures)
+    console.print(table)
+    console.print(escape(
+        f"σ/E[batch]: noise per coordinate relative to the largest averaged clipped gradient a step carries. "
+        f"Flagged at ≥ {drowning_threshold(parameters):.3g} = 1/√{parameters} (the model's parameters): "
+        "there the noise vector is as long as the largest possible signal (Ponomareva et al. 2023, "
+        "\"How to DP-fy ML\"; De et al. 2022)."), soft_wrap=True, highlight=False)
+    for r in reports:
+        if r.declines:
+            console.print(escape(f"{r.site}: DECLINES: {r.declines}"), soft_wrap=True, highlight=False)
+        elif r.utility is not None and r.utility.drowned:
+            console.print(escape(f"{r.site}: noise will drown the signal; what would help most:"),
+                          soft_wrap=True, highlight=False)
+        for line in r.advice:
+            console.print(escape(f"  - {line}"), soft_wrap=True, highlight=False)
+
+
+@app.command("predict")
+def predict_command(
+    model: Annotated[Path, typer.Argument(
+        help="a run's model.pt, or a site's personal model", metavar="MODEL")],
+    data: Annotated[Path, typer.Option(
+        "--data", help="new patients' rows (CSV or Parquet); outcome optional")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="where to write the predictions")] = Path("predictions.csv"),
+    study_file: Annotated[Path | None, typer.Option(
+        "--study", help="the study file (default: config.toml beside MODEL, as in a run directory)")] = None,
+    delimiter: Annotated[str, typer.Option(help="the data file's delimiter")] = ",",
+    encoding: Annotated[str, typer.Option(help="the data file's text encoding")] = "utf-8",
+) -> None:
+    """Apply a model to new rows at this site, by the study's contract; nothing is sent anywhere.
+    Rows that fail the contract are listed by number and column (never their values)."""
+    from client.predict import load_model, predict_file, write_predictions
+    from pm_common.data.tabular import DataValidationError
+    from pm_common.study.config import load_study
+    from pm_common.study.schema import InputError
+
+    try:
+        study = load_study(study_file or model.parent / "config.toml")
+        predictions = predict_file(load_model(model, study), study, data, delimiter=delimiter,
+                                   encoding=encoding)
+    except InputError as exc:
+        _errors(exc.problems if exc.source is None else [f"{exc.source}: {p}" for p in exc.problems])
+        raise typer.Exit(BAD_INPUT) from exc
+    except DataValidationError as exc:
+        _errors(f"{exc.path}: {p.message}" if p.row is None
+                else f"{exc.path}: row {p.row}: does not meet the contract" for p in exc.problems)
+        raise typer.Exit(BAD_INPUT) from exc
+    write_predictions(predictions, out)
+    _errors(predictions.refused)
+    console.print(escape(f"{len(predictions.rows)} row(s) predicted into {out}; {len(predictions.refused)} "
+                         "refused by the contract"), soft_wrap=True, highlight=False)
 
 
 @app.command()

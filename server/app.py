@@ -5,6 +5,7 @@ The same app runs in the Simulation Engine (`pmfl simulate`, `flwr run .`) and d
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -22,6 +23,7 @@ from flwr.superlink.grid.http_grid import HttpGrid
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from pm_common import flower_patches
+from pm_common.models.layers import shared_part
 from pm_common.study.config import StudyConfig, load_study, study_text_for_sites
 from pm_common.study.run_settings import RunSettings
 from pm_common.tasks import task_of
@@ -94,6 +96,9 @@ def run_study(
     task = task_of(study)
     model = task.build_model(study, study.seed)
     meta = {"study": study.name, "task": task.name, **task.describe_model(study)}
+    shared = functools.partial(shared_part, local_layers=study.personalization.local_layers)
+    if resume and study.personalization.local_layers:
+        raise ValueError("resuming a fedper run is not supported yet: start a new run")
     if not resume and load_signed_roster(run_dir) is not None:
         raise ValueError(f"{run_dir} already holds a run: resume it, or choose another run directory")
     recorder = RunRecorder(run_dir, study, meta, on_round, record_updates_of=settings.record_updates_of)
@@ -128,13 +133,13 @@ def run_study(
     started = time.perf_counter()
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
+        initial_arrays=ArrayRecord(shared(model.state_dict())),  # fedper: the local layers stay at the sites
         num_rounds=study.rounds,
         timeout=round_timeout,
         train_config=train_config(study, study_text, num_sites, enrolled.roster.run, attempt),
         evaluate_fn=checkpoint,
     )
-    final = result.arrays if result.arrays else ArrayRecord(model.state_dict())
+    final = result.arrays if result.arrays else ArrayRecord(shared(model.state_dict()))
     _final_evaluation(grid, final, study, study_text, recorder, round_timeout, enrolled.roster.run, attempt)
     metrics = recorder.finish(final.to_torch_state_dict())
     log.info(
@@ -156,7 +161,9 @@ def _final_evaluation(
     run: str,
     attempt: int,
 ) -> None:
-    """Every site evaluates the final model on its own test rows (training rounds carried the rest)
+    """Every site evaluates the final model on its own test rows (training rounds carried the rest),
+    trains its personal model when the study asks for one (client/personalization.py: the site
+    spends its own reserved steps, reports the metrics and where the model lies, sends no model),
     and closes its ledger for the run; the run's copies are completed from the sites' ledgers."""
     config = ConfigRecord({
         p.SERVER_ROUND: study.rounds,
@@ -184,6 +191,16 @@ def _final_evaluation(
         evaluation = wire.split_metrics(metrics)[1] if metrics is not None else None
         if evaluation is not None:
             recorder.record_evaluation(study.rounds, site, evaluation)
+        if study.personalization.enabled:
+            personal = reply.content.metric_records.get(p.PERSONAL_METRICS)
+            record = reply.content[p.SITE]
+            recorder.record_personal(
+                site,
+                None if study.personalization.local_layers else evaluation,  # fedper: no whole global model
+                wire.split_metrics(personal)[1] if personal is not None else None,
+                str(record.get(p.PERSONAL_MODEL, "")),
+                str(record.get(p.PERSONAL_REASON, "")),
+            )
 
 
 def coordinator_grid(grid: Grid) -> Grid:

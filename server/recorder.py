@@ -34,6 +34,7 @@ from pm_common.redaction import failure_reason
 from pm_common.study.config import StudyConfig, write_study
 from pm_common.tasks import task_of
 from pm_common.tasks.metrics import mean_over_sites
+from server.model_card import model_card
 
 
 @dataclass
@@ -107,6 +108,7 @@ class RunRecorder:
     record_updates_of: str = ""  # empirical audit only: the one site whose per-round updates are kept
     roster: SignedRoster | None = None
     noise_seeded: bool = False  # a site seeded its noise for a test's replay (client/replay.py)
+    personal: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> its personal model's report
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -120,6 +122,18 @@ class RunRecorder:
     # -- what the strategy feeds in -------------------------------------------------------
     def record_evaluation(self, model_round: int, site: str, metrics: dict[str, float]) -> None:
         self.evaluations.setdefault(model_round, {})[site] = dict(metrics)
+
+    def record_personal(self, site: str, global_metrics: dict[str, float] | None,
+                        personal_metrics: dict[str, float] | None, model_path: str, reason: str) -> None:
+        """A site's personal model, as it reported it at the final evaluation: the final global
+        model's and its personal model's metrics on its test rows, where the model lies at the site
+        (never sent), or why it has none."""
+        report: dict[str, Any] = {"global": global_metrics, "personal": personal_metrics}
+        if model_path:
+            report["model"] = model_path
+        if reason:
+            report["reason"] = reason
+        self.personal[site] = report
 
     def record_site_round(self, server_round: int, report: SiteRound, ledger_line: str) -> None:
         if ledger_line:
@@ -277,7 +291,8 @@ class RunRecorder:
             self.run_dir / "model.pt",
         )
         metrics = self.write_metrics()
-        self.write_privacy_summary()
+        privacy = self.write_privacy_summary()
+        _write_text(self.run_dir / "model_card.md", model_card(self.study, self.model_meta, metrics, privacy))
         return metrics
 
     # -- files ----------------------------------------------------------------------------
@@ -344,6 +359,15 @@ class RunRecorder:
             "model did not beat it there.",
             "rounds": rounds,
         }
+        if self.study.personalization.enabled:
+            metrics["personalization"] = {
+                "method": self.study.personalization.method,
+                "note": "each site's final global model and its personal model (kept at the site, never "
+                "sent) on the site's own test rows; the personal steps are in the site's ledger and epsilon. "
+                "fedper: no whole global model exists (each site's local layers stay at the site), so "
+                "`global` is null and model.pt holds the shared layers only",
+                "sites": dict(sorted(self.personal.items())),
+            }
         _write_json(self.run_dir / "metrics.json", metrics)
         return metrics
 

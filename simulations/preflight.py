@@ -3,19 +3,20 @@
 Why: a study that starts and then fails at every site in every round wastes the researcher's time
 and says nothing useful. Before Flower starts, every problem the study's sites would meet is
 collected: the study's attackers (`[simulation]`), every site's data against the contract, and
-each site's DP-SGD plan, computed exactly as its ClientApp will (client/app.py: `plan_study` over
-the site's training rows, the study's training settings and min(rounds, the site's max_rounds)).
+each site's DP-SGD plan, computed exactly as its ClientApp will (pm_common/privacy/planner.py
+`site_plan`, the one helper both use).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pm_common.data.imaging import ImageDataError
 from pm_common.data.tabular import MAX_LISTED_PROBLEMS, DataValidationError
-from pm_common.privacy.accountant import BudgetTooLow, PrivacyPlan, plan_study
+from pm_common.models.layers import local_layer_problems
+from pm_common.privacy.accountant import BudgetTooLow, PrivacyPlan
+from pm_common.privacy.planner import site_plan
 from pm_common.redaction import one_line
 from pm_common.study.config import SiteSpec, StudyConfig, site_place
 from pm_common.tasks import SiteTensors, few_rows_warning, task_of
@@ -64,7 +65,9 @@ class SitePreflight:
         plan = self.plan
         return (
             f"{rows}; sampling rate {plan.sample_rate:.4g}, {plan.steps_per_round} steps per round x "
-            f"{plan.planned_rounds} rounds; noise multiplier {plan.noise_multiplier:.4g} "
+            f"{plan.planned_rounds} rounds"
+            + (f" + {plan.personal_steps} personal steps" if plan.personal_steps else "")
+            + f"; noise multiplier {plan.noise_multiplier:.4g} "
             f"(epsilon {plan.epsilon_budget:g}, delta {plan.delta:g}, {plan.accountant})"
         )
 
@@ -82,40 +85,6 @@ def _data_problems(place: str, exc: Exception) -> list[str]:
     return lines
 
 
-def site_plan(study: StudyConfig, site: SiteSpec, train_rows: int) -> tuple[int, PrivacyPlan | None]:
-    """The rounds a site plans for and its DP-SGD plan, exactly as client/app.py computes them.
-
-    Args:
-        study: the study the coordinator sends.
-        site: the site, with its own privacy settings.
-        train_rows: the site's training rows after its split.
-
-    Returns:
-        (planned rounds, plan), the plan None when the site trains without DP.
-
-    Raises:
-        BudgetTooLow: no noise multiplier meets the site's budget (the site will decline).
-        ValueError: a PRV plan is too long.
-    """
-    privacy = site.privacy
-    planned = study.rounds if privacy.max_rounds is None else min(study.rounds, privacy.max_rounds)
-    if not privacy.dp:
-        return planned, None
-    with warnings.catch_warnings():  # Opacus: "optimal order is the largest alpha", a looser bound only
-        warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
-        plan = plan_study(
-            epsilon_budget=privacy.epsilon,
-            delta=privacy.delta,
-            num_examples=train_rows,
-            batch_size=study.training.batch_size,
-            local_epochs=study.training.local_epochs,
-            planned_rounds=planned,
-            max_grad_norm=study.training.max_grad_norm,
-            accountant=privacy.accountant,
-        )
-    return planned, plan
-
-
 def preflight(study: StudyConfig, *, plans: bool = True) -> list[SitePreflight]:
     """Check the study's attackers, every site's data and (with `plans`) every site's DP plan.
 
@@ -128,12 +97,17 @@ def preflight(study: StudyConfig, *, plans: bool = True) -> list[SitePreflight]:
 
     Raises:
         StudyConfigError: `[simulation]` names an unknown site or a malformed attack.
-        SiteDataError: every data or planning problem of every site, one line each.
+        SiteDataError: fedper's local layers do not split the model; or every data or planning
+            problem of every site, one line each.
     """
     study_attacks(study)
     if not study.sites:
         raise SiteDataError(["[[sites]]: the study declares no sites to simulate"])
     task = task_of(study)
+    layers = study.personalization.local_layers  # fedper: the layers must exist, and not be all
+    if layers and (wrong := local_layer_problems(task.build_model(study).state_dict(), layers,
+                                                 study.model.name)):
+        raise SiteDataError(wrong)
     problems: list[str] = []
     sites: list[SitePreflight] = []
     for site in study.sites:

@@ -214,13 +214,21 @@ class PrivacyPlan:
     planned_rounds: int
     max_grad_norm: float
     accountant: str = DEFAULT_ACCOUNTANT
+    personal_steps: int = 0  # personalisation's DP-SGD steps after the federation, reserved up front
+    batch_size: int = 0  # the expected batch the site chose ([training] plan = "auto"); 0: the study's
+
+    @property
+    def planned_steps(self) -> int:
+        """Every DP-SGD step the plan pays for: the federation's rounds and the personal steps."""
+        return self.steps_per_round * self.planned_rounds + self.personal_steps
 
     def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PrivacyPlan:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        """A saved plan (plans saved before personalisation existed have no personal steps)."""
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 def plan_study(
@@ -233,21 +241,27 @@ def plan_study(
     planned_rounds: int,
     max_grad_norm: float,
     accountant: str = DEFAULT_ACCOUNTANT,
+    personal_epochs: int = 0,
 ) -> PrivacyPlan:
-    """Fix sigma so that `planned_rounds` rounds of local DP-SGD spend at most the budget.
+    """Fix sigma so that `planned_rounds` rounds of local DP-SGD, and then `personal_epochs` epochs
+    of personalisation, spend at most the budget together.
 
     One local epoch is k = ceil(n / batch_size) Poisson-sampled steps at q = 1/k: the rate Opacus'
-    DPDataLoader uses for a loader of k batches, so the planned q is exactly the q that runs.
+    DPDataLoader uses for a loader of k batches, so the planned q is exactly the q that runs. The
+    personal epochs run at the same q and sigma, so the whole plan is one mechanism composed over
+    `planned_steps` steps: reserving them here is what keeps the site within its budget.
     """
-    if num_examples < 1 or batch_size < 1 or local_epochs < 1:
+    if num_examples < 1 or batch_size < 1 or local_epochs < 1 or personal_epochs < 0:
         raise ValueError(
-            "need at least one training example, batch_size >= 1 and local_epochs >= 1"
+            "need at least one training example, batch_size >= 1, local_epochs >= 1 and "
+            "personal_epochs >= 0"
         )
     batches = math.ceil(num_examples / batch_size)
     sample_rate = 1.0 / batches
     steps_per_round = local_epochs * batches
+    personal_steps = personal_epochs * batches
     sigma = calibrate_noise_multiplier(
-        epsilon_budget, delta, sample_rate, steps_per_round * planned_rounds, accountant
+        epsilon_budget, delta, sample_rate, steps_per_round * planned_rounds + personal_steps, accountant
     )
     return PrivacyPlan(
         epsilon_budget=epsilon_budget,
@@ -258,6 +272,7 @@ def plan_study(
         planned_rounds=planned_rounds,
         max_grad_norm=max_grad_norm,
         accountant=accountant,
+        personal_steps=personal_steps,
     )
 
 
@@ -271,20 +286,40 @@ class BudgetDecision:
     reason: str = ""
 
 
-def check_next_round(plan: PrivacyPlan, history: Sequence[Sequence[float]]) -> BudgetDecision:
-    """Decide before training whether a full round at `plan` keeps the site within its budget."""
+def check_next_round(
+    plan: PrivacyPlan, history: Sequence[Sequence[float]], reserved_steps: int = 0, steps: int | None = None
+) -> BudgetDecision:
+    """Decide before training whether `steps` more steps at `plan` (default: a full round) keep the
+    site within its budget, with `reserved_steps` still owed to later work.
+
+    Args:
+        plan: the site's plan (its sigma, q, budget and accountant).
+        history: every mechanism the site ran for the study.
+        reserved_steps: steps at the plan's mechanism promised to later work (personalisation's, while
+            the federation runs): a coordinator asking for more rounds than planned may not eat them.
+        steps: the steps asked now (None: one federated round, `plan.steps_per_round`).
+
+    Returns:
+        The decision, with epsilon now and after the steps (the reserve not included).
+    """
+    what = "this round" if steps is None else f"{steps} more steps"
+    steps = plan.steps_per_round if steps is None else steps
+    mechanism = (plan.noise_multiplier, plan.sample_rate)
     now = cumulative_epsilon(history, plan.delta, plan.accountant)
-    after = cumulative_epsilon(
-        [*history, (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)],
-        plan.delta,
-        plan.accountant,
-    )
-    if after > plan.epsilon_budget:
+    after = cumulative_epsilon([*history, (*mechanism, steps)], plan.delta, plan.accountant)
+    with_reserve = after
+    if reserved_steps:
+        with_reserve = cumulative_epsilon(
+            [*history, (*mechanism, steps), (*mechanism, reserved_steps)], plan.delta, plan.accountant
+        )
+    if with_reserve > plan.epsilon_budget:
+        reserve = f" and then {with_reserve:.3f} after the {reserved_steps} personal steps it reserved" \
+            if reserved_steps else ""
         return BudgetDecision(
             False,
             now,
             after,
-            f"privacy budget: this round would raise epsilon from {now:.3f} to {after:.3f}, "
-            f"over the site's budget of {plan.epsilon_budget:g} (delta={plan.delta:g})",
+            f"privacy budget: {what} would raise epsilon from {now:.3f} to {after:.3f}"
+            f"{reserve}, over the site's budget of {plan.epsilon_budget:g} (delta={plan.delta:g})",
         )
     return BudgetDecision(True, now, after)

@@ -9,7 +9,9 @@ line names its run (`run`: the id of the run's roster, pm_common/records/roster.
 attempt at it (`attempt`: 0, then one more for each restart of a crashed coordinator). A run's
 lines open with `enrolled` (the site signed the run's roster, whose digest the line carries) and
 end with `closed` (the site's last word for the run: nothing after it belongs to that run); in
-between, one `trained` or `declined` line per round the site answered.
+between, one `trained` or `declined` line per round the site answered, and (with
+`[personalization]`) the site's personal training: a `trained` line of `phase` "personal", the
+same mechanism fields, so an auditor composes it with the rest unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ DECLINED = "declined"
 ENROLLED = "enrolled"  # the site signed the run's roster; no mechanism ran
 CLOSED = "closed"  # the site's last line for the run; no mechanism ran
 ROUND_STATUSES = (TRAINED, DECLINED)
+PERSONAL = "personal"  # `phase` of a line that trained the site's personal model (never sent)
 
 # Site status in privacy/summary.json.
 ACTIVE = "active"
@@ -59,9 +62,13 @@ class LedgerEntry:
     run: str = ""  # the run's roster id ("" in ledgers written before runs were named)
     attempt: int = 0  # the coordinator's attempt at the run: one more after each restart
     roster: str = ""  # on `enrolled` lines: the digest of the roster the site signed
+    phase: str = ""  # "personal": DP-SGD of the site's personal model after the federation's rounds
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
+        data = asdict(self)
+        if not self.phase:  # federated lines keep the format they always had
+            del data["phase"]
+        return json.dumps(data, sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LedgerEntry:
@@ -243,12 +250,15 @@ def summarize(entries: list[LedgerEntry]) -> dict[str, Any]:
         "delta": last.delta,
         "epsilon_budget": last.epsilon_budget,
         "accountant": last.accountant,
-        "rounds_trained": sum(1 for e in entries if e.status == TRAINED),
+        "rounds_trained": sum(1 for e in entries if e.status == TRAINED and e.phase != PERSONAL),
         "rounds_declined": sum(1 for e in entries if e.status == DECLINED),
         "steps": sum(e.steps for e in entries),
         "status": site_status(entries),
         "dp": last.dp,
     }
+    personal = sum(e.steps for e in entries if e.phase == PERSONAL)
+    if personal:
+        summary["personal_steps"] = personal  # included in `steps` and in `epsilon`
     if not last.dp:
         summary["warning"] = NO_GUARANTEE
     elif last.epsilon is not None and last.epsilon_budget is not None:

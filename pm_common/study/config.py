@@ -68,6 +68,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "auto"  # or an Opacus mode; "auto": the model's fastest (pm_common.models)
     max_physical_batch_size: int = 0  # > 0: Opacus' BatchMemoryManager splits larger Poisson batches
+    plan: str = "fixed"  # "auto": each site picks its own expected batch (pm_common/privacy/planner.py)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,34 @@ class SecureAggregationConfig:
     max_weight: float = 10000.0  # a site's weight is min(n, max_weight) / max_weight
 
 
+PERSONALIZATION_METHODS = ("none", "finetune", "fedper", "ditto")
+
+
+@dataclass(frozen=True)
+class PersonalizationConfig:
+    """[personalization]: a model of its own for each site, trained under the site's one budget.
+
+    `finetune`: after the final round each site continues DP-SGD on the final global model for
+    `epochs` local epochs at the federation's sampling rate and noise; its plan reserves those steps
+    up front (pm_common/privacy/accountant.py `plan_study`).
+    `fedper`: the `local_layers` (module paths of the model, pm_common/models/layers.py) stay at each
+    site; only the other layers are sent and aggregated. No extra steps: the whole model trains in
+    the federation's DP-SGD steps.
+    `ditto`: each round each site also trains a personal model of its own (`local_epochs` epochs of
+    DP-SGD at the plan's sigma and q) pulled towards the global model it received by `lambda`
+    (Li et al. 2021, "Ditto"); its plan pays for twice the federation's steps.
+    """
+
+    method: str = "none"
+    epochs: int = 1  # finetune: local epochs of DP-SGD after the federation
+    local_layers: tuple[str, ...] = ()  # fedper: the layers that never leave the site
+    ditto_lambda: float = 0.1  # ditto: strength of the personal model's pull to the global one
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 @dataclass(frozen=True)
 class SplitConfig:
     test_fraction: float = 1 / 3
@@ -168,6 +197,7 @@ class StudyConfig:
     raw: Mapping[
         str, Any
     ]  # the TOML as loaded, paths resolved: written back as the effective config
+    personalization: PersonalizationConfig = PersonalizationConfig()
 
     def site(self, name: str) -> SiteSpec:
         for spec in self.sites:
@@ -201,7 +231,7 @@ THOUSANDS_SEPARATORS = ("", ",", ".", " ", "'", "\u00a0", "\u202f")  # none, or 
 DECIMAL_MARKS = (".", ",")
 ACCOUNTANTS = ("rdp", "prv")  # Opacus accountants the audit can recompute (pm_common.audit.rules)
 TOP_LEVEL = ("study", "model", "training", "strategy", "privacy", "split", "contract", "images",
-             "hospital_dp", "secure_aggregation", "simulation", "sites")
+             "hospital_dp", "secure_aggregation", "personalization", "simulation", "sites")
 SITE_NAME = Text(max_length=64, pattern=NAME_PATTERN)
 STUDY_NAME = Text(max_length=100, pattern=NAME_PATTERN)
 PATH = Text(max_length=MAX_PATH_LENGTH, what="a file path")
@@ -228,6 +258,7 @@ TRAINING_RULES: dict[str, Rule] = {
     "max_grad_norm": Number(0, MAX_CLIP_NORM, low_open=True),
     "grad_sample_mode": Choice(GRAD_SAMPLE_MODES),
     "max_physical_batch_size": Integer(0, MAX_BATCH_SIZE),
+    "plan": Choice(("fixed", "auto")),
 }
 STRATEGY_RULES: dict[str, Rule] = {
     "name": Choice(STRATEGIES + ROBUST_STRATEGIES),
@@ -286,6 +317,12 @@ IMAGE_SOURCE_RULES: dict[str, Rule] = {
     "window_width": Number(0, 1e6, low_open=True),
     "on_bad_file": Choice(("stop", "skip")),
     "npz_val": Choice(("train", "ignore")),
+}
+PERSONALIZATION_RULES: dict[str, Rule] = {
+    "method": Choice(PERSONALIZATION_METHODS),
+    "epochs": Integer(1, MAX_LOCAL_EPOCHS),
+    "local_layers": Items(Text(max_length=200, what="a layer's module path"), 1, 64, unique=True),
+    "lambda": Number(0, 1000),
 }
 SIMULATION_RULES: dict[str, Rule] = {
     "attacks": Nested("a table { site = \"attack\" }"),
@@ -496,6 +533,33 @@ def _secure_aggregation(study: _Study, strategy: StrategyConfig | None) -> Secur
     return config
 
 
+def _personalization(study: _Study) -> PersonalizationConfig | None:
+    """[personalization]: the method and only the settings that method uses."""
+    values = study.table("personalization", PERSONALIZATION_RULES)
+    if values is None:
+        return None
+    if "lambda" in values:
+        values["ditto_lambda"] = values.pop("lambda")
+    config = PersonalizationConfig(**values)
+    if config.method == "fedper" and not config.local_layers:
+        study.refuse("[personalization].local_layers", "missing: fedper needs the layers that stay at the "
+                     "sites, e.g. local_layers = [\"net.2\"] (the output layer of the default mlp)")
+        return None
+    if config.local_layers and config.method != "fedper":
+        study.refuse("[personalization].local_layers", f"applies to method \"fedper\" only; method is "
+                     f"{config.method!r}")
+        return None
+    if "ditto_lambda" in values and config.method != "ditto":
+        study.refuse("[personalization].lambda", f"applies to method \"ditto\" only; method is "
+                     f"{config.method!r}")
+        return None
+    if "epochs" in values and config.method != "finetune":
+        study.refuse("[personalization].epochs", f"applies to method \"finetune\" only; method is "
+                     f"{config.method!r}")
+        return None
+    return config
+
+
 def _privacy(values: Mapping[str, Any], defaults: PrivacySettings) -> PrivacySettings:
     return replace(defaults, **{k: v for k, v in values.items() if k in PrivacySettings.__dataclass_fields__})
 
@@ -621,12 +685,13 @@ def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
     split = study.table("split", SPLIT_RULES)
     hospital_dp = _hospital_dp(study, strategy)
     secure_aggregation = _secure_aggregation(study, strategy)
+    personalization = _personalization(study)
     _simulation(study, sites)
     if study.problems:
         raise StudyConfigError(study.problems)
     assert values is not None and model is not None and training is not None and strategy is not None
     assert privacy is not None and split is not None and hospital_dp is not None
-    assert secure_aggregation is not None
+    assert secure_aggregation is not None and personalization is not None
     return StudyConfig(
         name=values.get("name", "study"),
         rounds=values.get("rounds", 20),
@@ -644,6 +709,7 @@ def study_from_dict(data: Mapping[str, Any], base_dir: Path) -> StudyConfig:
         sites=sites,
         min_report_count=values.get("min_report_count", 10),
         raw=raw,
+        personalization=personalization,
     )
 
 
@@ -673,7 +739,8 @@ def load_study(path: Path) -> StudyConfig:
 def with_overrides(study: StudyConfig, **overrides: Any) -> StudyConfig:
     """A copy of the study with command-line overrides (None means: keep the file's value).
 
-    Keys: rounds, seed, strategy, model, epsilon, delta, dp, secure_aggregation. Privacy overrides
+    Keys: rounds, seed, strategy, model, epsilon, delta, dp, secure_aggregation, personalization
+    (the method), training_plan ("fixed" or "auto"). Privacy overrides
     apply to every simulated site: in a simulation the researcher plays every hospital.
     """
     raw = copy.deepcopy(dict(study.raw))
@@ -683,6 +750,8 @@ def with_overrides(study: StudyConfig, **overrides: Any) -> StudyConfig:
         "strategy": ("strategy", "name"),
         "model": ("model", "name"),
         "secure_aggregation": ("secure_aggregation", "enabled"),
+        "personalization": ("personalization", "method"),
+        "training_plan": ("training", "plan"),
     }
     for key, value in overrides.items():
         if value is None:

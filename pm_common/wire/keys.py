@@ -42,6 +42,9 @@ ROSTER_ENTRY = "roster-entry"  # the site's own entry, JSON (declare reply)
 ROSTER_SIGNATURE = "roster-signature"  # the site's signature over the roster digest (sign reply)
 LEDGER_LINES = "ledger-lines"  # the site's whole ledger for the study, as it holds it
 CLOSE = "close"  # in the final evaluation's config: the site closes its ledger for the run
+PERSONAL_METRICS = "personal-metrics"  # final evaluation reply: the site's personal model on its test rows
+PERSONAL_MODEL = "personal-model"  # in a site's record: where its personal model lies (at the site)
+PERSONAL_REASON = "personal-reason"  # in a site's record: why it trained no personal model
 
 # Keys of the coordinator's train config.
 RUN = "run"  # the run's id (its roster's `run`)
