@@ -9,12 +9,12 @@ same round of the same attempt twice, and nothing of a run after it closed it.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from client.personalization import (
 from client.replay import replay_seed
 from client.site import load_site_data, parse_study_text, resolve_site
 from client.state import SiteState, StateStore
-from client.training import local_training, pick_device, train_round
+from client.training import RoundOutcome, local_training, pick_device, train_round
 from pm_common.models.layers import shared_part
 from pm_common.privacy.accountant import (
     BudgetTooLow,
@@ -56,6 +56,7 @@ from pm_common.privacy.hospital_dp import clip_and_noise, site_noise_std
 from pm_common.privacy.planner import site_plan
 from pm_common.records.ledger import CLOSED, DECLINED, TRAINED, LedgerEntry
 from pm_common.records.roster import Roster, study_digest
+from pm_common.secagg.primitives import Rules
 from pm_common.study.config import SiteSpec, StudyConfig
 from pm_common.tasks import SiteTensors, few_rows_warning, task_of
 from pm_common.wire import keys as p
@@ -187,6 +188,21 @@ def _unlearnable_reason(data: SiteTensors, study: StudyConfig) -> str:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Answer one round: evaluate the received model, then decline with the reason or train with
+    DP-SGD and send the update, always with one signed ledger line.
+
+    Args:
+        msg: the coordinator's training message.
+        context: this node's context (who the site is: client/site.py).
+
+    Returns:
+        The reply: the site's report and ledger line, its evaluation and, when it trained, its update.
+
+    Raises:
+        SiteRefusal: a request this site does not answer (not its run, a repeated round, other study
+            settings than the roster it signed, a relay it refuses); error_reply_mod turns it into
+            an error reply.
+    """
     request = RunRequest.of(msg)
     study = request.study
     site, store = resolve_site(context, study.name)
@@ -203,37 +219,92 @@ def train(msg: Message, context: Context) -> Message:
             state, request
         ):
             raise SiteRefusal(refusal)
-        return _answer_round(msg, context, request, site, store, state, data, received, model,
-                             evaluation, warning)
+        return _answer_round(_Round(msg, context, request, site, store, state, data, received, model,
+                                    evaluation, warning))
 
 
-def _answer_round(
-    msg: Message,
-    context: Context,
-    request: RunRequest,
-    site: SiteSpec,
-    store: StateStore,
-    state: SiteState,
-    data: SiteTensors,
-    received: Mapping[str, torch.Tensor],
-    model: nn.Module,
-    evaluation: Mapping[str, float] | None,
-    warning: str,
-) -> Message:
-    """Decline with the reason, or train one round and send the update: always one signed line."""
-    study, privacy = request.study, site.privacy
-    n_train = len(data.train_y)
-    plan, plan_problem = _plan(state, site, request, n_train)
-    reply = functools.partial(_reply, msg, site, evaluation, len(data.skipped), warning)
-    reason = plan_problem or _round_limit_reason(site, state) or _unlearnable_reason(data, study)
+@dataclass
+class _Round:
+    """One training request as this site answers it: what it was asked and what it holds."""
+
+    msg: Message
+    context: Context
+    request: RunRequest
+    site: SiteSpec
+    store: StateStore
+    state: SiteState
+    data: SiteTensors
+    received: Mapping[str, torch.Tensor]
+    model: nn.Module
+    evaluation: Mapping[str, float] | None
+    warning: str
+
+    @property
+    def study(self) -> StudyConfig:
+        return self.request.study
+
+    def seed(self, purpose: str) -> int | None:
+        """The test-only replay seed of this round's `purpose` (client/replay.py); None otherwise."""
+        return replay_seed(self.context, self.site.name, self.request.server_round, self.request.attempt,
+                           purpose)
+
+    def reply(self, entry: LedgerEntry, line: str, update: Mapping[str, ConfigRecord], weight: int,
+              loss: float, **report: Any) -> Message:
+        """The reply to the training message (see `_reply`)."""
+        return _reply(self.msg, self.site, self.evaluation, len(self.data.skipped), self.warning, entry,
+                      line, update, weight, loss, **report)
+
+
+def _answer_round(r: _Round) -> Message:
+    """Decline with the reason, or train one round and send the update: always one signed line.
+
+    The steps, in an order that keeps the books honest: decide; check a secure-aggregation relay
+    before any training (a relay the site refuses costs no budget); train; record the spend; only
+    then build what leaves the site.
+    """
+    plan, reason = _round_decision(r)
+    base = _ledger_base(r, plan)
+    if reason:
+        return _decline(r, base, reason)
+    relay = _checked_relay(r)
+    entry, line, outcome, seeded = _train_and_record(r, plan, base)
+    weights, weight = _outgoing(r, plan, outcome.state_dict)
+    fits = None
+    if plan is not None:  # tells the coordinator whether to count on this site next round
+        reserve = reserved_steps(r.study, plan, r.state, r.request.run)
+        fits = check_next_round(plan, r.state.history, reserve, steps=round_steps(r.study, plan)).allowed
+    if relay is None:
+        trained = {k: v.detach().cpu().numpy() for k, v in weights.items()}
+        return r.reply(entry, line, {p.MODEL: wire.packed_record(trained)}, weight, outcome.mean_loss,
+                       next_round_fits=fits, noise_seeded=seeded)
+    secagg_request, rules, identity = relay
+    vector = _weighted_delta(r.received, weights, weight, r.study, rules.max_weight)
+    masked, clipped, keys = secagg.mask_update(secagg_request, r.context.state, vector, identity)
+    update = {p.MASKED: wire.packed_record({p.MASKED: masked})}
+    if keys:  # this site's public keys for the next round
+        update[p.SECAGG] = keys
+    return r.reply(entry, line, update, weight, outcome.mean_loss, next_round_fits=fits,
+                   extra_metrics={"secagg-clipped": clipped}, noise_seeded=seeded)
+
+
+def _round_decision(r: _Round) -> tuple[PrivacyPlan | None, str]:
+    """The site's DP plan, and why it declines this round ('' when it trains): no plan fits its
+    budget, its own round limit, data that cannot teach, or a round that would not fit."""
+    plan, plan_problem = _plan(r.state, r.site, r.request, len(r.data.train_y))
+    reason = plan_problem or _round_limit_reason(r.site, r.state) or _unlearnable_reason(r.data, r.study)
     if not reason and plan is not None:
-        decision = check_next_round(plan, state.history, reserved_steps(study, plan, state, request.run),
-                                    steps=round_steps(study, plan))
+        reserve = reserved_steps(r.study, plan, r.state, r.request.run)
+        decision = check_next_round(plan, r.state.history, reserve, steps=round_steps(r.study, plan))
         reason = "" if decision.allowed else decision.reason
+    return plan, reason
 
-    base = LedgerEntry(
-        site=site.name,
-        round=request.server_round,
+
+def _ledger_base(r: _Round, plan: PrivacyPlan | None) -> LedgerEntry:
+    """The round's ledger line before it is decided: the mechanism's parameters, no steps yet."""
+    privacy = r.site.privacy
+    return LedgerEntry(
+        site=r.site.name,
+        round=r.request.server_round,
         status=TRAINED,
         noise_multiplier=plan.noise_multiplier if plan else 0.0,
         sample_rate=plan.sample_rate if plan else 0.0,
@@ -244,75 +315,85 @@ def _answer_round(
         epsilon_budget=privacy.epsilon if privacy.dp else None,
         accountant=privacy.accountant if privacy.dp else "none",
         dp=privacy.dp,
-        run=request.run,
-        attempt=request.attempt,
+        run=r.request.run,
+        attempt=r.request.attempt,
     )
-    if reason:
-        epsilon = cumulative_epsilon(state.history, privacy.delta, privacy.accountant) if privacy.dp else None
-        entry = replace(base, status=DECLINED, epsilon=epsilon, reason=reason)
-        log.warning("site %s declines round %d: %s", site.name, request.server_round, reason)
-        return reply(entry, _record(store, state, entry), {}, n_train, float("nan"), next_round_fits=False)
 
-    secagg_request = msg.content.config_records.get(p.SECAGG)
-    secagg_rules, identity = None, None
-    if secagg_request is not None:  # checked before training: a relay the site refuses costs no budget
-        identity = _secagg_identity(site, store, state, request.run)
-        if int(secagg_request["round"]) != request.server_round:
-            raise SiteRefusal(f"secure-aggregation relay for round {secagg_request['round']} with the "
-                              f"training message of round {request.server_round}")
-        secagg_rules = secagg.relay_rules(secagg_request, context.state, identity)  # the study's rules
-    config = msg.content[p.CONFIG]
-    settings = local_training(study, plan, proximal_mu=float(config.get(p.PROXIMAL_MU, 0.0)))
-    seed = replay_seed(context, site.name, request.server_round, request.attempt, "dp-sgd")
-    outcome = train_round(
-        model,
-        data.train_x,
-        data.train_y,
-        task_of(study).criterion(),
-        settings,
-        plan=plan,
-        accountant_state=state.accountant,
-        seed=seed,
-        device=pick_device(),
-    )
+
+def _decline(r: _Round, base: LedgerEntry, reason: str) -> Message:
+    """The signed decline: the reason, the unchanged cumulative ε, and no update."""
+    privacy = r.site.privacy
+    epsilon = cumulative_epsilon(r.state.history, privacy.delta, privacy.accountant) if privacy.dp else None
+    entry = replace(base, status=DECLINED, epsilon=epsilon, reason=reason)
+    log.warning("site %s declines round %d: %s", r.site.name, r.request.server_round, reason)
+    return r.reply(entry, _record(r.store, r.state, entry), {}, len(r.data.train_y), float("nan"),
+                   next_round_fits=False)
+
+
+def _checked_relay(
+    r: _Round,
+) -> tuple[ConfigRecord, Rules, secagg.SiteIdentity] | None:
+    """The secure-aggregation relay of this round, checked against the study's rules before any
+    training (a relay the site refuses costs no budget); None without secure aggregation.
+
+    Raises:
+        SiteRefusal: a relay for another round, or one that breaks the study's rules.
+    """
+    secagg_request = r.msg.content.config_records.get(p.SECAGG)
+    if secagg_request is None:
+        return None
+    identity = _secagg_identity(r.site, r.store, r.state, r.request.run)
+    if int(secagg_request["round"]) != r.request.server_round:
+        raise SiteRefusal(f"secure-aggregation relay for round {secagg_request['round']} with the "
+                          f"training message of round {r.request.server_round}")
+    rules = secagg.relay_rules(secagg_request, r.context.state, identity)  # the study's rules
+    return secagg_request, rules, identity
+
+
+def _train_and_record(
+    r: _Round, plan: PrivacyPlan | None, base: LedgerEntry
+) -> tuple[LedgerEntry, str, RoundOutcome, bool]:
+    """DP-SGD on the received model (and ditto's personal model), then the spend signed into the
+    ledger before anything else can fail.
+
+    Returns:
+        The ledger entry, its signed line, the federated training's outcome, and whether the noise
+        was seeded (tests only).
+    """
+    study = r.study
+    proximal_mu = float(r.msg.content[p.CONFIG].get(p.PROXIMAL_MU, 0.0))
+    settings = local_training(study, plan, proximal_mu=proximal_mu)
+    seed = r.seed("dp-sgd")
+    outcome = train_round(r.model, r.data.train_x, r.data.train_y, task_of(study).criterion(), settings,
+                          plan=plan, accountant_state=r.state.accountant, seed=seed, device=pick_device())
     personal = None
     if study.personalization.method == DITTO:  # nothing of either model leaves the site before the line
-        personal_seed = replay_seed(context, site.name, request.server_round, request.attempt, "personal")
-        personal = ditto_round(study, store, request.run, data, received, plan, outcome.accountant,
-                               personal_seed)
+        personal = ditto_round(study, r.store, r.request.run, r.data, r.received, plan, outcome.accountant,
+                               r.seed("personal"))
     spent = personal or outcome  # its accountant and epsilon compose both stretches
     notes = [f"auto plan: expected batch {plan.batch_size}" if plan and plan.batch_size else "",
              f"ditto: {outcome.steps} federated + {personal.steps} personal steps" if personal else ""]
     entry = replace(base, steps=outcome.steps + (personal.steps if personal else 0), epsilon=spent.epsilon,
                     reason="; ".join(n for n in notes if n))
-    state.accountant = spent.accountant
-    line = _record(store, state, entry)  # the spend first: building the update may still fail
+    r.state.accountant = spent.accountant
+    line = _record(r.store, r.state, entry)  # the spend first: building the update may still fail
     if personal is not None:
-        save_personal(store, request.run, study, personal.state_dict)
-    reserve = reserved_steps(study, plan, state, request.run)
-    fits = check_next_round(plan, state.history, reserve, steps=round_steps(study, plan)).allowed \
-        if plan else None
-    if layers := local_layers(study):  # fedper: the whole model stays here, only shared layers go out
-        save_personal(store, request.run, study, outcome.state_dict)
-    weights, weight = shared_part(outcome.state_dict, layers), n_train
-    if study.hospital_dp.enabled:
-        hospital_seed = replay_seed(context, site.name, request.server_round, request.attempt, "hospital-dp")
-        weights = _hospital_dp(msg, received, weights, study, hospital_seed)
+        save_personal(r.store, r.request.run, study, personal.state_dict)
+    return entry, line, outcome, seed is not None
+
+
+def _outgoing(
+    r: _Round, plan: PrivacyPlan | None, trained: Mapping[str, torch.Tensor]
+) -> tuple[Mapping[str, torch.Tensor], int]:
+    """What leaves the site, and its aggregation weight: fedper keeps its local layers (the whole
+    model saved here); hospital-level DP clips and noises the update and weighs every site alike."""
+    if layers := local_layers(r.study):
+        save_personal(r.store, r.request.run, r.study, trained)
+    weights, weight = shared_part(trained, layers), len(r.data.train_y)
+    if r.study.hospital_dp.enabled:
+        weights = _hospital_dp(r.msg, r.received, weights, r.study, r.seed("hospital-dp"))
         weight = 1  # uniform weights: one hospital's influence is bounded by the clip norm alone
-    if secagg_request is None:
-        trained = {k: v.detach().cpu().numpy() for k, v in weights.items()}
-        update = {p.MODEL: wire.packed_record(trained)}
-        return reply(entry, line, update, weight, outcome.mean_loss, next_round_fits=fits,
-                     noise_seeded=seed is not None)
-    assert secagg_rules is not None and identity is not None
-    vector = _weighted_delta(received, weights, weight, study, secagg_rules.max_weight)
-    masked, clipped, keys = secagg.mask_update(secagg_request, context.state, vector, identity)
-    update = {p.MASKED: wire.packed_record({p.MASKED: masked})}
-    if keys:  # this site's public keys for the next round
-        update[p.SECAGG] = keys
-    clipped_metric = {"secagg-clipped": clipped}
-    return reply(entry, line, update, weight, outcome.mean_loss, next_round_fits=fits,
-                 extra_metrics=clipped_metric, noise_seeded=seed is not None)
+    return weights, weight
 
 
 def _weighted_delta(
