@@ -19,6 +19,15 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict[str, Any]:
+    """Facts about the machine and software a result was measured on, stored with every result.
+
+    Timings depend on the cores, the platform and the torch/CUDA build, so a results file must say where
+    and when it was measured to be compared with a later run or another machine.
+
+    Returns:
+        Core count, platform, Python and torch versions, the first CUDA device's name (None without
+        one) and the UTC date and time of the measurement.
+    """
     return {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
@@ -30,6 +39,16 @@ def machine() -> dict[str, Any]:
 
 
 def median(values: Sequence[float]) -> float:
+    """The median the benchmarks report: robust to the odd slow run on a shared machine.
+
+    Returned as a built-in float whatever the inputs' type, so the tables and the JSON files treat it as one.
+
+    Args:
+        values: repeated measurements of one quantity (non-empty).
+
+    Returns:
+        Their median.
+    """
     return float(statistics.median(values))
 
 
@@ -48,6 +67,15 @@ def median_difference_interval(
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print results as a Markdown table, so a benchmark's output can be pasted into the docs as it is.
+
+    Columns are padded to their widest cell; floats get 3 decimals (1 from 100 on) and None prints as "-".
+
+    Args:
+        title: the line printed above the table.
+        header: the column names.
+        rows: one sequence of cells per row, as long as `header`.
+    """
     cells = [[str(h) for h in header]] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"\n{title}")
@@ -64,6 +92,18 @@ def _cell(value: Any) -> str:
 
 
 def write_results(name: str, payload: dict[str, Any]) -> Path:
+    """Write a benchmark's results to benchmarks/results/NAME.json, with the machine they were measured on.
+
+    The JSON file is a run's lasting record (the printed table is not); a later run of the same name
+    overwrites it.
+
+    Args:
+        name: the file's name without ".json" (usually the benchmark's).
+        payload: the results; `machine()`'s facts are added under "machine".
+
+    Returns:
+        The path written.
+    """
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))

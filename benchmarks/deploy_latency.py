@@ -387,6 +387,15 @@ def site_compute_per_round(rounds: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run each configuration's deployment, print the summary table and write every run's measurements.
+
+    With `--baseline`, the baseline checkout's run alternates with this checkout's, so both meet the same
+    machine load. The sites' compute per round is measured once, after the deployments.
+    Writes benchmarks/results/deploy_latency.json.
+
+    Args:
+        argv: the command-line arguments (None: sys.argv).
+    """
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -169,6 +169,11 @@ def seed_wins(runs: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 
 def main() -> None:
+    """Compare the imaging federation with each site alone over seeds, print the table, write the results.
+
+    Records the 1-minute load average before and after, since wall times depend on a shared machine's load.
+    Writes benchmarks/results/imaging_federated_vs_local.json.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument(

@@ -182,6 +182,12 @@ def _patch_model_and_training(a: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    """Score one set of training settings on the imaging scenario, seed by seed, and append it to the log.
+
+    The settings come from the command line; the federation and (unless `--fed-only`) each site alone are
+    trained under DP with seeded noise, so that runs of different settings are paired. Prints each seed's
+    pooled balanced accuracy and AUC, then their medians, and appends that summary to `--log`.
+    """
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--first-seed", type=int, default=0)

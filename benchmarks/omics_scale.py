@@ -102,6 +102,12 @@ def pure_compute_per_round(study_path: Path) -> list[float]:
 
 
 def main() -> None:
+    """Measure each step of an omics-scale study on synthetic data, print the table, write the results.
+
+    Times drafting the study, checking it, validating and encoding each site's file (median of 3), the
+    simulation's round wall time and the sites' pure compute per round.
+    Writes benchmarks/results/omics_scale.json.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=300, help="rows per site")
     parser.add_argument("--genes", type=int, default=5000)

@@ -65,6 +65,11 @@ def _median(values: list[float | None]) -> float | None:
 
 
 def main() -> None:
+    """Run every aggregator clean and under each attack over seeds, then print and write both tables.
+
+    Also runs the reference (the attacker's updates withheld). With `--tables-from`, redoes the tables of
+    an earlier results file without new runs.
+    """
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=20)

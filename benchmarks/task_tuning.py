@@ -143,6 +143,19 @@ def federate(study: StudyConfig, sites: list[tuple], seed: int) -> torch.nn.Modu
 
 
 def validation_score(study: StudyConfig, sites: list[tuple], model: torch.nn.Module) -> dict[str, float]:
+    """Score a candidate's final model on all sites' validation rows together.
+
+    The candidates are compared on one score for the whole federation, computed on the held-out part of
+    the training rows, never on the test rows.
+
+    Args:
+        study: the candidate's study (its task gives the metrics).
+        sites: (name, train_x, train_y, val_x, val_y) per site, as `training_splits` returns.
+        model: the federation's final model.
+
+    Returns:
+        The task's metrics on the pooled validation rows.
+    """
     task = task_of(study)
     val_x = torch.cat([site[3] for site in sites])
     val_y = torch.cat([site[4] for site in sites])
@@ -150,6 +163,14 @@ def validation_score(study: StudyConfig, sites: list[tuple], model: torch.nn.Mod
 
 
 def grid(space: Mapping[str, Iterable[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the candidate values: the settings the tuning tries.
+
+    Args:
+        space: candidate values per "section.key" setting.
+
+    Returns:
+        One {"section.key": value} mapping per combination.
+    """
     keys = list(space)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*space.values())]
 
@@ -170,6 +191,22 @@ SPACES: dict[str, dict[str, list[Any]]] = {
 
 
 def tune(name: str, space: Mapping[str, Iterable[Any]], seeds: list[int], val_seed: int) -> dict[str, Any]:
+    """Train and score every candidate of `space` for a scenario; rank them by their median over seeds.
+
+    Each site's training rows are split once, and every candidate meets the same validation rows. FedAvg
+    and FedProx ignore the server learning rate, so only their candidates with its first value run.
+    Each candidate is printed as a JSON line when done.
+
+    Args:
+        name: the scenario.
+        space: candidate values per "section.key" setting.
+        seeds: the seeds each candidate trains with.
+        val_seed: the seed of the training/validation split.
+
+    Returns:
+        The scenario, its headline metric, the split and DP settings used, the best candidate and every
+        candidate (settings, scores per seed, median, seconds), best first.
+    """
     base = scenario_study(name, Path("."))
     task = task_of(base)
     candidates = grid(space)
@@ -196,6 +233,11 @@ def tune(name: str, space: Mapping[str, Iterable[Any]], seeds: list[int], val_se
 
 
 def main() -> None:
+    """Tune a scenario's settings on validation rows and write the ranking to a JSON file.
+
+    One thread, as each simulated site has. `--space` replaces the built-in grid; the result goes to
+    `--out`, by default benchmarks/results/task_tuning_<scenario>.json.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -67,6 +67,14 @@ def pooled_rows(study: StudyConfig) -> tuple[torch.Tensor, ...]:
 
 
 def stats(values: list[float]) -> dict[str, float]:
+    """Summarise one setting's metric over seeds: DP noise makes single runs vary, so the spread is recorded.
+
+    Args:
+        values: the metric, one value per seed.
+
+    Returns:
+        Their median, minimum, maximum and count.
+    """
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
@@ -169,6 +177,11 @@ def pooled_non_private(study: StudyConfig, settings: dict[str, Any], seed: int) 
 
 
 def main() -> None:
+    """Measure each scenario federated, pooled without DP and (tcga-brca) per region alone; print and write.
+
+    Writes benchmarks/results/tasks.json with the command that produced each scenario's results; with
+    `--merge` the other scenarios' results already in that file are kept.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0-4")
     parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS))
