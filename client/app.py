@@ -43,7 +43,7 @@ from client.personalization import (
 )
 from client.replay import replay_seed
 from client.site import load_site_data, parse_study_text, resolve_site
-from client.state import SiteState, StateStore
+from client.state import SiteState, StateStore, site_entry
 from client.training import RoundOutcome, local_training, pick_device, train_round
 from pm_common.models.layers import shared_part
 from pm_common.privacy.accountant import (
@@ -301,23 +301,8 @@ def _round_decision(r: _Round) -> tuple[PrivacyPlan | None, str]:
 
 def _ledger_base(r: _Round, plan: PrivacyPlan | None) -> LedgerEntry:
     """The round's ledger line before it is decided: the mechanism's parameters, no steps yet."""
-    privacy = r.site.privacy
-    return LedgerEntry(
-        site=r.site.name,
-        round=r.request.server_round,
-        status=TRAINED,
-        noise_multiplier=plan.noise_multiplier if plan else 0.0,
-        sample_rate=plan.sample_rate if plan else 0.0,
-        steps=0,
-        max_grad_norm=plan.max_grad_norm if plan else 0.0,
-        delta=privacy.delta,
-        epsilon=None,
-        epsilon_budget=privacy.epsilon if privacy.dp else None,
-        accountant=privacy.accountant if privacy.dp else "none",
-        dp=privacy.dp,
-        run=r.request.run,
-        attempt=r.request.attempt,
-    )
+    return site_entry(r.site.privacy, r.site.name, plan, round=r.request.server_round, status=TRAINED,
+                      run=r.request.run, attempt=r.request.attempt)
 
 
 def _decline(r: _Round, base: LedgerEntry, reason: str) -> Message:

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord
 
-from client.state import SiteState, StateStore
+from client.state import SiteState, StateStore, site_entry
 from pm_common.privacy.accountant import cumulative_epsilon
 from pm_common.records.ledger import ENROLLED, LedgerEntry
 from pm_common.records.roster import Roster, RosterEntry, RosterError, sign_roster, study_digest
@@ -149,20 +149,11 @@ def declare(store: StateStore, site: SiteSpec, run: str) -> ConfigRecord:
 
 def _enrolled_entry(site: SiteSpec, state: SiteState, run: str, digest: str) -> LedgerEntry:
     privacy = site.privacy
-    plan = state.plan
-    return LedgerEntry(
-        site=site.name,
+    return site_entry(
+        privacy, site.name, state.plan,
         round=0,
         status=ENROLLED,
-        noise_multiplier=plan.noise_multiplier if plan else 0.0,
-        sample_rate=plan.sample_rate if plan else 0.0,
-        steps=0,
-        max_grad_norm=plan.max_grad_norm if plan else 0.0,
-        delta=privacy.delta,
         epsilon=cumulative_epsilon(state.history, privacy.delta, privacy.accountant) if privacy.dp else None,
-        epsilon_budget=privacy.epsilon if privacy.dp else None,
-        accountant=privacy.accountant if privacy.dp else "none",
-        dp=privacy.dp,
         reason=f"signed the roster of run {run[:12]}",
         run=run,
         roster=digest,

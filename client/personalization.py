@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from client.enrollment import SiteRefusal, append_signed_line
-from client.state import SiteState, StateStore
+from client.state import SiteState, StateStore, site_entry
 from client.training import RoundOutcome, local_training, pick_device, predict, train_round
 from pm_common.models.layers import is_local, local_layer_problems, local_part, shared_part
 from pm_common.privacy.accountant import PrivacyPlan, check_next_round
-from pm_common.records.ledger import PERSONAL, TRAINED, LedgerEntry
+from pm_common.records.ledger import PERSONAL, TRAINED
 from pm_common.study.config import SiteSpec, StudyConfig
 from pm_common.tasks import SiteTensors, evaluate_with_baseline, task_of
 from pm_common.tasks.metrics import reportable
@@ -232,19 +232,12 @@ def finetune(
     model.load_state_dict(received)
     outcome = train_round(model, data.train_x, data.train_y, task.criterion(), settings, plan=plan,
                           accountant_state=state.accountant, seed=seed, device=pick_device())
-    entry = LedgerEntry(
-        site=site.name,
+    entry = site_entry(
+        privacy, site.name, plan,
         round=server_round + 1,
         status=TRAINED,
-        noise_multiplier=plan.noise_multiplier if plan else 0.0,
-        sample_rate=plan.sample_rate if plan else 0.0,
         steps=outcome.steps,
-        max_grad_norm=plan.max_grad_norm if plan else 0.0,
-        delta=privacy.delta,
         epsilon=outcome.epsilon,  # cumulative: the federation's rounds and these steps, composed
-        epsilon_budget=privacy.epsilon if privacy.dp else None,
-        accountant=privacy.accountant if privacy.dp else "none",
-        dp=privacy.dp,
         reason=f"personalisation: {FINETUNE}, {settings.local_epochs} epoch(s) on the final global model",
         run=run,
         attempt=attempt,

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pm_common.privacy.accountant import PrivacyPlan
 from pm_common.records.ledger import CLOSED, ENROLLED, ROUND_STATUSES, LedgerEntry, append_line
 from pm_common.records.signing import load_or_create_signing_key
+from pm_common.study.config import PrivacySettings
 
 
 @dataclass
@@ -94,6 +95,33 @@ class SiteState:
 
     def enrolled_line(self, run: str) -> bool:
         return any(e.run == run and e.status == ENROLLED for e in self.entries())
+
+
+def site_entry(privacy: PrivacySettings, site: str, plan: PrivacyPlan | None, **fields: Any) -> LedgerEntry:
+    """A ledger line of this site under its plan: the mechanism's parameters (none without DP), its
+    budget, δ and accountant filled in one place, so no line can state them differently.
+
+    Args:
+        privacy: the site's privacy settings.
+        site: the site's name.
+        plan: its DP plan (None without DP, or before one is fixed).
+        **fields: the line's own fields (round, status, steps, epsilon, reason, run, attempt, ...).
+
+    Returns:
+        The entry, not yet signed.
+    """
+    mechanism = {"noise_multiplier": plan.noise_multiplier if plan else 0.0,
+                 "sample_rate": plan.sample_rate if plan else 0.0,
+                 "max_grad_norm": plan.max_grad_norm if plan else 0.0}
+    defaults = {"steps": 0, "epsilon": None}
+    return LedgerEntry(
+        site=site,
+        delta=privacy.delta,
+        epsilon_budget=privacy.epsilon if privacy.dp else None,
+        accountant=privacy.accountant if privacy.dp else "none",
+        dp=privacy.dp,
+        **{**mechanism, **defaults, **fields},
+    )
 
 
 class StateStore(Protocol):

@@ -12,7 +12,7 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -40,6 +40,28 @@ contract_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown",
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(site_app, name="site")
 app.add_typer(contract_app, name="contract")
+
+
+def _refuse_study(exc: ValueError) -> NoReturn:
+    """A study, its data or a scenario name refused before anything starts: one line per problem,
+    exit 2, never a traceback.
+
+    Args:
+        exc: the refusal (a study's InputError, the sites' SiteDataError, or an unknown scenario).
+
+    Raises:
+        typer.Exit: always, with BAD_INPUT.
+    """
+    from pm_common.study.schema import InputError
+    from simulations.preflight import SiteDataError
+
+    if isinstance(exc, InputError):
+        _errors(exc.problems if exc.source is None else [f"{exc.source}: {p}" for p in exc.problems])
+    elif isinstance(exc, SiteDataError):
+        _errors(exc.problems)
+    else:
+        _errors(str(exc).splitlines())
+    raise typer.Exit(BAD_INPUT) from exc
 
 
 def _errors(lines: Iterable[str]) -> None:
@@ -201,7 +223,6 @@ def simulate(
     from pm_common.data.imaging import ImageDataError
     from pm_common.data.tabular import DataValidationError
     from pm_common.study.config import StudyConfigError, load_study, with_overrides
-    from pm_common.study.schema import InputError
     from simulations.preflight import SiteDataError, preflight
     from simulations.scenarios import SYNTHETIC, scenario_study
     from simulations.sweep import parse_seeds
@@ -236,15 +257,8 @@ def simulate(
             )
         if dry_run:
             sites = preflight(study)
-    except InputError as exc:
-        _errors(exc.problems if exc.source is None else [f"{exc.source}: {p}" for p in exc.problems])
-        raise typer.Exit(BAD_INPUT) from exc
-    except SiteDataError as exc:
-        _errors(exc.problems)
-        raise typer.Exit(BAD_INPUT) from exc
-    except ValueError as exc:  # an unknown scenario name
-        _errors(str(exc).splitlines())
-        raise typer.Exit(BAD_INPUT) from exc
+    except ValueError as exc:  # InputError, SiteDataError, an unknown scenario name
+        _refuse_study(exc)
     if dry_run:
         console.print(escape(f"{study.name}: the study and every site's data check out; {len(study.sites)} "
                              f"sites, {study.rounds} rounds, {study.strategy.name}, {study.model.name} "
@@ -371,8 +385,7 @@ def plan(
     drown the signal, with the change that helps most. Starts nothing, sends nothing."""
     from pm_common.privacy.planner import drowning_threshold, model_parameters, site_report
     from pm_common.study.config import SiteSpec, load_study, with_overrides
-    from pm_common.study.schema import InputError
-    from simulations.preflight import SiteDataError, preflight
+    from simulations.preflight import preflight
     from simulations.scenarios import scenario_study
 
     try:
@@ -387,15 +400,8 @@ def plan(
             counted = [(SiteSpec("this-site", Path("."), study.privacy), rows)]
         else:
             counted = [(s.site, s.train_rows) for s in preflight(study, plans=False)]
-    except InputError as exc:
-        _errors(exc.problems if exc.source is None else [f"{exc.source}: {p}" for p in exc.problems])
-        raise typer.Exit(BAD_INPUT) from exc
-    except SiteDataError as exc:
-        _errors(exc.problems)
-        raise typer.Exit(BAD_INPUT) from exc
-    except ValueError as exc:  # an unknown scenario name
-        _errors(str(exc).splitlines())
-        raise typer.Exit(BAD_INPUT) from exc
+    except ValueError as exc:  # InputError, SiteDataError, an unknown scenario name
+        _refuse_study(exc)
     parameters = model_parameters(study)
     reports = [site_report(study, site, n, parameters) for site, n in counted]
     batch = "auto" if study.training.plan == "auto" else study.training.batch_size

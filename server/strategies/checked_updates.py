@@ -21,13 +21,13 @@ from pm_common.wire import keys as p
 from pm_common.wire import packing as wire
 from server.history_krum import HistoryKrum
 from server.recorder import RunRecorder
-from server.strategies.wrapper import StrategyWrapper, packed, training_metrics
+from server.strategies.wrapper import PackingWrapper, packed, training_metrics
 from server.update_checks import expected_layout, in_layout_dtypes, norm_problem, unpacked_update
 
 log = logging.getLogger("pmfl.server")
 
 
-class CheckedUpdates(StrategyWrapper):
+class CheckedUpdates(PackingWrapper):
     """Unpack and check each site's update; hand the wrapped strategy only those that pass."""
 
     def __init__(
@@ -47,11 +47,6 @@ class CheckedUpdates(StrategyWrapper):
         if self.max_update_norm is not None:
             self._sent_arrays = {k: a.numpy().astype("float64") for k, a in arrays.items()}
         return packed(self.inner.configure_train(server_round, arrays, config, grid))
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return packed(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

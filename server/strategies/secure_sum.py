@@ -21,13 +21,13 @@ from pm_common.wire import keys as p
 from pm_common.wire import packing as wire
 from server.recorder import RunRecorder
 from server.secagg_unmasking import SecureAggregation
-from server.strategies.wrapper import StrategyWrapper, destination, packed, training_metrics
+from server.strategies.wrapper import PackingWrapper, destination, packed, training_metrics
 from server.update_checks import expected_layout, in_layout_dtypes, masked_layout, unpacked_update
 
 log = logging.getLogger("pmfl.server")
 
 
-class SecureSum(StrategyWrapper):
+class SecureSum(PackingWrapper):
     """Relay key shares, then aggregate only the unmasked sum of the sites' masked updates."""
 
     def __init__(
@@ -49,11 +49,6 @@ class SecureSum(StrategyWrapper):
         messages = packed(self.inner.configure_train(server_round, arrays, config, grid))
         self._sent = self.secure.prepare(grid, server_round, messages)
         return self._sent
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return packed(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

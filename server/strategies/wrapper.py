@@ -53,6 +53,16 @@ class StrategyWrapper(Strategy):
         return strategy
 
 
+class PackingWrapper(StrategyWrapper):
+    """A wrapper that sends models packed on the wire (pm_common/wire/packing.py): the base of the
+    two wrappers that own the model's way to the sites, checked updates and secure aggregation."""
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return packed(self.inner.configure_evaluate(server_round, arrays, config, grid))
+
+
 def packed(messages: Iterable[Message]) -> list[Message]:
     """A Flower strategy's messages ({ARRAYS, CONFIG}) with the model packed into one record
     (pm_common/wire/packing.py); one content object for all of them, as the strategy shares one
