@@ -1,15 +1,18 @@
 """Apply a trained model to new patients' rows at a site: the study's contract, its encoding, the
 global model (model.pt) or the site's personal model; nothing is sent anywhere.
 
-Why row by row: one bad row must not stop the others. Each row is validated and encoded exactly as
-training rows are (pm_common/data/tabular.py `validate_and_encode`); a row that fails is listed by
-its number and column only: never its values (the file is the site's own, but the listing may end
-up in a log).
+Every row is checked and encoded at once, exactly as training rows are (pm_common/data/tabular.py
+`check_rows`, which `validate_and_encode` uses for training); the outcome columns may be absent. A
+row that fails the contract gets no prediction and is listed as training files' problems are:
+grouped by column and kind, with the data rows and what the contract allows, never the cell's value
+(the file is the site's own, but the listing may end up in a log). The good rows are predicted all
+the same. What a prediction is (probability, class, value in the target's unit, survival at the
+study's horizons) is the task's own (`Task.predictions`, the same maths its metrics use).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +20,28 @@ import pandas as pd
 import torch
 
 from client.training import predict
-from pm_common.data.contract import CategoricalFeature
-from pm_common.data.tabular import DataValidationError, read_table, validate_and_encode
+from pm_common.data.contract import CategoricalFeature, DataContract
+from pm_common.data.tabular import (
+    ROWS_SHOWN,
+    DataValidationError,
+    NumberFormat,
+    Problem,
+    check_rows,
+    read_table,
+)
 from pm_common.study.config import StudyConfig, StudyConfigError
 from pm_common.tasks import task_of
+from pm_common.tasks.base import Predictor
 
 
 @dataclass(frozen=True)
 class Predictions:
-    """One probability and class per row that meets the contract; the others by number."""
+    """The task's prediction columns for every row that meets the contract; the others listed."""
 
     rows: list[int]  # 1-based data-row numbers, as the file has them
-    probability: list[float]
-    refused: list[str]  # "row R, column C: does not meet the contract", no values
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # one value per predicted row
+    refused: list[str] = field(default_factory=list)  # one line per column and kind of problem, no values
+    refused_rows: int = 0  # how many rows got no prediction
 
 
 def load_model(path: Path, study: StudyConfig) -> torch.nn.Module:
@@ -58,15 +70,17 @@ def load_model(path: Path, study: StudyConfig) -> torch.nn.Module:
 
 
 def predict_file(model: torch.nn.Module, study: StudyConfig, data: Path, *, delimiter: str = ",",
-                 encoding: str = "utf-8") -> Predictions:
+                 encoding: str = "utf-8", number_format: NumberFormat | None = None) -> Predictions:
     """Predict every row of `data` that meets the study's contract.
 
     Args:
         model: the model (`load_model`).
-        study: the study (its contract).
-        data: the new rows; the outcome column may be absent.
+        study: the study (its contract and task).
+        data: the new rows; the outcome columns may be absent (and are ignored when present).
         delimiter: the file's delimiter.
         encoding: the file's text encoding.
+        number_format: how the file writes numbers (the site's `thousands` and `decimal`; default
+            plain `1234.5`).
 
     Returns:
         The predictions and the rows refused.
@@ -75,52 +89,48 @@ def predict_file(model: torch.nn.Module, study: StudyConfig, data: Path, *, deli
         StudyConfigError: the study is not tabular.
         DataValidationError: the file itself cannot be read or lacks the contract's columns.
     """
+    task = task_of(study)
     contract = study.contract
-    if contract is None or study.task != "binary-classification":
-        raise StudyConfigError(f"pmfl predict applies to tabular binary studies; this study's task is "
-                               f"{study.task!r}")
+    if contract is None or not isinstance(task, Predictor):
+        raise StudyConfigError(f"pmfl predict applies to tabular studies; this study's task is "
+                               f"{study.task!r} (predicting from images is not supported yet)")
     frame = read_table(data, delimiter=delimiter, encoding=encoding)
-    frame.columns = [str(c).strip() for c in frame.columns]
-    if contract.target.name not in frame.columns:  # new patients: no outcome yet
-        frame[contract.target.name] = contract.target.negative[0]
-    one_row = replace(contract, min_rows=1)
-    rows, encoded, refused = [], [], []
-    for i in range(len(frame)):
-        try:
-            table = validate_and_encode(frame.iloc[[i]].copy(), one_row, data)
-        except DataValidationError as exc:
-            if any(p.row is None for p in exc.problems):
-                raise  # the file's columns: nothing can be predicted
-            refused.extend(f"row {i + 1}, column {p.column!r}: does not meet the contract; allowed: "
-                           f"{_allowed(study, p.column)}" for p in exc.problems)
-            continue
-        if len(table.x):
-            rows.append(i + 1)
-            encoded.append(table.x[0])
-        else:  # contract.missing = "drop"
-            refused.append(f"row {i + 1}: missing values, which the contract drops")
-    probability: list[float] = []
-    if encoded:
-        logits = predict(model, torch.from_numpy(np.stack(encoded)))
-        probability = torch.sigmoid(logits).tolist()
-    return Predictions(rows, probability, refused)
+    checked = check_rows(frame, contract, number_format or NumberFormat(), outcome=False)
+    whole_file = [p for p in checked.problems if not p.rows]
+    if whole_file:
+        raise DataValidationError(data, whole_file)  # its columns: nothing can be predicted
+    refused = [_line(p, data, contract) for p in checked.problems]
+    dropped = checked.dropped & ~checked.refused
+    if dropped.any():
+        found = Problem(tuple(int(r) + 1 for r in np.flatnonzero(dropped)[:ROWS_SHOWN]), None,
+                        "with a missing value in a column whose missing policy is 'drop'", int(dropped.sum()))
+        refused.append(found.describe(data))
+    keep = np.flatnonzero(~(checked.refused | checked.dropped))
+    columns: dict[str, np.ndarray] = {}
+    if len(keep):
+        columns = task.predictions(predict(model, torch.from_numpy(checked.x[keep])))
+    return Predictions([int(r) + 1 for r in keep], columns, refused, len(frame) - len(keep))
 
 
-def _allowed(study: StudyConfig, column: str | None) -> str:
+def _line(problem: Problem, data: Path, contract: DataContract) -> str:
+    """A problem as training files' are listed, with what the column allows when the message lacks it."""
+    line = problem.describe(data)
+    if problem.column is None or "allowed" in problem.message or "range" in problem.message:
+        return line
+    return f"{line}; allowed: {_allowed(contract, problem.column)}"
+
+
+def _allowed(contract: DataContract, column: str) -> str:
     """What the contract allows in `column` (never what the row holds)."""
-    assert study.contract is not None
-    for feature in study.contract.features:
+    for feature in contract.features:
         if feature.name == column:
             if isinstance(feature, CategoricalFeature):
-                return ", ".join(repr(v) for v in feature.values) + " (or empty, if the contract imputes)"
-            return f"a number in [{feature.min:g}, {feature.max:g}] (or empty, if the contract imputes)"
+                return repr(list(feature.values))
+            unit = f" {feature.unit}" if feature.unit else ""
+            return f"a number in [{feature.min:g}, {feature.max:g}]{unit}"
     return "see the study's contract"
 
 
 def write_predictions(predictions: Predictions, out: Path) -> None:
-    """One line per predicted row: its number, the probability of the positive outcome, the class at 0.5."""
-    pd.DataFrame({
-        "row": predictions.rows,
-        "probability": predictions.probability,
-        "class": [int(p >= 0.5) for p in predictions.probability],
-    }).to_csv(out, index=False)
+    """One line per predicted row: its data-row number, then the task's prediction columns."""
+    pd.DataFrame({"row": predictions.rows, **predictions.columns}).to_csv(out, index=False)

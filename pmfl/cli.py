@@ -445,29 +445,33 @@ def predict_command(
         "--study", help="the study file (default: config.toml beside MODEL, as in a run directory)")] = None,
     delimiter: Annotated[str, typer.Option(help="the data file's delimiter")] = ",",
     encoding: Annotated[str, typer.Option(help="the data file's text encoding")] = "utf-8",
+    thousands: Annotated[str, typer.Option(help="the data file's thousands separator, as the site's")] = "",
+    decimal: Annotated[str, typer.Option(help="the data file's decimal mark, as the site's")] = ".",
 ) -> None:
     """Apply a model to new rows at this site, by the study's contract; nothing is sent anywhere.
-    Rows that fail the contract are listed by number and column (never their values)."""
+    One line per row: the task's prediction (probability and class, each class's probability, the
+    value in the target's unit, or survival at the study's horizons and the risk the C-index ranks).
+    Rows that fail the contract are listed by data row and column with what is allowed (never their
+    values). Tabular studies only."""
     from client.predict import load_model, predict_file, write_predictions
-    from pm_common.data.tabular import DataValidationError
+    from pm_common.data.tabular import DataValidationError, NumberFormat
     from pm_common.study.config import load_study
     from pm_common.study.schema import InputError
 
     try:
         study = load_study(study_file or model.parent / "config.toml")
         predictions = predict_file(load_model(model, study), study, data, delimiter=delimiter,
-                                   encoding=encoding)
+                                   encoding=encoding, number_format=NumberFormat(thousands, decimal))
     except InputError as exc:
         _errors(exc.problems if exc.source is None else [f"{exc.source}: {p}" for p in exc.problems])
         raise typer.Exit(BAD_INPUT) from exc
     except DataValidationError as exc:
-        _errors(f"{exc.path}: {p.message}" if p.row is None
-                else f"{exc.path}: row {p.row}: does not meet the contract" for p in exc.problems)
+        _errors(p.describe(exc.path) for p in exc.problems)
         raise typer.Exit(BAD_INPUT) from exc
     write_predictions(predictions, out)
     _errors(predictions.refused)
-    console.print(escape(f"{len(predictions.rows)} row(s) predicted into {out}; {len(predictions.refused)} "
-                         "refused by the contract"), soft_wrap=True, highlight=False)
+    console.print(escape(f"{len(predictions.rows)} row(s) predicted into {out}; {predictions.refused_rows} "
+                         "row(s) refused by the contract (no prediction)"), soft_wrap=True, highlight=False)
 
 
 @app.command()

@@ -10,7 +10,7 @@ import csv
 import io
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,32 +221,42 @@ def _looks_formatted(cells: pd.Series) -> bool:
     return bool(cells.astype(str).str.strip().str.fullmatch(r"[+-]?\d[\d.,' ]*[.,' ]\d+").any())
 
 
-def validate_and_encode(
-    frame: pd.DataFrame, contract: DataContract, path: Path, number_format: NumberFormat = NumberFormat()
-) -> TabularData:
-    """Check every cell of every column against the contract, then encode the rows.
+@dataclass(frozen=True)
+class CheckedRows:
+    """Every row of a table checked against the contract and encoded, the refused ones marked.
 
-    Every column of the file is checked before anything stops, and problems are reported grouped
-    per column and kind, with counts and the first data rows, never with a cell's value.
+    `x` and `y` hold every row (a refused row's encoding is meaningless); `problems` are grouped per
+    column and kind as DataValidationError lists them, file-level ones (no rows) included."""
+
+    x: np.ndarray
+    y: np.ndarray
+    problems: list[Problem]
+    refused: np.ndarray  # bool per row: one of its cells breaks the contract
+    dropped: np.ndarray  # bool per row: a cell missing in a column whose policy is "drop"
+
+
+def check_rows(
+    frame: pd.DataFrame, contract: DataContract, number_format: NumberFormat = NumberFormat(), *,
+    outcome: bool = True,
+) -> CheckedRows:
+    """Check every cell of every column against the contract and encode every row; raise nothing.
 
     Args:
-        frame: the site's table as text (read_table).
+        frame: the table as text (read_table).
         contract: the study's data contract.
-        path: the file, as messages name it.
         number_format: how the site writes numbers.
+        outcome: False for new patients' rows: the outcome columns are then neither required nor
+            checked (nor encoded: `y` is 0).
 
     Returns:
-        The encoded rows (rows with a missing cell dropped for columns whose policy is "drop").
-
-    Raises:
-        DataValidationError: one Problem per file-level problem and per (column, kind of problem).
+        The encoded rows, the problems and which rows they refuse.
     """
-    path = Path(path)
     problems: list[Problem] = []
     columns = [str(c).strip() for c in frame.columns]
     frame.columns = columns
     present = set(columns)
-    missing_cols = [c for c in contract.expected_columns if c not in present]
+    expected = contract.expected_columns if outcome else contract.feature_names
+    missing_cols = [c for c in expected if c not in present]
     if missing_cols:
         problems.append(Problem((), None, f"{len(missing_cols)} missing column(s) {_some(missing_cols)}"))
     allowed = set(contract.expected_columns) | set(contract.ignore_columns)
@@ -255,21 +265,31 @@ def validate_and_encode(
         problems.append(Problem((), None, f"{len(unknown)} unexpected column(s) {_some(unknown)}: not in the "
                                 "study contract (list them under contract.ignore_columns if they should be "
                                 "ignored)"))
-    if len(frame) == 0:
-        problems.append(Problem((), None, "no data rows (only a header)"))
-        raise DataValidationError(path, problems)
-
     n = len(frame)
+    refused = np.zeros(n, dtype=bool)
+    if n == 0:
+        problems.append(Problem((), None, "no data rows (only a header)"))
+        empty = np.zeros((0, contract.num_inputs), dtype=np.float32)
+        return CheckedRows(empty, np.zeros(0, dtype=np.float32), problems, refused, refused.copy())
+
+    def refuse(mask: np.ndarray, column: str, message: str) -> None:
+        found = _rows_problem(mask, column, message)
+        if found is not None:
+            refused[:] |= mask
+            problems.append(found)
+
     x = np.zeros((n, contract.num_inputs), dtype=np.float32)
     y = np.zeros(n, dtype=np.float32)
-    if not isinstance(contract.target, Target) and present.issuperset(contract.target.columns):
-        y, bad_cells = contract.target.encode(frame)  # the other tasks' targets (pm_common.data.targets)
+    target = contract.target
+    if outcome and not isinstance(target, Target) and present.issuperset(target.columns):
+        y, bad_cells = target.encode(frame)  # the other tasks' targets (pm_common.data.targets)
         problems.extend(_grouped(bad_cells, n))
+        for row, _, _ in bad_cells:
+            refused[row - 1] = True
     row_missing = np.zeros(n, dtype=bool)
     indicators = contract.indicator_positions()
 
-    target = contract.target
-    if isinstance(target, Target) and target.name in present:
+    if outcome and isinstance(target, Target) and target.name in present:
         bad_label = np.zeros(n, dtype=bool)
         for row, raw_label in enumerate(frame[target.name].tolist()):
             label = None if _is_missing(raw_label) else target.label_of(raw_label)
@@ -277,9 +297,8 @@ def validate_and_encode(
                 bad_label[row] = True
             else:
                 y[row] = label
-        found = _rows_problem(bad_label, target.name, f"with a label that is not allowed; allowed: positive "
-                              f"{list(target.positive)}, negative {list(target.negative)}")
-        problems.extend([found] if found else [])
+        refuse(bad_label, target.name, f"with a label that is not allowed; allowed: positive "
+               f"{list(target.positive)}, negative {list(target.negative)}")
 
     offsets = np.cumsum([0] + [f.width for f in contract.features])
     numeric = [i for i, f in enumerate(contract.features)
@@ -301,14 +320,13 @@ def validate_and_encode(
                 pd.Series(block[bad[:, j], j])) else ""
             unit = f" {feature.unit}" if feature.unit else ""
             outside = ~np.isnan(column) & ((column < feature.min) | (column > feature.max))
-            for found in (_rows_problem(bad[:, j], feature.name, f"not a number{hint}"),
-                          _rows_problem(outside, feature.name, "outside the plausible range "
-                                        f"[{feature.min:g}, {feature.max:g}]{unit}")):
-                problems.extend([found] if found else [])
+            refuse(bad[:, j], feature.name, f"not a number{hint}")
+            refuse(outside, feature.name,
+                   f"outside the plausible range [{feature.min:g}, {feature.max:g}]{unit}")
             usable = ~np.isnan(column) & ~outside
             with np.errstate(invalid="ignore"):
                 x[usable, offsets[index]] = feature.normalise(column[usable])
-            problems.extend(_missing_cells(missing[:, j], index, contract, x, row_missing, indicators))
+            _missing_cells(missing[:, j], index, contract, x, row_missing, indicators, refuse)
 
     for index, feature in enumerate(contract.features):
         if not isinstance(feature, CategoricalFeature) or feature.name not in present:
@@ -324,20 +342,42 @@ def validate_and_encode(
                 found_index = feature.index_of(raw, number_format.decimal)
                 category[u] = -1 if found_index is None else found_index
         codes, missing = category[inverse], missing_kind[inverse]
-        unknown_mask = ~missing & (codes < 0)
-        found = _rows_problem(unknown_mask, feature.name,
-                              f"with an unknown category; allowed: {list(feature.values)}")
-        problems.extend([found] if found else [])
+        refuse(~missing & (codes < 0), feature.name,
+               f"with an unknown category; allowed: {list(feature.values)}")
         known = np.flatnonzero(codes >= 0)
         x[known, offsets[index] + codes[known]] = 1.0
-        problems.extend(_missing_cells(missing, index, contract, x, row_missing, indicators))
+        _missing_cells(missing, index, contract, x, row_missing, indicators, refuse)
+    return CheckedRows(x, y, problems, refused, row_missing)
 
-    if problems:
-        raise DataValidationError(path, problems)
-    dropped = 0
-    if row_missing.any():
-        dropped = int(row_missing.sum())
-        x, y = x[~row_missing], y[~row_missing]
+
+def validate_and_encode(
+    frame: pd.DataFrame, contract: DataContract, path: Path, number_format: NumberFormat = NumberFormat()
+) -> TabularData:
+    """Check every cell of every column against the contract, then encode the rows.
+
+    Every column of the file is checked before anything stops, and problems are reported grouped
+    per column and kind, with counts and the first data rows, never with a cell's value.
+
+    Args:
+        frame: the site's table as text (read_table).
+        contract: the study's data contract.
+        path: the file, as messages name it.
+        number_format: how the site writes numbers.
+
+    Returns:
+        The encoded rows (rows with a missing cell dropped for columns whose policy is "drop").
+
+    Raises:
+        DataValidationError: one Problem per file-level problem and per (column, kind of problem).
+    """
+    path = Path(path)
+    checked = check_rows(frame, contract, number_format)
+    if checked.problems:
+        raise DataValidationError(path, checked.problems)
+    x, y = checked.x, checked.y
+    dropped = int(checked.dropped.sum())
+    if dropped:
+        x, y = x[~checked.dropped], y[~checked.dropped]
     if len(y) < contract.min_rows:
         raise _file_error(
             path, f"only {len(y)} usable rows; the contract needs at least {contract.min_rows}"
@@ -352,18 +392,17 @@ def _missing_cells(
     x: np.ndarray,
     row_missing: np.ndarray,
     indicators: dict[int, int],
-) -> list[Problem]:
+    refuse: Callable[[np.ndarray, str, str], None],
+) -> None:
     """Apply a feature's missing policy to its missing cells: refuse them, drop their rows, or impute
     (0, the middle of the range or no category) and switch on the feature's indicator input."""
     feature = contract.features[index]
     if feature.missing == "error":
-        found = _rows_problem(missing, feature.name, "missing (the column's missing policy is 'error')")
-        return [found] if found else []
-    if feature.missing == "drop":
+        refuse(missing, feature.name, "missing (the column's missing policy is 'error')")
+    elif feature.missing == "drop":
         row_missing |= missing
     elif index in indicators:
         x[missing, indicators[index]] = 1.0
-    return []
 
 
 def _some(names: Sequence[str], shown: int = 10) -> str:

@@ -8,8 +8,9 @@ report and when its data cannot teach anything. One pipeline, several kinds of q
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,6 +47,18 @@ class Task(Protocol):
     def unlearnable(self, train_y: torch.Tensor) -> str: ...
 
     def baseline(self, train_y: torch.Tensor, test_y: torch.Tensor) -> float: ...
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """A task that turns its model's outputs on new rows into the columns `pmfl predict` writes."""
+
+    def predictions(self, outputs: torch.Tensor) -> dict[str, np.ndarray]: ...
+
+
+def unit_suffix(unit: str) -> str:
+    """A unit as the end of a column name: `_days`, `_mg/dl`; '' when none is declared."""
+    return "_" + "_".join(unit.split()) if unit.strip() else ""
 
 
 def evaluate_with_baseline(

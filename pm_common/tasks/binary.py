@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +32,12 @@ class TabularTask:
 
     def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         return binary_metrics(logits, labels)
+
+    def predictions(self, outputs: torch.Tensor) -> dict[str, np.ndarray]:
+        """The probability of the positive outcome and the class (1 when the logit is above 0, as the
+        accuracy in `metrics` counts it)."""
+        logits = outputs.detach().float().cpu().reshape(-1)
+        return {"probability": torch.sigmoid(logits).numpy(), "class": (logits > 0).long().numpy()}
 
     def unlearnable(self, train_y: torch.Tensor) -> str:
         return single_class_reason(train_y)

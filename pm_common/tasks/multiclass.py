@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +39,14 @@ class MulticlassTask(TabularTask):
 
     def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         return class_metrics(logits, labels, self.classes)
+
+    def predictions(self, outputs: torch.Tensor) -> dict[str, np.ndarray]:
+        """`probability_<class>` per declared class (softmax, as the AUC in `metrics` uses) and `class`,
+        the declared code of the highest logit (as accuracy and recall count it)."""
+        logits = outputs.detach().float().cpu()
+        probabilities = torch.softmax(logits, 1).numpy()
+        columns = {f"probability_{c}": probabilities[:, i] for i, c in enumerate(self.classes)}
+        return {**columns, "class": np.asarray(self.classes, dtype=object)[logits.argmax(1).numpy()]}
 
     def baseline(self, train_y: torch.Tensor, test_y: torch.Tensor) -> float:
         """Balanced accuracy of always predicting the training rows' majority class."""

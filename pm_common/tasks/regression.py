@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from pm_common.data.targets import REGRESSION, NumericTarget
 from pm_common.models.tabular import build_tabular_model
 from pm_common.study.config import StudyConfig
+from pm_common.tasks.base import unit_suffix
 from pm_common.tasks.binary import TabularTask
 from pm_common.tasks.metrics import regression_metrics
 
@@ -45,6 +47,12 @@ class RegressionTask(TabularTask):
         actual = self.target.unscale(labels.detach().double().cpu().numpy())
         return {"loss": float(nn.functional.mse_loss(outputs.float(), labels.float()).item()),
                 **regression_metrics(predicted, actual)}
+
+    def predictions(self, outputs: torch.Tensor) -> dict[str, np.ndarray]:
+        """`predicted_<target>_<unit>`: the output mapped back from [-1, 1] to the target's unit, as
+        `metrics` compares it."""
+        name = f"predicted_{self.target.name}{unit_suffix(self.target.unit)}"
+        return {name: self.target.unscale(outputs.detach().double().cpu().reshape(-1).numpy())}
 
     def unlearnable(self, train_y: torch.Tensor) -> str:
         if len(train_y) == 0:

@@ -33,6 +33,7 @@ from torch import nn
 from pm_common.data.targets import SURVIVAL, SurvivalTarget
 from pm_common.models.tabular import build_tabular_model
 from pm_common.study.config import StudyConfig
+from pm_common.tasks.base import unit_suffix
 from pm_common.tasks.binary import TabularTask
 from pm_common.tasks.metrics import harrell_c_index
 
@@ -115,6 +116,12 @@ def integrated_brier(curves: np.ndarray, horizons: tuple[float, ...], time: np.n
     return float(np.trapezoid(scores, horizons) / (horizons[-1] - horizons[0]))
 
 
+def _as_grid(outputs: torch.Tensor) -> torch.Tensor:
+    """The model's outputs as (n, intervals) on the CPU (a grid of one interval may come as (n,))."""
+    logits = outputs.detach().float().cpu()
+    return logits[:, None] if logits.ndim == 1 else logits
+
+
 class SurvivalTask(TabularTask):
     """One hazard logit per interval of the declared grid; the discrete-time hazard likelihood."""
 
@@ -134,15 +141,29 @@ class SurvivalTask(TabularTask):
     def criterion(self) -> nn.Module:
         return DiscreteHazardLoss(self.target.intervals)
 
+    @property
+    def risk_intervals(self) -> int:
+        """How many intervals the risk sums: those ended by the last horizon (at least the first)."""
+        last = np.searchsorted(np.asarray(self.target.intervals), self.target.horizons[-1], side="right")
+        return max(int(last), 1)
+
     def risk(self, logits: torch.Tensor) -> np.ndarray:
         """Cumulative hazard up to the last horizon: higher means an earlier expected event."""
-        last = np.searchsorted(np.asarray(self.target.intervals), self.target.horizons[-1], side="right")
-        return nn.functional.softplus(logits.double())[:, : max(int(last), 1)].sum(1).numpy()
+        return nn.functional.softplus(logits.double())[:, : self.risk_intervals].sum(1).numpy()
+
+    def predictions(self, outputs: torch.Tensor) -> dict[str, np.ndarray]:
+        """`survival_at_<horizon>_<unit>`: S(horizon) at each of the study's horizons (the curves the
+        Brier score scores), and `cumulative_hazard_to_<end>_<unit>`: the risk the C-index ranks
+        (higher: an earlier expected event), summed over the intervals ended by the last horizon."""
+        logits = _as_grid(outputs)
+        unit = unit_suffix(self.target.time_unit)
+        curves = survival_curves(logits, self.target.intervals, self.target.horizons)
+        columns = {f"survival_at_{h:g}{unit}": curves[:, k] for k, h in enumerate(self.target.horizons)}
+        end = self.target.intervals[self.risk_intervals - 1]
+        return {**columns, f"cumulative_hazard_to_{end:g}{unit}": self.risk(logits)}
 
     def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        logits, labels = logits.detach().float().cpu(), labels.detach().float().cpu()
-        if logits.ndim == 1:  # a grid of one interval
-            logits = logits[:, None]
+        logits, labels = _as_grid(logits), labels.detach().float().cpu()
         time, event = labels[:, 0].double().numpy(), labels[:, 1].double().numpy()
         metrics = {"loss": float(self.criterion()(logits, labels).item()), "n": float(len(labels)),
                    "events": float(event.sum())}
