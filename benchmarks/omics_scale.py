@@ -24,15 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tomli_w
-import torch
 
 from benchmarks.common import median, print_table, write_results
-from client.training import LocalTraining, predict, train_round
+from benchmarks.study_time import pure_compute_per_round
 from pm_common.data.draft import draft_study
 from pm_common.data.tabular import NumberFormat, load_site_table
-from pm_common.privacy.accountant import plan_study
 from pm_common.study.config import load_study
-from pm_common.tasks import task_of
 from simulations.runner import simulate
 
 SITES = ("north", "central", "south")
@@ -73,32 +70,6 @@ def study_table(paths: list[Path], genes: int, rounds: int) -> dict:
         },
         "sites": [{"name": site, "data": str(path)} for site, path in zip(SITES, paths, strict=True)],
     }
-
-
-def pure_compute_per_round(study_path: Path) -> list[float]:
-    """Each site's evaluation and DP training per round, sequential, without Flower."""
-    torch.set_num_threads(1)
-    study = load_study(study_path)
-    task, t = task_of(study), study.training
-    sites = [task.load_site(site, study) for site in study.sites]
-    plans = [plan_study(epsilon_budget=3.0, delta=1e-5, num_examples=len(d.train_y),
-                        batch_size=t.batch_size, local_epochs=t.local_epochs, planned_rounds=study.rounds,
-                        max_grad_norm=t.max_grad_norm) for d in sites]
-    accountants: list[dict] = [{} for _ in sites]
-    model = task.build_model(study)
-    per_round = []
-    for _ in range(study.rounds):
-        start = time.perf_counter()
-        for i, data in enumerate(sites):
-            local = task.build_model(study)
-            local.load_state_dict(model.state_dict())
-            task.metrics(predict(local, data.test_x), data.test_y)
-            out = train_round(local, data.train_x, data.train_y, task.criterion(),
-                              LocalTraining(t.learning_rate, t.batch_size, t.local_epochs),
-                              plan=plans[i], accountant_state=accountants[i])
-            accountants[i] = out.accountant
-        per_round.append(time.perf_counter() - start)
-    return per_round
 
 
 def main() -> None:

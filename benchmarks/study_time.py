@@ -69,24 +69,32 @@ def round_times(out: Path) -> list[float]:
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
-def pure_compute_per_round() -> list[float]:
-    """The sites' own work per round (evaluate + DP train), sequential, without Flower or Ray."""
+def pure_compute_per_round(study_path: Path | None = None) -> list[float]:
+    """The sites' own work per round (evaluate + DP train), sequential, without Flower or Ray: what
+    a round would cost if coordination were free, the baseline the overheads are measured against.
+
+    Args:
+        study_path: the study (default: the built-in heart-disease study).
+
+    Returns:
+        Seconds per round, all sites one after another.
+    """
     torch.set_num_threads(1)
-    study = load_study(scenario_path("heart-disease"))
+    study = load_study(study_path or scenario_path("heart-disease"))
     t = study.training
     task = task_of(study)
-    sites = [(site, task.load_site(site, study)) for site in study.sites]
+    sites = [task.load_site(site, study) for site in study.sites]
     plans = [
         plan_study(epsilon_budget=3.0, delta=1e-5, num_examples=len(d.train_y), batch_size=t.batch_size,
                    local_epochs=t.local_epochs, planned_rounds=study.rounds, max_grad_norm=t.max_grad_norm)
-        for _, d in sites
+        for d in sites
     ]
     accountants: list[dict] = [{} for _ in sites]
     model = task.build_model(study)
     per_round = []
     for _ in range(study.rounds):
         start = time.perf_counter()
-        for i, (_, data) in enumerate(sites):
+        for i, data in enumerate(sites):
             local = task.build_model(study)
             local.load_state_dict(model.state_dict())
             task.metrics(predict(local, data.test_x), data.test_y)
