@@ -7,10 +7,11 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
+import contextlib
 import json
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -62,6 +63,30 @@ def _refuse_study(exc: ValueError) -> NoReturn:
     else:
         _errors(str(exc).splitlines())
     raise typer.Exit(BAD_INPUT) from exc
+
+
+@contextlib.contextmanager
+def _run_refusals() -> Iterator[None]:
+    """A simulated run's failures as one line each: refused input (a site's data, the study) exits 2,
+    a run that did not finish exits 1; never a traceback.
+
+    Raises:
+        typer.Exit: with BAD_INPUT or 1.
+    """
+    from pm_common.data.imaging import ImageDataError
+    from pm_common.data.tabular import DataValidationError
+    from pm_common.study.config import StudyConfigError
+    from simulations.preflight import SiteDataError
+    from simulations.runner import SimulationError
+
+    try:
+        yield
+    except (SiteDataError, DataValidationError, ImageDataError, StudyConfigError) as exc:
+        _errors(str(exc).splitlines())
+        raise typer.Exit(BAD_INPUT) from exc
+    except SimulationError as exc:
+        _errors(str(exc).splitlines())
+        raise typer.Exit(1) from exc
 
 
 def _errors(lines: Iterable[str]) -> None:
@@ -311,7 +336,7 @@ def simulate(
     if seed_list:
         _sweep(study, out, seed_list, overwrite=overwrite, verbose=verbose)
         return
-    try:
+    with _run_refusals():
         metrics = run(
             study,
             out,
@@ -321,22 +346,11 @@ def simulate(
             resume=resume,
             on_warning=lambda text: console.print(f"[yellow]{escape(text)}[/]", soft_wrap=True),
         )
-    except (SiteDataError, DataValidationError, ImageDataError, StudyConfigError) as exc:
-        _errors(str(exc).splitlines())
-        raise typer.Exit(BAD_INPUT) from exc
-    except SimulationError as exc:
-        _errors(str(exc).splitlines())
-        raise typer.Exit(1) from exc
     _print_results(out.resolve(), metrics)
 
 
 def _sweep(study: Any, out: Path, seeds: Sequence[int], *, overwrite: bool, verbose: bool) -> None:
     """`pmfl simulate --seeds`: every seed's run, then the medians and ranges over seeds."""
-    from pm_common.data.imaging import ImageDataError
-    from pm_common.data.tabular import DataValidationError
-    from pm_common.study.config import StudyConfigError
-    from simulations.preflight import SiteDataError
-    from simulations.runner import SimulationError
     from simulations.sweep import SUMMARY, seed_dir, simulate_seeds
 
     def finished(seed: int, metrics: dict[str, Any]) -> None:
@@ -345,17 +359,11 @@ def _sweep(study: Any, out: Path, seeds: Sequence[int], *, overwrite: bool, verb
         console.print(escape(f"seed {seed}: {figures} ({seed_dir(out, seed)})"), soft_wrap=True,
                       highlight=False)
 
-    try:
+    with _run_refusals():
         summary = simulate_seeds(
             study, out, seeds, overwrite=overwrite, verbose=verbose, on_run=finished,
             on_warning=lambda text: console.print(f"[yellow]{escape(text)}[/]", soft_wrap=True),
         )
-    except (SiteDataError, DataValidationError, ImageDataError, StudyConfigError) as exc:
-        _errors(str(exc).splitlines())
-        raise typer.Exit(BAD_INPUT) from exc
-    except SimulationError as exc:
-        _errors(str(exc).splitlines())
-        raise typer.Exit(1) from exc
     table = Table(title=f"{study.name}: {len(seeds)} seeds, final model")
     for column in ("metric", "median", "min", "max"):
         table.add_column(column)
