@@ -145,7 +145,8 @@ def score_config(name: str, epsilon: float, seeds: tuple[int, ...], work: Path) 
                                  "flagged_no_better_than_baseline": sorted(
                                      s for s, m in final.get("sites", {}).items()
                                      if m.get("no_better_than_baseline")),
-                                 "baseline": {s: m.get("baseline") for s, m in final.get("sites", {}).items()},
+                                 "baseline": {s: m.get("baseline")
+                                              for s, m in final.get("sites", {}).items()},
                                  "global": {}, "personal": {}}
         if name != "fedper":
             saved = torch.load(run / "model.pt", weights_only=False)
@@ -189,6 +190,11 @@ def summarise(scored: dict[str, Any]) -> dict[str, Any]:
                 [statistics.mean(e["personal"][s]["accuracy"] for s in SITES) for e in ps
                  if all("accuracy" in e["personal"].get(s, {}) for s in SITES)])
         row["flagged_no_better_than_baseline"] = [e["flagged_no_better_than_baseline"] for e in ps]
+        # the run's own majority-class flag (accuracy of always predicting the site's training
+        # majority): per site, in how many seeds the global model was flagged
+        row["seeds_flagged_per_site"] = {s: sum(s in f for f in row["flagged_no_better_than_baseline"])
+                                         for s in SITES}
+        row["majority_baseline"] = {s: ps[0]["baseline"].get(s) for s in SITES} if ps else {}
         table[name] = row
     return table
 
@@ -211,8 +217,8 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
                 best = max(glob["median"], al["median"] if al else -1.0)
                 per_site[site] = {"personal": personal["median"], "global": glob["median"],
                                   "alone": al["median"] if al else None, "met": personal["median"] >= best}
-            out.setdefault(eps, {})[method] = {"sites": per_site,
-                                               "met": bool(per_site) and all(v["met"] for v in per_site.values())}
+            met = bool(per_site) and all(v["met"] for v in per_site.values())
+            out.setdefault(eps, {})[method] = {"sites": per_site, "met": met}
     return out
 
 
@@ -220,8 +226,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0-4")
     parser.add_argument("--epsilons", nargs="+", type=float, default=[3.0, 1.0, 8.0])
-    parser.add_argument("--plan", nargs="+", default=["3:core", "3:auto", "1:auto", "1:personal", "8:personal",
-                                                       "1:core", "8:core"],
+    parser.add_argument("--plan", nargs="+", default=["3:core", "3:auto", "1:auto", "1:personal",
+                                                       "8:personal", "1:core", "8:core"],
                         help="EPS:PART in order of priority; parts: " + ", ".join(PARTS))
     parser.add_argument("--jobs", type=int, default=2, help="sweeps at once")
     parser.add_argument("--work", type=Path, default=None)
@@ -289,7 +295,8 @@ def report(summary: dict[str, Any]) -> None:
                     rows)
         flamby = [[name, _fmt(table[name]["mean_site_accuracy"]),
                    _fmt(table[name].get("mean_site_accuracy_personal"))]
-                  for name in ("global", "auto", "finetune", "ditto", "global-mlp", "fedper") if name in table]
+                  for name in ("global", "auto", "finetune", "ditto", "global-mlp", "fedper")
+                  if name in table]
         print_table(f"eps {eps}: FLamby's metric (mean site accuracy)",
                     ["configuration", "global model", "personal models"], flamby)
 
