@@ -51,7 +51,7 @@ from pm_common.study.config import StudyConfig, load_study
 from pm_common.tasks import task_of
 from pm_common.tasks.metrics import balanced_accuracy
 from simulations.scenarios import scenario_path
-from simulations.sweep import parse_seeds
+from simulations.sweep import parse_seeds, stats
 
 SCENARIO = "heart-disease"
 SITES = ("cleveland", "hungary", "switzerland", "va_long_beach")
@@ -87,6 +87,19 @@ def raw_config(name: str, epsilon: float) -> dict[str, Any]:
 
 
 def run_sweep(name: str, epsilon: float, seeds: str, work: Path, reuse: bool) -> float:
+    """One configuration's seeds as one `pmfl simulate --seeds` sweep (one engine start), as a user
+    runs it.
+
+    Args:
+        name: the configuration (global, finetune, ditto, fedper, alone-SITE, ...).
+        epsilon: every site's budget.
+        seeds: the seeds, as `--seeds` takes them.
+        work: where the sweeps are kept.
+        reuse: keep a sweep already finished there.
+
+    Returns:
+        The sweep's wall time in seconds.
+    """
     out = work / f"eps{epsilon:g}" / name
     wall_file = out / "wall_s.txt"
     if reuse and (out / "sweep.json").exists() and wall_file.exists():
@@ -110,6 +123,16 @@ _TEST: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def site_test(study: StudyConfig, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A site's own test rows, encoded as its ClientApp encodes them (cached: every model is scored
+    on the same rows).
+
+    Args:
+        study: the study.
+        site: the site's name.
+
+    Returns:
+        (inputs, labels).
+    """
     if site not in _TEST:
         task = task_of(study)
         spec = next(s for s in study.sites if s.name == site)
@@ -161,15 +184,31 @@ def score_config(name: str, epsilon: float, seeds: tuple[int, ...], work: Path) 
     return {"per_seed": per_seed}
 
 
-def stats(values: list[float]) -> dict[str, float] | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+def present_stats(values: list[float | None]) -> dict[str, float] | None:
+    """`stats` over the seeds that have the value (a site without metrics in a seed has none).
+
+    Args:
+        values: one value per seed, None where the seed has none.
+
+    Returns:
+        The stats, or None when no seed has the value.
+    """
+    found = [v for v in values if v is not None]
+    return stats(found) if found else None
 
 
 def site_stats(per_seed: list[dict[str, Any]], which: str, site: str) -> dict[str, Any]:
-    return {m: stats([e[which].get(site, {}).get(m) for e in per_seed]) for m in METRICS}
+    """Each metric of one site's global or personal model over seeds.
+
+    Args:
+        per_seed: the scored seeds of one configuration.
+        which: "global" or "personal".
+        site: the site.
+
+    Returns:
+        metric -> stats (None where no seed has it).
+    """
+    return {m: present_stats([e[which].get(site, {}).get(m) for e in per_seed]) for m in METRICS}
 
 
 def summarise(scored: dict[str, Any]) -> dict[str, Any]:
@@ -181,7 +220,7 @@ def summarise(scored: dict[str, Any]) -> dict[str, Any]:
             site = name.removeprefix("alone-")
             table.setdefault("alone", {})[site] = site_stats(ps, "global", site)
             continue
-        row: dict[str, Any] = {"mean_site_accuracy": stats([e["mean_site_accuracy"] for e in ps])}
+        row: dict[str, Any] = {"mean_site_accuracy": present_stats([e["mean_site_accuracy"] for e in ps])}
         if name != "fedper":
             row["global"] = {s: site_stats(ps, "global", s) for s in SITES}
         if name in ("finetune", "ditto", "fedper"):
@@ -240,6 +279,8 @@ def auto_vs_fixed(scored: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
+    """Run (or reuse) the sweeps in order of priority, score every model on each site's test rows,
+    print the tables and write benchmarks/results/personalization.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0-4")
     parser.add_argument("--epsilons", nargs="+", type=float, default=[3.0, 1.0, 8.0])
@@ -297,6 +338,11 @@ def _fmt(s: dict[str, float] | None) -> str:
 
 
 def report(summary: dict[str, Any]) -> None:
+    """Print one table per epsilon: each site's metrics for alone, global and each personal model.
+
+    Args:
+        summary: `summarise`'s tables, per epsilon.
+    """
     for eps, table in sorted(summary.items(), key=lambda kv: float(kv[0])):
         rows = []
         for site in SITES:

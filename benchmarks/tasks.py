@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ from client.training import predict
 from pm_common.study.config import StudyConfig, load_study
 from pm_common.tasks import task_of
 from simulations.scenarios import scenario_path, scenario_study
-from simulations.sweep import parse_seeds
+from simulations.sweep import parse_seeds, stats
 
 SCENARIOS = ("heart-disease-severity", "diabetes-progression", "tcga-brca")
 ALONE = ("tcga-brca",)
@@ -64,18 +63,6 @@ def pooled_rows(study: StudyConfig) -> tuple[torch.Tensor, ...]:
     parts = [task.load_site(spec, study) for spec in study.sites]
     keys = ("train_x", "train_y", "test_x", "test_y")
     return tuple(torch.cat([getattr(p, k) for p in parts]) for k in keys)
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    """Summarise one setting's metric over seeds: DP noise makes single runs vary, so the spread is recorded.
-
-    Args:
-        values: the metric, one value per seed.
-
-    Returns:
-        Their median, minimum, maximum and count.
-    """
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def sweep(study: str | Path, seeds: str, out: Path) -> float:

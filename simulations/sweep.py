@@ -145,8 +145,8 @@ def summarize(study: str, runs: Mapping[int, Mapping[str, Any]]) -> dict[str, An
         "study": study,
         "seeds": list(runs),
         "runs": {str(seed): f"seed-{seed}" for seed in runs},
-        "final": {key: _stats(values) for key, values in final.items() if key != "round"},
-        "sites": {site: {key: _stats(v) for key, v in values.items()} for site, values in sites.items()},
+        "final": {key: stats(values) for key, values in final.items() if key != "round"},
+        "sites": {site: {key: stats(v) for key, v in values.items()} for site, values in sites.items()},
     }
 
 
@@ -154,5 +154,14 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _stats(values: Sequence[float]) -> dict[str, float]:
+def stats(values: Sequence[float]) -> dict[str, float]:
+    """A metric over seeds: its median, lowest, highest and count (DP noise makes single runs vary,
+    so the spread is part of the figure).
+
+    Args:
+        values: one value per seed.
+
+    Returns:
+        `{"median", "min", "max", "n"}`.
+    """
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
