@@ -375,7 +375,7 @@ def _feature(spec: Any, index: int, problems: list[str], default_missing: str = 
         if same:
             problems.append(f"{place}.values: {same} are spellings of the same category (codes match "
                             "whatever their spelling: 1 = 1.0, 'Male' = 'male')")
-    if len(problems) > before:
+    if len(problems) > before or not isinstance(name, str):
         return None
     missing = values.get("missing", default_missing)
     if kind == "numeric":
@@ -464,10 +464,15 @@ def check_contract(data: Any, problems: list[str], place: str = "[contract]") ->
             problems.append(f"{target_place}: the target column {column!r} is also declared as a feature")
     if len(problems) > before or (target is None and other is None):
         return None
+    if other is None:
+        assert target is not None  # checked just above
+        other_or_binary: Target | TabularTarget = Target(target["name"], _labels(target["positive"]),
+                                                          _labels(target["negative"]))
+    else:
+        other_or_binary = other
     return DataContract(
         task=form or TASK,
-        target=other if other is not None else Target(target["name"], _labels(target["positive"]),
-                                                      _labels(target["negative"])),
+        target=other_or_binary,
         features=tuple(features),
         missing=values.get("missing", "impute"),
         missing_indicators=values.get("missing_indicators", True),

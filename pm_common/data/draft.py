@@ -236,7 +236,8 @@ def _cells(
     def cells() -> pd.Series:
         return pd.concat([s.frame[name].astype(str) for _, s in holding], ignore_index=True)
 
-    return cells, *(np.concatenate([p[k] for p in parts]) for k in range(4))
+    numbers, missing, bad, site = (np.concatenate([p[k] for p in parts]) for k in range(4))
+    return cells, numbers, missing, bad, site
 
 
 def _group_key(name: str) -> str | None:

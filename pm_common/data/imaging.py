@@ -303,7 +303,7 @@ def read_dicom_image(
     """One DICOM file to C×H×W float32 in [0, 1] (modality LUT, then window); raises _BadFile."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels.processing import apply_modality_lut
 
     try:
         ds = pydicom.dcmread(path)
@@ -368,14 +368,14 @@ def read_picture(path: Path, channels: int) -> torch.Tensor:
             # Camera pictures (e.g. dermatology) may be stored rotated with an EXIF tag.
             upright = ImageOps.exif_transpose(im)
             converted = upright.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(converted, dtype=np.float32) / 255.0
+            scaled = np.asarray(converted, dtype=np.float32) / 255.0
     except _BadFile:
         raise
     except UnidentifiedImageError as exc:
         raise _BadFile("not a readable image (Pillow cannot identify it)") from exc
     except Exception as exc:
         raise _BadFile(f"image cannot be decoded ({type(exc).__name__}: {exc})") from exc
-    tensor = torch.from_numpy(array)
+    tensor = torch.from_numpy(scaled)
     return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
 
 

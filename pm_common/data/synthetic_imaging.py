@@ -96,7 +96,8 @@ def _blobs(size: int, cy: np.ndarray, cx: np.ndarray, sigma: np.ndarray) -> np.n
     inv = (1.0 / (2.0 * sigma**2)).astype(np.float32)[:, None]
     gy = np.exp(-((grid[None] - cy[:, None].astype(np.float32)) ** 2) * inv)
     gx = np.exp(-((grid[None] - cx[:, None].astype(np.float32)) ** 2) * inv)
-    return gy[:, :, None] * gx[:, None, :]
+    blobs: np.ndarray = gy[:, :, None] * gx[:, None, :]
+    return blobs
 
 
 def generate_site(
@@ -202,7 +203,7 @@ def generate_federation(
         images, labels = generate_site(n, image_size=image_size, effects=fx, seed=rng)
         arrays = split_site(images, labels, rng)
         path = out_dir / f"site-{k}.npz"
-        np.savez(path, **arrays)
+        np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
         paths.append(path)
         d = asdict(fx)
         rows.append(

@@ -154,7 +154,7 @@ class NumericTarget:
                         else "outside the declared range")
                 problems.append((row, self.name, f"{what}; allowed: {allowed}"))
             else:
-                y[row - 1] = self.scale(np.float32(number))
+                y[row - 1] = self.scale(np.asarray(number, dtype=np.float32))
         return y, problems
 
 

@@ -20,7 +20,7 @@ class LogisticRegression(nn.Module):
         self.linear = nn.Linear(num_inputs, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.linear(x)
+        out: torch.Tensor = self.linear(x)
         return out.squeeze(-1) if out.shape[-1] == 1 else out
 
 
@@ -38,7 +38,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
+        out: torch.Tensor = self.net(x)
         return out.squeeze(-1) if out.shape[-1] == 1 else out
 
 
@@ -57,7 +57,7 @@ class DiscreteCox(nn.Module):
         self.baseline = nn.Linear(1, num_outputs, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.risk(x) + self.baseline(torch.ones_like(x[:, :1]))
+        out: torch.Tensor = self.risk(x) + self.baseline(torch.ones_like(x[:, :1]))
         return out.squeeze(-1) if out.shape[-1] == 1 else out
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pm_common.data.contract import DataContract
 from pm_common.study.config import SiteSpec, StudyConfig
 
 
@@ -137,6 +138,23 @@ def single_class_reason(train_y: torch.Tensor) -> str:
 
 
 
+def contract_of(study: StudyConfig) -> DataContract:
+    """The data contract of a tabular study (the study's checks guarantee one).
+
+    Args:
+        study: a tabular study.
+
+    Returns:
+        Its contract.
+
+    Raises:
+        ValueError: the study has no contract (an image study asked for a tabular task).
+    """
+    if study.contract is None:
+        raise ValueError(f"study {study.name!r} has no data contract: not a tabular study")
+    return study.contract
+
+
 def tabular_site(spec: SiteSpec, study: StudyConfig, label_dtype: torch.dtype = torch.float32) -> SiteTensors:
     """A tabular site's rows, validated against the study's contract, as train/test tensors.
 
@@ -150,8 +168,7 @@ def tabular_site(spec: SiteSpec, study: StudyConfig, label_dtype: torch.dtype = 
     """
     from pm_common.data.tabular import NumberFormat, load_site_split
 
-    assert study.contract is not None
-    train, test = load_site_split(spec.data, spec.test_data, study.contract, delimiter=spec.delimiter,
+    train, test = load_site_split(spec.data, spec.test_data, contract_of(study), delimiter=spec.delimiter,
                                   encoding=spec.encoding, test_fraction=study.split.test_fraction,
                                   seed=study.split.seed,
                                   number_format=NumberFormat(spec.thousands, spec.decimal))

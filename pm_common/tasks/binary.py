@@ -10,7 +10,7 @@ from torch import nn
 
 from pm_common.models.tabular import build_tabular_model
 from pm_common.study.config import SiteSpec, StudyConfig
-from pm_common.tasks.base import SiteTensors, majority_logits, single_class_reason, tabular_site
+from pm_common.tasks.base import SiteTensors, contract_of, majority_logits, single_class_reason, tabular_site
 from pm_common.tasks.metrics import binary_metrics
 
 NAME = "binary-classification"
@@ -22,10 +22,10 @@ class TabularTask:
     name = NAME
     headline = "accuracy"
     higher_is_better = True
-    shown = ("accuracy", "auc")
+    shown: tuple[str, ...] = ("accuracy", "auc")
 
     def build_model(self, study: StudyConfig, seed: int = 0) -> nn.Module:
-        return build_tabular_model(study.model.name, study.contract.num_inputs, study.model.hidden, seed)
+        return build_tabular_model(study.model.name, contract_of(study).num_inputs, study.model.hidden, seed)
 
     def criterion(self) -> nn.Module:
         return nn.BCEWithLogitsLoss()
@@ -50,8 +50,8 @@ class TabularTask:
         return tabular_site(spec, study)
 
     def describe_model(self, study: StudyConfig) -> dict[str, Any]:
-        return {"model": study.model.name, "num_inputs": study.contract.num_inputs,
-                "hidden": list(study.model.hidden), "inputs": study.contract.encoded_names(),
+        return {"model": study.model.name, "num_inputs": contract_of(study).num_inputs,
+                "hidden": list(study.model.hidden), "inputs": contract_of(study).encoded_names(),
                 "grad_sample_mode": study.training.grad_sample_mode}
 
 

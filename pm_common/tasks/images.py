@@ -39,7 +39,7 @@ class ImageTask:
     name = NAME
     headline = "balanced_accuracy"
     higher_is_better = True
-    shown = ("accuracy", "balanced_accuracy", "auc")
+    shown: tuple[str, ...] = ("accuracy", "balanced_accuracy", "auc")
 
     def build_model(self, study: StudyConfig, seed: int = 0) -> nn.Module:
         from pm_common.models.images import build_image_model

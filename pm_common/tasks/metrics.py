@@ -23,7 +23,7 @@ def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean recall over the classes present in `labels` (as scikit-learn's). Under label skew plain
     accuracy rewards predicting a site's majority class; balanced accuracy scores that as chance."""
     predicted, labels = predicted.detach().cpu(), labels.detach().cpu()
-    return float(np.mean([(predicted[labels == c] == c).float().mean().item() for c in labels.unique()]))
+    return float(np.mean([(predicted[labels == c] == c).float().mean().item() for c in torch.unique(labels)]))
 
 
 def reportable(metrics: dict[str, float], min_count: int) -> bool:
@@ -60,7 +60,7 @@ def class_metrics(
                "balanced_accuracy": balanced_accuracy(predicted, labels),
                "macro_f1": float(macro_f1),
                "n": float(len(labels))}
-    for c in labels.unique().tolist():
+    for c in torch.unique(labels).tolist():
         metrics[f"recall_{classes[c]}"] = (predicted[labels == c] == c).float().mean().item()
     probabilities = torch.softmax(logits, 1).numpy()
     aucs = [roc_auc_score(labels.numpy() == c, probabilities[:, c]) for c in range(logits.shape[1])

@@ -11,7 +11,7 @@ from torch import nn
 from pm_common.data.targets import MULTICLASS, ClassTarget
 from pm_common.models.tabular import build_tabular_model
 from pm_common.study.config import SiteSpec, StudyConfig
-from pm_common.tasks.base import SiteTensors, majority_logits, tabular_site
+from pm_common.tasks.base import SiteTensors, contract_of, majority_logits, tabular_site
 from pm_common.tasks.binary import TabularTask
 from pm_common.tasks.metrics import class_metrics
 
@@ -24,14 +24,14 @@ class MulticlassTask(TabularTask):
     name = NAME
     headline = "balanced_accuracy"  # under class imbalance plain accuracy rewards the majority class
     higher_is_better = True
-    shown = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
+    shown: tuple[str, ...] = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
 
     def __init__(self, study: StudyConfig) -> None:
         assert study.contract is not None and isinstance(study.contract.target, ClassTarget)
         self.classes = study.contract.target.classes
 
     def build_model(self, study: StudyConfig, seed: int = 0) -> nn.Module:
-        return build_tabular_model(study.model.name, study.contract.num_inputs, study.model.hidden, seed,
+        return build_tabular_model(study.model.name, contract_of(study).num_inputs, study.model.hidden, seed,
                                    num_outputs=len(self.classes))
 
     def criterion(self) -> nn.Module:

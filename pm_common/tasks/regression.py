@@ -17,7 +17,7 @@ from torch import nn
 from pm_common.data.targets import REGRESSION, NumericTarget
 from pm_common.models.tabular import build_tabular_model
 from pm_common.study.config import StudyConfig
-from pm_common.tasks.base import unit_suffix
+from pm_common.tasks.base import contract_of, unit_suffix
 from pm_common.tasks.binary import TabularTask
 from pm_common.tasks.metrics import regression_metrics
 
@@ -30,14 +30,14 @@ class RegressionTask(TabularTask):
     name = NAME
     headline = "r2"
     higher_is_better = True
-    shown = ("mae", "rmse", "r2")
+    shown: tuple[str, ...] = ("mae", "rmse", "r2")
 
     def __init__(self, study: StudyConfig) -> None:
         assert study.contract is not None and isinstance(study.contract.target, NumericTarget)
         self.target = study.contract.target
 
     def build_model(self, study: StudyConfig, seed: int = 0) -> nn.Module:
-        return build_tabular_model(study.model.name, study.contract.num_inputs, study.model.hidden, seed)
+        return build_tabular_model(study.model.name, contract_of(study).num_inputs, study.model.hidden, seed)
 
     def criterion(self) -> nn.Module:
         return nn.MSELoss()

@@ -33,7 +33,7 @@ from torch import nn
 from pm_common.data.targets import SURVIVAL, SurvivalTarget
 from pm_common.models.tabular import build_tabular_model
 from pm_common.study.config import StudyConfig
-from pm_common.tasks.base import unit_suffix
+from pm_common.tasks.base import contract_of, unit_suffix
 from pm_common.tasks.binary import TabularTask
 from pm_common.tasks.metrics import harrell_c_index
 
@@ -51,7 +51,7 @@ class DiscreteHazardLoss(nn.Module):
     def per_patient(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Each patient's negative log-likelihood (shape (n,)): depends on that patient's row alone."""
         time, event = y[:, 0:1], y[:, 1:2]
-        ends = self.ends.to(logits.device)[None, :]
+        ends = torch.as_tensor(self.ends).to(logits.device)[None, :]
         beyond = time > ends[:, -1:]  # followed past the grid: censored at its last end
         observed = (event > 0) & ~beyond
         before = ends < time  # intervals that ended before the time
@@ -73,7 +73,8 @@ def survival_curves(
     ends = np.asarray(interval_ends)
     steps = np.searchsorted(ends, np.asarray(times), side="right")  # intervals ended by each time
     padded = np.concatenate([np.zeros((len(log_survival), 1)), log_survival], 1)
-    return np.exp(padded[:, steps])
+    curves: np.ndarray = np.exp(padded[:, steps])
+    return curves
 
 
 def _censoring_survival(time: np.ndarray, event: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -128,14 +129,14 @@ class SurvivalTask(TabularTask):
     name = NAME
     headline = "c_index"
     higher_is_better = True
-    shown = ("c_index", "integrated_brier")
+    shown: tuple[str, ...] = ("c_index", "integrated_brier")
 
     def __init__(self, study: StudyConfig) -> None:
         assert study.contract is not None and isinstance(study.contract.target, SurvivalTarget)
         self.target = study.contract.target
 
     def build_model(self, study: StudyConfig, seed: int = 0) -> nn.Module:
-        return build_tabular_model(study.model.name, study.contract.num_inputs, study.model.hidden, seed,
+        return build_tabular_model(study.model.name, contract_of(study).num_inputs, study.model.hidden, seed,
                                    num_outputs=len(self.target.intervals))
 
     def criterion(self) -> nn.Module:
