@@ -12,7 +12,7 @@ import torch
 from opacus import GradSampleModule
 
 from pm_common.data.contract import ContractError, contract_from_dict
-from pm_common.data.tabular import DataValidationError, load_site_table
+from pm_common.data.tabular import DataValidationError, NumberFormat, load_site_table
 from pm_common.data.targets import ClassTarget, NumericTarget, SurvivalTarget
 from pm_common.models.tabular import build_tabular_model
 from pm_common.study.config import StudyConfigError, load_study, study_from_dict
@@ -93,6 +93,24 @@ def test_bad_target_cells_are_refused_without_their_value(tmp_path: Path, target
     message = str(info.value)
     assert expected in message and str(path) in message
     assert "9177" not in message and "-77" not in message  # the cell's value never appears
+
+
+def test_target_numbers_are_read_in_the_sites_own_format(tmp_path: Path) -> None:
+    """A site exporting `1.234,5` declares thousands "." and decimal ",": its survival times and doses
+    are read as 1234.5, never misread as 1.2345; a cell in another format is refused, not guessed."""
+    path = tmp_path / "site.csv"
+    path.write_text("age;T;E\n50;1.234,5;1\n60;7;0\n")
+    european = NumberFormat(thousands=".", decimal=",")
+    data = load_site_table(path, contract_from_dict(contract(SURVIVAL)), delimiter=";", number_format=european)
+    assert data.y[:, 0].tolist() == [1234.5, 7.0]
+    dose = {"name": "dose", "type": "numeric", "min": 0, "max": 2000, "unit": "mg"}
+    path.write_text("age;dose\n50;1.234,5\n60;2,65.0\n")
+    with pytest.raises(DataValidationError) as info:
+        load_site_table(path, contract_from_dict(contract(dose)), delimiter=";", number_format=european)
+    assert "column 'dose': 1 row not a number" in str(info.value) and "(data row 2;" in str(info.value)
+    path.write_text("age;dose\n50;1.234,5\n")
+    scaled = load_site_table(path, contract_from_dict(contract(dose)), delimiter=";", number_format=european).y
+    assert NumericTarget("dose", 0, 2000).unscale(scaled).tolist() == pytest.approx([1234.5])
 
 
 def test_class_codes_match_whatever_their_spelling(tmp_path: Path) -> None:

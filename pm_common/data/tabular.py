@@ -282,6 +282,9 @@ def check_rows(
     y = np.zeros(n, dtype=np.float32)
     target = contract.target
     if outcome and not isinstance(target, Target) and present.issuperset(target.columns):
+        for name in target.numeric_columns:  # in the site's own number format, as features are read:
+            read, _, unread = parse_numbers(frame[name], number_format)  # "1.234" with thousands "."
+            frame[name] = np.where(unread | np.isnan(read), frame[name], read.astype(str))  # is 1234
         y, bad_cells = target.encode(frame)  # the other tasks' targets (pm_common.data.targets)
         problems.extend(_grouped(bad_cells, n))
         for row, _, _ in bad_cells:

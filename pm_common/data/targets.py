@@ -105,6 +105,8 @@ class ClassTarget:
     def columns(self) -> tuple[str, ...]:
         return (self.name,)
 
+    numeric_columns: tuple[str, ...] = ()  # class codes are matched as text (numbers canonical)
+
     def encode(self, frame: Any) -> tuple[np.ndarray, list[BadCell]]:
         """Class index per row (float32) and the refused cells."""
         index = {c: i for i, c in enumerate(self.classes)}
@@ -132,6 +134,11 @@ class NumericTarget:
 
     @property
     def columns(self) -> tuple[str, ...]:
+        return (self.name,)
+
+    @property
+    def numeric_columns(self) -> tuple[str, ...]:
+        """Columns read as numbers in the site's own number format (tabular.py rewrites them first)."""
         return (self.name,)
 
     def scale(self, value: np.ndarray) -> np.ndarray:
@@ -178,6 +185,11 @@ class SurvivalTarget:
     @property
     def columns(self) -> tuple[str, ...]:
         return (self.time, self.event)
+
+    @property
+    def numeric_columns(self) -> tuple[str, ...]:
+        """Columns read as numbers in the site's own number format (tabular.py rewrites them first)."""
+        return (self.time,)
 
     def encode(self, frame: Any) -> tuple[np.ndarray, list[BadCell]]:
         """(time, event 0/1) per row, shape (n, 2) float32, and the refused cells."""
