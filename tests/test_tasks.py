@@ -101,7 +101,8 @@ def test_target_numbers_are_read_in_the_sites_own_format(tmp_path: Path) -> None
     path = tmp_path / "site.csv"
     path.write_text("age;T;E\n50;1.234,5;1\n60;7;0\n")
     european = NumberFormat(thousands=".", decimal=",")
-    data = load_site_table(path, contract_from_dict(contract(SURVIVAL)), delimiter=";", number_format=european)
+    survival = contract_from_dict(contract(SURVIVAL))
+    data = load_site_table(path, survival, delimiter=";", number_format=european)
     assert data.y[:, 0].tolist() == [1234.5, 7.0]
     dose = {"name": "dose", "type": "numeric", "min": 0, "max": 2000, "unit": "mg"}
     path.write_text("age;dose\n50;1.234,5\n60;2,65.0\n")
@@ -109,7 +110,8 @@ def test_target_numbers_are_read_in_the_sites_own_format(tmp_path: Path) -> None
         load_site_table(path, contract_from_dict(contract(dose)), delimiter=";", number_format=european)
     assert "column 'dose': 1 row not a number" in str(info.value) and "(data row 2;" in str(info.value)
     path.write_text("age;dose\n50;1.234,5\n")
-    scaled = load_site_table(path, contract_from_dict(contract(dose)), delimiter=";", number_format=european).y
+    doses = contract_from_dict(contract(dose))
+    scaled = load_site_table(path, doses, delimiter=";", number_format=european).y
     assert NumericTarget("dose", 0, 2000).unscale(scaled).tolist() == pytest.approx([1234.5])
 
 
