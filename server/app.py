@@ -24,7 +24,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from pm_common import flower_patches
 from pm_common.models.layers import shared_part
-from pm_common.study.config import StudyConfig, load_study, study_text_for_sites
+from pm_common.study.config import StudyConfig, StudyConfigError, load_study, study_text_for_sites
 from pm_common.study.run_settings import RunSettings
 from pm_common.tasks import task_of
 from pm_common.wire import keys as p
@@ -98,7 +98,7 @@ def run_study(
     meta = {"study": study.name, "task": task.name, **task.describe_model(study)}
     shared = functools.partial(shared_part, local_layers=study.personalization.local_layers)
     if resume and study.personalization.local_layers:
-        raise ValueError("resuming a fedper run is not supported yet: start a new run")
+        raise StudyConfigError("resuming a fedper run is not supported yet: start a new run")
     if not resume and load_signed_roster(run_dir) is not None:
         raise ValueError(f"{run_dir} already holds a run: resume it, or choose another run directory")
     recorder = RunRecorder(run_dir, study, meta, on_round, record_updates_of=settings.record_updates_of)

@@ -34,7 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from client.app import app as client_app
-from pm_common.study.config import StudyConfig, write_study
+from pm_common.study.config import StudyConfig, StudyConfigError, write_study
 from pm_common.study.run_settings import SIMULATED_SITES, RunSettings
 from pm_common.tasks import SiteTensors
 from pm_common.wire import keys as p
@@ -263,6 +263,8 @@ def simulate(
     Returns:
         The run's metrics.json.
     """
+    if resume and study.personalization.local_layers:  # refused before anything starts, in one line
+        raise StudyConfigError("--resume: resuming a fedper run is not supported yet; start a new run")
     warn_before_start(study, on_warning)
     run_dir = prepare_run_dir(out_dir, overwrite, resume)
     settings = run_settings(study, run_dir, sites_dir, resume=resume, record_updates_of=record_updates_of)

@@ -215,3 +215,15 @@ def test_ditto_pays_for_its_personal_steps_in_each_rounds_line(tmp_path: Path, h
     assert verdict(audit.findings, [audit], ["the site key"])[0] == EXIT_OK, audit.findings
     personal = torch.load(state / "personal" / f"{run}.pt", weights_only=True)["state_dict"]
     assert all(not torch.equal(personal[k], torch.from_numpy(sent[-1][k])) for k in personal)  # never sent
+
+
+def test_resuming_a_fedper_run_is_refused_in_one_line_before_anything_starts(
+    tmp_path: Path, heart_sites: list
+) -> None:
+    from simulations.runner import simulate
+
+    _, study = heart_study(tmp_path, heart_sites, model={"name": "mlp"},
+                           personalization={"method": "fedper", "local_layers": ["net.2"]})
+    with pytest.raises(StudyConfigError, match="resuming a fedper run is not supported yet") as refused:
+        simulate(study, tmp_path / "run", resume=True)
+    assert "\n" not in str(refused.value) and not (tmp_path / "run").exists()
