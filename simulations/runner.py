@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from pm_common.study.config import StudyConfig, StudyConfigError, write_study
 from pm_common.study.run_settings import SIMULATED_SITES, RunSettings
 from pm_common.tasks import SiteTensors
 from pm_common.wire import keys as p
-from server.app import coordinator_grid, serve
+from server.app import coordinator_grid, serve, wait_for_sites
 from server.enrollment import EnrolledGrid
 from server.recorder import ProgressCallback
 from simulations.attacks import attack_mod, study_attacks
@@ -166,9 +165,8 @@ def _nodes_by_replica(
     grid: Grid, replicas: int, expected: int, timeout: float = 300.0
 ) -> dict[int, list[int]]:
     """Which simulated nodes serve which run: one query to each node (simulation only)."""
-    deadline = time.monotonic() + timeout  # the engine registers its nodes as the ServerApp starts
-    while len(nodes := list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_sites(grid, expected, timeout)  # the engine registers its nodes as the ServerApp starts
+    nodes = list(grid.get_node_ids())
     messages = [Message(RecordDict(), dst_node_id=node, message_type=f"query.{REPLICA_ACTION}")
                 for node in nodes]
     groups: dict[int, list[int]] = {}
