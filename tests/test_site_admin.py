@@ -163,7 +163,8 @@ def test_the_approved_hash_covers_the_apps_code_not_docs_or_tests(tmp_path: Path
     (app / "docs" / "deployment.md").write_text("edited\n")
     (app / "tests" / "test_new.py").write_text("def test_x() -> None: ...\n")
     tooling = ("client/deploy/cli.py", "server/deploy/coordinator.py", "server/deploy/pki.py",
-               "server/deploy/superlink.py", "pm_common/audit/rules.py", "pm_common/deploy/app_bundle.py")
+               "server/deploy/superlink.py", "pm_common/audit/rules.py", "pm_common/deploy/app_bundle.py",
+               "pm_common/datasets/vendor_task_data.py")
     assert not set(tooling) & set(packed)  # coordinator, PKI, launcher and audit tooling stay out
     for name in tooling:
         with (app / name).open("a") as fh:
